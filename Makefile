@@ -1,0 +1,31 @@
+# Two commands from a fresh clone: `make serve` (set up, write the demo checkpoint, serve all three pools on CPU)
+# and `make test` (set up, run the tests). Everything lives in .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# A local CPU build of torch on these machines; on a GPU machine install the CUDA build you want first.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/serve run configs/local.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+bench: setup
+	$(BIN)/chatglm2-serve bench --checkpoint checkpoints/demo-small --concurrency 1,4,16 --requests 32 \
+		--prompt-tokens 128 --max-new-tokens 64 --compare-sequential
+
+clean:
+	rm -rf $(VENV) checkpoints

@@ -1,0 +1,1 @@
+"""chatglm2-serve: ChatGLM2-6B as a Ray Serve application."""
