@@ -38,6 +38,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from serve_app.sampling import SamplingParams
     from serve_app.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer
 
+    from serve_app.checkpoint import read_config
+
+    read_config(args.checkpoint)  # the clearest error for a wrong directory comes from its config
     history = json.loads(args.history) if args.history else []
     tokenizer = ChatGLM2Tokenizer(args.checkpoint)
     prompt_ids = tokenizer.build_chat_input(args.prompt, history)
@@ -79,6 +82,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from serve_app.bench import BenchConfig, format_report, run_benchmark
+    from serve_app.model import load_model
+    from serve_app.tokenizer import ChatGLM2Tokenizer
+
+    try:
+        concurrency = [int(level) for level in args.concurrency.split(",")]
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
+    if min(concurrency) < 1 or args.requests < 1 or args.max_new_tokens < 1:
+        raise ValueError("--concurrency levels, --requests and --max-new-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = BenchConfig(
+        concurrency=concurrency,
+        requests=args.requests,
+        prompt_tokens=args.prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        max_batch_size=args.max_batch_size,
+        compare_sequential=args.compare_sequential,
+        prefix_turns=args.prefix_turns,
+        seed=args.seed,
+    )
+    loaded = load_model(args.checkpoint, args.precision, args.device)
+    result = run_benchmark(loaded, ChatGLM2Tokenizer(args.checkpoint), bench, lambda line: print(line, file=sys.stderr))
+    print(format_report(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from serve_app.checkpoint import quantize_checkpoint
+
+    out = quantize_checkpoint(args.src, args.out, args.bits)
+    print(f"wrote int{args.bits} checkpoint to {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatglm2-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=cmd_generate)
+
+    quantize = commands.add_parser("quantize", help="write an official pre-quantized int8/int4 checkpoint")
+    quantize.add_argument("src", type=Path, help="full-precision checkpoint directory")
+    quantize.add_argument("out", type=Path)
+    quantize.add_argument("--bits", type=int, choices=(4, 8), required=True)
+    quantize.set_defaults(func=cmd_quantize)
+
+    bench = commands.add_parser("bench", help="in-process throughput benchmark: batching engine vs one at a time")
+    _add_model_args(bench)
+    bench.add_argument("--concurrency", default="1,4,16", help="comma-separated requests in flight, e.g. 1,4,16")
+    bench.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt, [gMASK] sop included")
+    bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request (ignore_eos)")
+    bench.add_argument("--max-batch-size", type=int, default=16, help="engine slots")
+    bench.add_argument("--compare-sequential", action="store_true", help="also run the requests one at a time")
+    bench.add_argument("--prefix-turns", action="store_true", help="turn-2 TTFT with and without prefix caching")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    bench.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
