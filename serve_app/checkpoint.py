@@ -291,3 +291,37 @@ def expected_shapes(config: ChatGLM2Config) -> dict[str, tuple[int, ...]]:
 
 def is_quantized_weight(name: str) -> bool:
     return name.endswith(".weight") and any(f".{layer}." in name for layer in QUANTIZED_LINEARS)
+
+
+def quantized_tensors(checkpoint: Path | str, bits: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors in the official pre-quantized format: the four block linears become
+    `...weight` (int8; int4 packed two per byte) + `...weight_scale` (fp16 [out]); everything else is carried over."""
+    from serve_app.quant import pack_int4, quantize_rows
+
+    for name, tensor in iter_tensors(checkpoint):
+        if not is_quantized_weight(name):
+            yield name, tensor
+            continue
+        q, scale = quantize_rows(tensor.to(torch.float16), bits)  # q int8 [out, in], scale fp16 [out]
+        yield name, pack_int4(q) if bits == 4 else q  # int4: [out, in / 2]
+        yield name + "_scale", scale
+
+
+def quantize_checkpoint(src: Path | str, out: Path | str, bits: int, *, max_shard_bytes: int | None = None) -> Path:
+    """Write `src` (full precision) to `out` as an official int8/int4 checkpoint, one tensor at a time."""
+    from dataclasses import replace
+
+    if bits not in (4, 8):
+        raise CheckpointError(f"--bits must be 4 or 8, not {bits}")
+    config = read_config(src)
+    if config.quantization_bit:
+        raise CheckpointError(f"{src} is already quantized (quantization_bit={config.quantization_bit})")
+    safetensors = weight_files(src)[0].suffix == ".safetensors"
+    return write_checkpoint(
+        out,
+        replace(config, quantization_bit=bits),
+        quantized_tensors(src, bits),
+        tokenizer_model=Path(src) / TOKENIZER_FILE,
+        safetensors=safetensors,
+        max_shard_bytes=max_shard_bytes,
+    )
