@@ -107,8 +107,9 @@ class SelfAttention(nn.Module):
             layer_k[rows, :, positions] = k.to(layer_k.dtype)
             layer_v[rows, :, positions] = v.to(layer_v.dtype)
             span = int(positions.max()) + 1
-            keys = layer_k[slots, :, :span].to(q.dtype)  # [B, kv_heads, span, D]
-            values = layer_v[slots, :, :span].to(q.dtype)
+            # Narrow to the used span before gathering the batch's slots: far cheaper than advanced indexing.
+            keys = layer_k[:, :, :span].index_select(0, slots).to(q.dtype)  # [B, kv_heads, span, D]
+            values = layer_v[:, :, :span].index_select(0, slots).to(q.dtype)
             key_positions = torch.arange(span, device=x.device).expand(batch, span)
         # A query sees every key at or before its own position; the rest of a slot is stale or empty.
         mask = key_positions[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
