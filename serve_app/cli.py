@@ -123,6 +123,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_precision(args: argparse.Namespace) -> int:
+    from serve_app.bench_precision import run, table
+
+    batches = [int(b) for b in args.batch.split(",")]
+    results = run(str(args.checkpoint), args.precisions.split(","), args.device, batches, args.steps,
+                  args.prompt_tokens)
+    print(table(results, batches))
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatglm2-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
     bench.set_defaults(func=cmd_bench)
+
+    prec = commands.add_parser("bench-precision", help="decode speed and resident memory per precision")
+    prec.add_argument("--checkpoint", type=Path, required=True)
+    prec.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated, each in its own process")
+    prec.add_argument("--device", default="auto")
+    prec.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes")
+    prec.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
+    prec.add_argument("--prompt-tokens", type=int, default=32)
+    prec.add_argument("--json", action="store_true")
+    prec.set_defaults(func=cmd_bench_precision)
     return parser
 
 
