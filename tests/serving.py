@@ -1,0 +1,63 @@
+"""Starting the real application for tests: a Serve config (as in configs/*.yaml) deployed the way `serve run` does."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_config(checkpoint: Path, **arg_overrides) -> dict:
+    """configs/local.yaml with the test's checkpoint, for deploying into a test cluster."""
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    app = config["applications"][0]
+    app["args"].update({"checkpoint": str(checkpoint), "demo_preset": None, **arg_overrides})
+    return config
+
+
+def deploy(config: dict, http_port: int, timeout_s: float = 180.0) -> None:
+    """Start Serve on `http_port` and deploy `config` (what `serve run config.yaml` does), then wait for RUNNING."""
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    config = copy.deepcopy(config)
+    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    client = serve_start(http_options=config["http_options"])
+    client.deploy_apps(ServeDeploySchema.model_validate(config))
+    wait_for(lambda: _app_status(serve, config) == "RUNNING", timeout_s, "the application to be RUNNING")
+
+
+def _app_status(serve, config) -> str:
+    name = config["applications"][0]["name"]
+    app = serve.status().applications.get(name)
+    if app is not None and app.status == "DEPLOY_FAILED":
+        raise RuntimeError(f"deploy failed: {app.message}")
+    return app.status if app else "MISSING"
+
+
+def replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
