@@ -51,6 +51,7 @@ class AppArgs(BaseModel):
                                          description="sampling defaults for requests that leave them out")
     max_history_rounds: int = Field(default=10, ge=0, description="history kept by /chat and /stream")
     max_prompt_chars: int = Field(default=32768, ge=1, description="longest accepted user message")
+    log_prompts: bool = Field(default=False, description="log prompt and reply text (off: counts and ids only)")
 
     @model_validator(mode="after")
     def _check_pools(self) -> "AppArgs":
@@ -81,6 +82,7 @@ def build_app(args: AppArgs) -> Application:
             engine=pool.engine or args.engine,
             torch_threads=args.torch_threads,
             demo_preset=args.demo_preset if pool.checkpoint is None else None,
+            log_prompts=args.log_prompts,
         )
         pools[pool.model] = ChatGLM2Server.options(name=pool.model).bind(config)
     ingress = IngressConfig(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from serve_app.engine import Engine, EngineConfig, EngineError
+from serve_app.metrics import PoolMetrics, RequestTrace
 from serve_app.protocol import ErrorInfo, TextDelta, TextRequest, Usage
 from serve_app.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer, TokenizerError
 
@@ -44,6 +45,7 @@ class ServerConfig(BaseModel):
     engine: EngineArgs = Field(default_factory=EngineArgs)
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for this replica's matmuls")
     demo_preset: str | None = Field(default=None, description="write this demo checkpoint first if it is missing")
+    log_prompts: bool = Field(default=False, description="add prompt and reply text to the per-request log line")
 
 
 class StopStringMatcher:
@@ -98,6 +100,8 @@ class ChatGLM2Server:
         self.tokenizer = ChatGLM2Tokenizer(config.checkpoint)
         self.loaded = load_model(config.checkpoint, config.precision, config.device)
         self.engine = Engine(self.loaded, EngineConfig(**config.engine.model_dump()))
+        self.metrics = PoolMetrics(config.model_name, read_stats=self.engine.stats)
+        self.metrics.start_refresh()  # now if Serve runs __init__ on the replica's loop, else on the first request
         logger.info(
             "pool %s ready: %s on %s, %.1f MB of weights",
             config.model_name, self.loaded.precision, self.loaded.device, self.loaded.weight_bytes() / 1e6,
@@ -109,18 +113,38 @@ class ChatGLM2Server:
         return self.tokenizer.build_chat_input(request.query or "", request.history, request.system)
 
     async def generate(self, request: TextRequest) -> AsyncIterator[TextDelta]:
-        """Stream the reply as text deltas; the last delta carries finish_reason and usage, or an error."""
+        """Stream the reply as text deltas; the last delta carries finish_reason and usage, or an error.
+
+        Every request is counted in the pool's metrics and ends with one INFO log line of ids, counts and timing.
+        """
+        trace = self.metrics.start_request(request.request_id)
+        reply = []
+        try:
+            async for delta in self._generate(request, trace):
+                trace.emitted(delta)
+                if self.config.log_prompts:
+                    reply.append(delta.text)
+                yield delta
+        finally:  # also when the ingress cancels the stream
+            fields = trace.log_fields()
+            if self.config.log_prompts:
+                fields |= {"prompt": request.raw_prompt or request.query, "reply": "".join(reply)}
+            logger.info("request finished %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+
+    async def _generate(self, request: TextRequest, trace: RequestTrace) -> AsyncIterator[TextDelta]:
         try:
             prompt_ids = self._prompt_ids(request)
         except TokenizerError as exc:
             yield TextDelta(error=ErrorInfo(400, str(exc), "invalid_request_error", "invalid_request"))
             return
+        trace.prompt(len(prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringMatcher(request.stop)
         completion_tokens = 0
         try:
             async for delta in self.engine.generate(prompt_ids, request.params, request.request_id):
                 completion_tokens += len(delta.token_ids)
+                trace.tokens(len(delta.token_ids))
                 text = "".join(detok.push(token) for token in delta.token_ids)
                 if delta.finish_reason:
                     text += detok.finish()
@@ -142,8 +166,13 @@ class ChatGLM2Server:
 
     async def engine_stats(self) -> dict:
         """Live load of this replica's engine (the ingress routes on it)."""
-        stats = self.engine.stats()
-        return stats.__dict__ if hasattr(stats, "__dict__") else dict(stats)
+        import ray
+
+        stats = dict(self.engine.stats().__dict__)
+        # Which replica answered and which GPUs Ray gave it (its share is logical; see the README).
+        stats["replica_id"] = serve.get_replica_context().replica_id.unique_id
+        stats["gpu_ids"] = [str(gpu) for gpu in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+        return stats
 
     def check_health(self) -> None:
         if not self.engine.healthy():
