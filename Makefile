@@ -15,12 +15,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	touch $(STAMP)
 
+# The web page test drives Debian's chromium through Playwright (Playwright's own browser download is not used).
+/usr/bin/chromium:
+	command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "chromium not installed: install it to run tests/test_web.py"
+
 setup: $(STAMP)
 
 serve: setup
 	$(BIN)/serve run configs/local.yaml
 
-test: setup
+test: setup /usr/bin/chromium
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup

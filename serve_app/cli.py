@@ -135,6 +135,104 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_BANNER = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+
+
+def _chat_over_http(args: argparse.Namespace):
+    """Returns reply(query, history, show) -> answer; `show` gets each delta streamed from the OpenAI endpoint."""
+    import httpx
+
+    if args.max_length is not None:
+        raise ValueError("--max-length applies to --checkpoint; over --url use --max-new-tokens (OpenAI max_tokens)")
+    url = args.url.rstrip("/") + "/v1/chat/completions"
+    client = httpx.Client(timeout=httpx.Timeout(10.0, read=None))
+
+    def reply(query: str, history: list[tuple[str, str]], show) -> str:
+        messages, parts = [], []
+        for past_query, past_response in history:
+            messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
+        body = {"model": args.model, "messages": messages + [{"role": "user", "content": query}], "stream": True,
+                "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_new_tokens,
+                "seed": args.seed}
+        with client.stream("POST", url, json={k: v for k, v in body.items() if v is not None}) as response:
+            if response.status_code != 200:
+                response.read()
+                try:
+                    message = response.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = response.text
+                raise RuntimeError(f"server answered {response.status_code}: {message}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        parts.append(choice["delta"]["content"])
+                        show(parts[-1])
+        return "".join(parts)
+
+    return reply
+
+
+def _chat_in_process(args: argparse.Namespace):
+    """Returns reply(query, history, show) -> answer; `show` gets each delta as this process generates it."""
+    from serve_app.checkpoint import read_config
+    from serve_app.generate import generate
+    from serve_app.model import load_model
+    from serve_app.sampling import SamplingParams
+    from serve_app.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer
+
+    read_config(args.checkpoint)
+    tokenizer = ChatGLM2Tokenizer(args.checkpoint)
+    loaded = load_model(args.checkpoint, args.precision, args.device)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+
+    def reply(query: str, history: list[tuple[str, str]], show) -> str:
+        detok = IncrementalDetokenizer(tokenizer)
+        generate(loaded, tokenizer.build_chat_input(query, history), params, on_token=lambda t: show(detok.push(t)))
+        show(detok.finish())
+        return detok.text
+
+    return reply
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """The seeds' cli_demo: type to chat, `clear` resets the history, `stop` (or end of input) exits."""
+    if (args.url is None) == (args.checkpoint is None):
+        raise ValueError("give exactly one of --url (a running server) or --checkpoint (chat in this process)")
+    reply = _chat_over_http(args) if args.url else _chat_in_process(args)
+    history: list[tuple[str, str]] = []
+    print(CHAT_BANNER)
+    while True:
+        try:
+            query = input("\n用户：").strip()
+        except EOFError:
+            return 0
+        if query == "stop":
+            return 0
+        if query == "clear":
+            history = []
+            print("(对话历史已清空 / history cleared)")
+            continue
+        if not query:
+            continue
+        print("\nChatGLM2：", end="", flush=True)
+        try:
+            answer = reply(query, history, lambda delta: print(delta, end="", flush=True))
+        except KeyboardInterrupt:
+            print("\n(已中断 / interrupted)")
+            continue
+        except (ValueError, RuntimeError, OSError) as exc:  # a bad turn (too long, server error) keeps the session
+            print(f"\nchatglm2-serve: error: {exc}", file=sys.stderr)
+            continue
+        print()
+        history.append((query, answer))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatglm2-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--prompt-tokens", type=int, default=32)
     prec.add_argument("--json", action="store_true")
     prec.set_defaults(func=cmd_bench_precision)
+
+    chat = commands.add_parser("chat", help="interactive streaming chat: with a server (--url) or in-process")
+    chat.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000 (OpenAI streaming)")
+    chat.add_argument("--model", default=None, help="pool name with --url; default: the server's default")
+    chat.add_argument("--checkpoint", type=Path, default=None, help="chat in this process with this checkpoint")
+    chat.add_argument("--precision", default="auto", help="with --checkpoint: auto | fp32 | bf16 | fp16 | int8 | int4")
+    chat.add_argument("--device", default="auto", help="with --checkpoint: auto | cpu | cuda[:N]")
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from serve_app.grpc_api import GrpcMixin
 from serve_app.http_app import app, sse
 from serve_app.protocol import (
     APIError,
@@ -32,6 +33,7 @@ from serve_app.protocol import (
 )
 from serve_app.routing import Router
 from serve_app.sampling import SamplingParams
+from serve_app.websocket import WebSocketMixin
 
 logger = logging.getLogger("ray.serve")
 POOL_HEADER = "x-chatglm2-model"
@@ -64,7 +66,7 @@ async def _chain(first: TextDelta, rest: AsyncIterator[TextDelta]) -> AsyncItera
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
-class ChatIngress:
+class ChatIngress(WebSocketMixin, GrpcMixin):
     def __init__(self, pools: dict, config: IngressConfig):
         self.config = config
         self.streams = {name: handle.options(stream=True) for name, handle in pools.items()}
