@@ -16,10 +16,11 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     from serve_app.model import PRECISIONS
 
-    parser.add_argument("--checkpoint", type=Path, required=True, help="official ChatGLM2 checkpoint directory")
+    parser.add_argument("--checkpoint", type=Path, required=checkpoint_required,
+                        help="official ChatGLM2 checkpoint directory")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
@@ -95,6 +96,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
     if min(concurrency) < 1 or args.requests < 1 or args.max_new_tokens < 1:
         raise ValueError("--concurrency levels, --requests and --max-new-tokens must be >= 1")
+    if args.url:
+        return _bench_http(args, concurrency)
+    if args.checkpoint is None:
+        raise ValueError("bench needs --checkpoint DIR (in-process) or --url URL (a running application)")
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = BenchConfig(
@@ -112,6 +117,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def _bench_http(args: argparse.Namespace, concurrency: list[int]) -> int:
+    from serve_app.loadtest import format_http_report, plot, run_http_benchmark
+
+    models = [m for m in (args.models or "").split(",") if m]
+    results = run_http_benchmark(args.url, models, concurrency, args.requests, args.prompt_tokens,
+                                 args.max_new_tokens, args.seed)
+    print(format_http_report(results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"url": args.url, "results": results}))
     return 0
 
 
@@ -258,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.set_defaults(func=cmd_quantize)
 
     bench = commands.add_parser("bench", help="in-process throughput benchmark: batching engine vs one at a time")
-    _add_model_args(bench)
+    _add_model_args(bench, checkpoint_required=False)
+    bench.add_argument("--url", default=None, help="load-test a running application over HTTP instead")
+    bench.add_argument("--models", default=None, help="with --url: comma-separated pools (default: all)")
+    bench.add_argument("--plot", default=None, help="with --url: write a PNG plot of the sweep here")
     bench.add_argument("--concurrency", default="1,4,16", help="comma-separated requests in flight, e.g. 1,4,16")
     bench.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt, [gMASK] sop included")

@@ -16,6 +16,7 @@ from datetime import datetime
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.grpc_api import GrpcMixin
@@ -25,18 +26,21 @@ from serve_app.protocol import (
     ApiPyRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    ErrorInfo,
     StreamChatRequest,
     TextDelta,
     TextRequest,
     Usage,
     split_messages,
 )
+from serve_app import security
 from serve_app.routing import Router
 from serve_app.sampling import SamplingParams
 from serve_app.websocket import WebSocketMixin
 
 logger = logging.getLogger("ray.serve")
 POOL_HEADER = "x-chatglm2-model"
+REPLICA_FAILED = ErrorInfo(503, "the replica serving this request failed; retry", "server_error", "replica_failed")
 
 
 class GenerationDefaults(BaseModel):
@@ -56,6 +60,9 @@ class IngressConfig(BaseModel):
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     max_history_rounds: int = Field(default=10, ge=0, description="/chat and /stream keep only the last N rounds")
     max_prompt_chars: int = Field(default=32768, ge=1, description="longest accepted user message")
+    api_keys_env: str | None = Field(default=None, description="env var with comma-separated API keys (unset: open)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; '*' for any")
+    max_body_bytes: int = Field(default=1_048_576, ge=1, description="larger request bodies get 413")
 
 
 async def _chain(first: TextDelta, rest: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
@@ -69,12 +76,15 @@ async def _chain(first: TextDelta, rest: AsyncIterator[TextDelta]) -> AsyncItera
 class ChatIngress(WebSocketMixin, GrpcMixin):
     def __init__(self, pools: dict, config: IngressConfig):
         self.config = config
+        # Read here, in the replica: the keys come from this process's environment and are never logged.
+        security.configure(config.api_keys_env, config.cors_origins, config.max_body_bytes)
         self.streams = {name: handle.options(stream=True) for name, handle in pools.items()}
         self.router = Router(pools, config.pools, config.default_model, config.routing)
 
     # --- the shared path: params, routing, streaming through the graph ------------------------------------------
 
-    def _params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None) -> SamplingParams:
+    def _params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
+                ignore_eos=False) -> SamplingParams:
         d = self.config.defaults
         if max_length is None and max_new_tokens is None:
             max_length = d.max_length
@@ -84,6 +94,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             max_length=max_length,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            ignore_eos=ignore_eos,
         )
 
     def _check_prompt(self, text: str, param: str) -> None:
@@ -107,6 +118,9 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         except BackPressureError as exc:
             raise APIError(503, f"pool {pool} is overloaded; retry shortly", type="overloaded_error",
                            code="overloaded", headers={"Retry-After": "1"}) from exc
+        except RayActorError as exc:  # the replica died (or became unreachable) before the first token
+            logger.warning("pool %s: replica failed before the first token: %s", pool, exc)
+            raise REPLICA_FAILED.to_api_error() from exc
         if first.error:
             self.router.finished(pool)
             raise first.error.to_api_error()
@@ -117,6 +131,13 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                     return
                 async for delta in stream:
                     yield delta
+            except RayActorError as exc:  # the replica died mid-stream: end with an error event, not a cut stream
+                logger.warning("pool %s: replica failed mid-stream: %s", pool, exc)
+                yield TextDelta(error=REPLICA_FAILED)
+            except Exception:
+                logger.exception("pool %s: stream failed", pool)
+                yield TextDelta(error=ErrorInfo(500, "internal error while streaming", "server_error",
+                                                "internal_error"))
             finally:
                 self.router.finished(pool)
                 stream.cancel()  # a client that went away stops the engine, not just the proxy
@@ -213,7 +234,8 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         request = TextRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             params=self._params(temperature=body.temperature, top_p=body.top_p,
-                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed),
+                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
+                                ignore_eos=body.ignore_eos),
             query=query,
             history=history,
             system=system,
@@ -227,7 +249,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         request = TextRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             params=self._params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
-                                seed=body.seed),
+                                seed=body.seed, ignore_eos=body.ignore_eos),
             raw_prompt=body.prompt,
             stop=body.stop or [],
         )

@@ -177,6 +177,7 @@ class _OpenAICommon(_Strict):
     frequency_penalty: Literal[0, 0.0] | None = None
     presence_penalty: Literal[0, 0.0] | None = None
     logprobs: Literal[False] | None = None
+    ignore_eos: bool = Field(default=False, description="generate past eos (benchmarks; as in vLLM)")
 
     _finite_params = field_validator("top_p", "temperature")(_finite)
 

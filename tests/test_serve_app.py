@@ -183,3 +183,24 @@ def test_client_disconnect_frees_the_engine(base_url):
         return stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_tokens_in_use"] == 0
 
     wait_for(idle, 30, "the engine to drop the abandoned stream")
+
+
+def test_http_load_tester(base_url, tmp_path):
+    """`bench --url`: every pool and level measured, eos ignored so each request yields max_new_tokens, a plot."""
+    import subprocess
+    import sys
+
+    plot = tmp_path / "sweep.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "bench", "--url", base_url, "--models", f"{POOLS[0]},{POOLS[2]}",
+         "--concurrency", "1,3", "--requests", "3", "--prompt-tokens", "8", "--max-new-tokens", "6",
+         "--plot", str(plot), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.strip().splitlines()[-1])["results"]
+    assert [(r["model"], r["concurrency"]) for r in results] == [(POOLS[0], 1), (POOLS[0], 3), (POOLS[2], 1),
+                                                                 (POOLS[2], 3)]
+    assert all(r["requests"] == 3 and r["output_tokens"] == 18 and r["ttft_p50_s"] > 0 for r in results)
+    assert "3/3 requests" in run.stderr  # the progress display
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
