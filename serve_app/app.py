@@ -51,6 +51,12 @@ class AppArgs(BaseModel):
                                          description="sampling defaults for requests that leave them out")
     max_history_rounds: int = Field(default=10, ge=0, description="history kept by /chat and /stream")
     max_prompt_chars: int = Field(default=32768, ge=1, description="longest accepted user message")
+    api_keys_env: str | None = Field(
+        default=None, description="environment variable (in the ingress replica) holding comma-separated API keys; "
+        "when it is set and non-empty every protocol requires one of them (HTTP/WebSocket/gRPC: Bearer <key>)")
+    cors_origins: list[str] = Field(default_factory=list,
+                                    description="browser origins allowed by CORS (exact match; '*' allows any)")
+    max_body_bytes: int = Field(default=1_048_576, ge=1, description="largest accepted HTTP request body (else 413)")
     log_prompts: bool = Field(default=False, description="log prompt and reply text (off: counts and ids only)")
 
     @model_validator(mode="after")
@@ -92,5 +98,8 @@ def build_app(args: AppArgs) -> Application:
         defaults=args.defaults,
         max_history_rounds=args.max_history_rounds,
         max_prompt_chars=args.max_prompt_chars,
+        api_keys_env=args.api_keys_env,
+        cors_origins=args.cors_origins,
+        max_body_bytes=args.max_body_bytes,
     )
     return ChatIngress.bind(pools, ingress)

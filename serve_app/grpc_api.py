@@ -4,7 +4,8 @@ Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one
 `StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
 Errors set a status on the Serve gRPC context and raise: INVALID_ARGUMENT for bad input (empty or too long prompt,
 out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
-RESOURCE_EXHAUSTED when a pool is overloaded, INTERNAL otherwise.
+RESOURCE_EXHAUSTED when a pool is overloaded, UNAUTHENTICATED when API keys are configured and the call's metadata
+has no valid `authorization: Bearer <key>`, INTERNAL otherwise.
 
 A cancelled call that reaches this replica stops generation (the stream is closed, which aborts the engine request).
 Ray Serve 2.60's gRPC proxy does not always forward a client's cancel: when it lands while the proxy is writing a
@@ -20,8 +21,10 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from serve_app.protocol import APIError, StreamChatRequest, TextRequest
 from serve_app.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
+from serve_app.security import grpc_key_ok, unauthorized
 
 _CODES = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -39,6 +42,11 @@ def _status(context: RayServegRPCContext, exc: APIError) -> GrpcRequestError:
     context.set_code(_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
     context.set_details(exc.message)
     return GrpcRequestError(exc.message)
+
+
+def _check_key(context: RayServegRPCContext) -> None:
+    if not grpc_key_ok(context.invocation_metadata()):
+        raise unauthorized()
 
 
 def _body(query: str, history: list[tuple[str, str]], message: GenerateRequest | ChatRequest) -> StreamChatRequest:
@@ -65,6 +73,7 @@ class GrpcMixin:
     async def Generate(self, request: GenerateRequest, grpc_context: RayServegRPCContext) -> GenerateResponse:
         """One chat turn with no history; the whole answer in one message."""
         try:
+            _check_key(grpc_context)
             body = _body(request.prompt, [], request)
             pool, text, _ = await self._collect(body.model, self._stream_chat_request(body))
         except APIError as exc:
@@ -89,6 +98,7 @@ class GrpcMixin:
                             context: RayServegRPCContext) -> AsyncIterator[tuple[str, TextRequest, str]]:
         """Yields (pool, request, answer so far) whenever the answer grows, and at least once."""
         try:
+            _check_key(context)
             body = _body(query, history, message)
             text_request = self._stream_chat_request(body)
             pool, first, rest = await self._open(body.model, text_request)

@@ -12,10 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from serve_app.protocol import APIError
+from serve_app.security import SecurityMiddleware
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="chatglm2-serve", description="ChatGLM2-6B chat service: FP16 / INT8 / INT4 pools")
+# API keys, CORS and the body limit (serve_app/security.py); its settings are set by ChatIngress.__init__.
+app.add_middleware(SecurityMiddleware)
 
 
 @app.exception_handler(APIError)

@@ -19,6 +19,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from serve_app import security
 from serve_app.grpc_api import GrpcMixin
 from serve_app.http_app import app, sse
 from serve_app.protocol import (
@@ -33,7 +34,6 @@ from serve_app.protocol import (
     Usage,
     split_messages,
 )
-from serve_app import security
 from serve_app.routing import Router
 from serve_app.sampling import SamplingParams
 from serve_app.websocket import WebSocketMixin

@@ -4,8 +4,9 @@ WebSocket protocol (seed 000): the client sends one JSON object `{query, history
 model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>, "history": [...]}` each time the
 answer grows (history ends with the current turn), then closes with 1000. Bad input (invalid JSON, wrong types,
 unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
-1008; server-side failures (overload included) get the same message shape and 1011. A client that disconnects
-mid-answer stops generation.
+1008; so does a handshake without a valid API key when keys are configured (header `Authorization: Bearer <key>`, or
+`?api_key=<key>` from browsers). Server-side failures (overload included) get the same message shape and 1011. A
+client that disconnects mid-answer stops generation.
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from serve_app.http_app import app
 from serve_app.protocol import APIError, StreamChatRequest, TextDelta, TextRequest
+from serve_app.security import unauthorized, websocket_key_ok
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +57,9 @@ class WebSocketMixin:
     @app.websocket("/ws")
     async def websocket_chat(self, websocket: WebSocket) -> None:
         await websocket.accept()
+        if not websocket_key_ok(websocket.scope):  # Authorization: Bearer <key> or ?api_key=<key>
+            await _fail(websocket, unauthorized())  # an error message, then close 1008
+            return
         try:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":

@@ -26,15 +26,20 @@ def local_config(checkpoint: Path, **arg_overrides) -> dict:
     return config
 
 
-def deploy(config: dict, http_port: int, timeout_s: float = 180.0) -> None:
-    """Start Serve on `http_port` and deploy `config` (what `serve run config.yaml` does), then wait for RUNNING."""
+def deploy(config: dict, http_port: int, timeout_s: float = 180.0, grpc_port: int | None = None) -> None:
+    """Start Serve on `http_port` and deploy `config` (what `serve run config.yaml` does), then wait for RUNNING.
+
+    With `grpc_port`, the config's gRPC proxy (grpc_options) is started too, on that port."""
     from ray import serve
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
     config = copy.deepcopy(config)
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
-    client = serve_start(http_options=config["http_options"])
+    grpc_options = None
+    if grpc_port is not None:
+        grpc_options = config["grpc_options"] = {**config.get("grpc_options", {}), "port": grpc_port}
+    client = serve_start(http_options=config["http_options"], grpc_options=grpc_options)
     client.deploy_apps(ServeDeploySchema.model_validate(config))
     wait_for(lambda: _app_status(serve, config) == "RUNNING", timeout_s, "the application to be RUNNING")
 

@@ -90,7 +90,7 @@ def test_models_fill_the_pool_select(page):
 
 
 def test_answer_streams_in_and_matches_the_api(page, base_url):
-    greedy(page, 24)
+    greedy(page, 160)  # long enough that the answer cannot arrive in a single network read
     # Record every rendering of the assistant bubble to see the text arrive in pieces.
     page.evaluate("""() => {
         window.renderings = [];
@@ -101,7 +101,7 @@ def test_answer_streams_in_and_matches_the_api(page, base_url):
     }""")
     assert ask(page, "你好").startswith("done (chatglm2-6b)")
     answer = page.text_content(".msg.assistant")
-    assert answer == greedy_answer(base_url, "你好", POOLS[0], 24).replace("\n", "")
+    assert answer == greedy_answer(base_url, "你好", POOLS[0], 160).replace("\n", "")
     renderings = page.evaluate("window.renderings")
     assert len(set(renderings)) >= 2 and renderings[-1] == answer
     assert page.text_content(".msg.user") == "你好"
