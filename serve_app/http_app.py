@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import TaskCancelledError
 
 from serve_app.protocol import APIError
 from serve_app.security import SecurityMiddleware
@@ -32,6 +33,15 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
     message = f"{where}: {first.get('msg')}" if where else str(first.get("msg", "invalid request"))
     return JSONResponse(APIError(400, message, param=where, code="invalid_request").body(), status_code=400)
+
+
+@app.exception_handler(TaskCancelledError)
+async def _client_gone(_: Request, exc: TaskCancelledError) -> JSONResponse:
+    # The client disconnected before its first token and Serve cancelled the request: nobody is left to answer,
+    # and it is not a server error.
+    logger.info("request cancelled: the client disconnected")
+    body = APIError(499, "client closed the request", type="invalid_request_error", code="client_closed").body()
+    return JSONResponse(body, status_code=499)
 
 
 @app.exception_handler(Exception)
