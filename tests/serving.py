@@ -66,3 +66,25 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5) ->
             return
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def ws_exchange(url: str, payload: str, headers: dict | None = None) -> tuple[list[dict], int]:
+    """Send one message to a WebSocket URL (http:// is rewritten to ws://); return every JSON message received
+    and the close code."""
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    received = []
+    with connect(url.replace("http", "ws", 1), open_timeout=30, additional_headers=headers) as ws:
+        try:
+            ws.send(payload)
+        except ConnectionClosed:
+            pass  # a server that refuses (e.g. no API key) may close at once; its error message is still to be read
+        try:
+            while True:
+                received.append(json.loads(ws.recv(timeout=60)))
+        except ConnectionClosed:
+            pass
+        return received, ws.close_code

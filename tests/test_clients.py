@@ -17,11 +17,11 @@ import time
 import grpc
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from serve_app.protos import chatglm2_pb2 as pb
 from serve_app.protos.chatglm2_pb2_grpc import ChatGLM2Stub
+from tests import serving
 from tests.serving import free_port
 
 pytestmark = pytest.mark.slow
@@ -74,16 +74,7 @@ def greedy_answer(base_url: str, query: str, model: str = "chatglm2-6b", max_tok
 
 
 def ws_exchange(base_url: str, payload: str) -> tuple[list[dict], int]:
-    """Send one message; return every JSON message received and the close code."""
-    received = []
-    with connect(base_url.replace("http", "ws") + "/ws", open_timeout=30) as ws:
-        ws.send(payload)
-        try:
-            while True:
-                received.append(json.loads(ws.recv(timeout=60)))
-        except ConnectionClosed:
-            pass
-        return received, ws.close_code
+    return serving.ws_exchange(base_url + "/ws", payload)
 
 
 def test_websocket_streams_growing_answer_then_closes_normally(base_url):

@@ -14,11 +14,10 @@ import grpc
 import httpx
 import openai
 import pytest
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 from serve_app.protos import chatglm2_pb2 as pb
 from serve_app.protos.chatglm2_pb2_grpc import ChatGLM2Stub
+from tests import serving
 from tests.serving import deploy, free_port, local_config
 
 pytestmark = pytest.mark.slow
@@ -105,19 +104,8 @@ def test_health_and_ui_are_open(base_url):
 
 
 def ws_exchange(url: str, headers: dict | None = None) -> tuple[list[dict], int]:
-    received = []
     payload = json.dumps({"query": "你好", "history": [], "max_length": 32, "temperature": 0})
-    with connect(url.replace("http", "ws"), open_timeout=30, additional_headers=headers) as ws:
-        try:
-            ws.send(payload)
-        except ConnectionClosed:
-            pass  # a handshake without a key is closed at once; its error message is still to be read
-        try:
-            while True:
-                received.append(json.loads(ws.recv(timeout=60)))
-        except ConnectionClosed:
-            pass
-        return received, ws.close_code
+    return serving.ws_exchange(url, payload, headers)
 
 
 def test_websocket_needs_a_key(base_url):
