@@ -1,0 +1,42 @@
+"""The remaining `chatglm2-serve` commands, run as a user runs them (a subprocess, tiny preset)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from serve_app.checkpoint import iter_tensors, weight_files
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_demo_checkpoint_command(tmp_path, tiny_checkpoint):
+    run = _cli("demo-checkpoint", str(tmp_path / "demo"), "--preset", "tiny", "--safetensors")
+    assert run.returncode == 0, run.stderr
+    assert [p.name for p in weight_files(tmp_path / "demo")] == ["model.safetensors"]
+    ours = dict(iter_tensors(tmp_path / "demo"))
+    assert all(ours[name].equal(tensor) for name, tensor in iter_tensors(tiny_checkpoint))  # same seed, same bytes
+
+
+def test_bench_command_reports_engine_and_sequential(tiny_checkpoint):
+    run = _cli("bench", "--checkpoint", str(tiny_checkpoint), "--concurrency", "1,2", "--requests", "2",
+               "--prompt-tokens", "8", "--max-new-tokens", "4", "--compare-sequential", "--threads", "1", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["speedup"] > 0
+    assert [r["concurrency"] for r in result["results"]] == [1, 2]
+    assert all(r["output_tokens"] == 8 for r in result["results"])  # 2 requests x 4 tokens, eos ignored
+    assert "out tok/s" in run.stdout
+
+
+def test_bench_precision_command(tiny_checkpoint):
+    run = _cli("bench-precision", "--checkpoint", str(tiny_checkpoint), "--precisions", "fp32,int4", "--batch", "1,2",
+               "--steps", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [r["precision"] for r in results] == ["fp32", "int4"]
+    assert all(r["resident_bytes"] > 0 and set(r["decode"]) == {"1", "2"} for r in results)
+    assert results[1]["weight_bytes"] < results[0]["weight_bytes"]
