@@ -97,15 +97,22 @@ def test_overload_is_refused_fast_while_admitted_streams_complete(base_url):
     results = asyncio.run(main())
     admitted = [r for r in results if r["status"] == 200]
     refused = [r for r in results if r["status"] != 200]
-    # 2 replicas x 2 ongoing + 2 queued at the ingress: at most 6 admitted, the rest refused.
-    assert 1 <= len(admitted) <= 6 and len(refused) >= 14, [r["status"] for r in results]
+    # 2 replicas x 2 ongoing + 2 queued: never more than 6 admitted streams at once (a stream that finishes early
+    # frees a place for a later request, so the count over the whole burst may be higher), the rest refused.
+    assert admitted and len(refused) >= 10, [r["status"] for r in results]
+
+    def in_flight_at(moment: float) -> int:
+        return sum(1 for a in admitted if a["at"] <= moment < a["done_at"])
+
+    assert max(in_flight_at(a["at"]) for a in admitted) <= 6
     for r in refused:
         assert r["status"] in (429, 503)
         assert int(r["headers"]["retry-after"]) >= 1
         error = r["json"]["error"]
         assert error["type"] and error["code"] and error["message"]
-    # Refusals come back while the admitted streams are still generating.
-    assert max(r["at"] for r in refused) < min(r["done_at"] for r in admitted)
+    # Each refusal comes back while admitted streams are still generating: refused at once, not after a wait.
+    # (Admitted streams send their headers only with the first token, so a refusal may even come before those.)
+    assert all(any(r["at"] < a["done_at"] for a in admitted) for r in refused)
     for r in admitted:
         events = r["events"]
         assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
