@@ -15,11 +15,14 @@ class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN or infinite logits; the request fails rather than emitting garbage."""
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings (token ids only; text-level stop strings live above the engine)."""
 
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int | None = None
@@ -39,7 +42,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Dividing fp32 logits by a tinier temperature overflows to inf; such a temperature means greedy anyway.
+        return self.temperature < GREEDY_BELOW
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.greedy:
@@ -48,7 +52,7 @@ class SamplingParams:
         if self.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(self.seed)
+            generator.manual_seed(self.seed % 2**64)  # any integer: manual_seed takes 64 bits
         return generator
 
 
@@ -65,6 +69,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
     # Drop a token when the mass before it already reaches top_p.
     drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+    drop_sorted[..., 0] = False  # the most likely token stays, even for a top_p that rounds to 0 in fp32
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

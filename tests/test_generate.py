@@ -6,12 +6,16 @@ import json
 import subprocess
 import sys
 
+import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis.extra.numpy import arrays
 
 from serve_app.checkpoint import iter_tensors, read_config, write_checkpoint
 from serve_app.generate import ContextLengthExceeded, generate
-from serve_app.sampling import NonFiniteLogitsError, SamplingParams, top_p_filter
+from serve_app.sampling import NonFiniteLogitsError, SamplingParams, choose_token, top_p_filter
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,23 @@ def test_top_p_keeps_the_nucleus():
     kept = torch.isfinite(top_p_filter(logits, 0.7))
     assert kept.tolist() == [True, True, False, False]
     assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1
+
+
+@given(logits=arrays(np.float32, st.integers(1, 64), elements=st.floats(-(2.0**100), 2.0**100, width=32)),
+       temperature=st.one_of(st.just(0.0), st.floats(0.0, 2.0), st.floats(0.0, 1e-6)),
+       top_p=st.one_of(st.just(1.0), st.floats(0.0, 1.0, exclude_min=True), st.floats(1e-45, 1e-6)),
+       seed=st.one_of(st.none(), st.integers(-2**200, 2**200)))
+@settings(max_examples=300, deadline=None)
+def test_any_finite_logits_and_allowed_params_give_a_token(logits, temperature, top_p, seed):
+    """Whatever the API lets through (temperature in [0, 2], top_p in (0, 1], any integer seed) picks a real token:
+    tiny temperatures and top_p values that vanish in fp32 once turned into NaN probabilities and a 500."""
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    logits = torch.from_numpy(logits)
+    token = choose_token(logits, params, params.make_generator())
+    assert 0 <= token < logits.numel()
+    assert logits[token] > float("-inf")
+    if params.greedy or top_p < 1e-6:  # greedy, or a nucleus that holds only the most likely token
+        assert logits[token] == logits.max()
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0),
