@@ -6,24 +6,108 @@ Between deployments plain dataclasses travel: `TextRequest` to a pool, `TextDelt
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from serve_app.sampling import SamplingParams
-
-History = list[tuple[str, str]]
-
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy; higher = more random")]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, description="nucleus sampling mass")]
 
 
 def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
+
+
+def _unicode(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they are not text and no tokenizer can encode them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    return value
+
+
+def _integral(value):
+    # JSON Schema counts 5.0 as an integer; pydantic's strict int would not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _pair(value):
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("must be a [query, response] pair of strings")  # noqa: TRY004 (pydantic wants ValueError)
+    if len(value) != 2:
+        raise ValueError(f"must be a [query, response] pair, not {len(value)} items")
+    return value
+
+
+# Request fields are strict where JSON has a type for them: "5" is not a number and "true" not a boolean, as the
+# OpenAPI document says. Text is any Unicode string without lone surrogates. Bounds sit before the finiteness check
+# so that they appear in the JSON schema as minimum/maximum.
+Text = Annotated[str, AfterValidator(_unicode)]
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+Bool = Annotated[bool, Strict()]
+History = list[Annotated[tuple[Text, Text], BeforeValidator(_pair)]]
+Temperature = Annotated[float, Strict(), Field(ge=0.0, le=2.0, description="0 = greedy; higher = more random"),
+                        AfterValidator(_finite)]
+TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, description="nucleus sampling mass"), AfterValidator(_finite)]
+MaxLength = Annotated[int, Strict(), Field(ge=1, description="prompt + reply tokens (the official meaning)"),
+                      BeforeValidator(_integral)]
+MaxTokens = Annotated[int, Strict(), Field(ge=1, description="cap on generated tokens"), BeforeValidator(_integral)]
+
+
+# Prompts must hold a non-space character (checked by the ingress, which says "prompt is empty"); the schema says so.
+NOT_BLANK = {"pattern": r"\S"}
+
+
+def _one_prompt(value):
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError("exactly one prompt per request")
+        return value[0]
+    return value
+
+
+def _stop_list(value):
+    return [] if value is None else [value] if isinstance(value, str) else value
+
+
+# OpenAI fields that take a string or a list: one type for validation (clear errors), the union in the schema.
+OnePrompt = Annotated[Text, BeforeValidator(_one_prompt), WithJsonSchema({"anyOf": [
+    {"type": "string", **NOT_BLANK}, {"type": "array", "items": {"type": "string", **NOT_BLANK}, "minItems": 1,
+                                       "maxItems": 1}]})]
+Stops = Annotated[list[Annotated[str, Field(min_length=1), AfterValidator(_unicode)]], Field(max_length=4), BeforeValidator(_stop_list),
+                  WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}, {
+                      "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]})]
+Seed = Annotated[Int, Field(description="fixes sampled output for the same request; any integer")]
+
+
+def _only(value, kind: type, json_type: str):
+    """A field that accepts one value of one JSON type: `Literal[False]` alone would also take 0 and 0.0."""
+
+    def check(given):
+        if given != value:
+            raise ValueError(f"only {json.dumps(value)} is supported")
+        return given
+
+    return Annotated[kind, Strict(), AfterValidator(check), WithJsonSchema({"type": json_type, "const": value})]
+
+
+OnlyFalse = _only(False, bool, "boolean")
+OnlyOne = Annotated[_only(1, int, "integer"), BeforeValidator(_integral)]
+OnlyZero = _only(0.0, float, "number")
 
 
 class APIError(Exception):
@@ -37,6 +121,20 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _is_field_name(part: str) -> bool:
+    return part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "tuple", "none")
+
+
+def validation_error(exc: ValidationError, skip: int = 0) -> APIError:
+    """The first problem of a failed validation as a 400; `skip` drops leading location parts (FastAPI's "body")."""
+    first = exc.errors()[0] if exc.errors() else {}
+    # Union branches add pydantic's own tags to the location ("function-after[...]", "list[ContentPart]", "str").
+    parts = [part for part in first.get("loc", ())[skip:] if isinstance(part, int) or _is_field_name(part)]
+    where = ".".join(str(part) for part in parts) or None
+    problem = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return APIError(400, f"{where}: {problem}" if where else problem, param=where, code="invalid_request")
 
 
 @dataclass
@@ -105,19 +203,20 @@ class _Strict(BaseModel):
 class ApiPyRequest(_Strict):
     """POST / : the official api.py body."""
 
-    prompt: str = Field(description="the new user message")
+    prompt: Text = Field(description="the new user message", json_schema_extra=NOT_BLANK)
     history: History = Field(default_factory=list, description="previous rounds as [query, response] pairs")
-    max_length: int | None = Field(default=None, ge=1, description="prompt + reply tokens (official meaning)")
+    max_length: MaxLength | None = None
     top_p: TopP | None = None
     temperature: Temperature | None = None
-    model: str | None = Field(default=None, description="pool to use; default: the configured default model")
+    model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
 
-    _finite_params = field_validator("top_p", "temperature")(_finite)
+
+Pairs = list[Annotated[list[str], Field(min_length=2, max_length=2)]]  # History as it is sent back
 
 
 class ApiPyResponse(BaseModel):
     response: str
-    history: History
+    history: Pairs = Field(description="the request's history with this round appended")
     status: int = 200
     time: str = Field(description="YYYY-MM-DD HH:MM:SS")
 
@@ -128,14 +227,61 @@ class ApiPyResponse(BaseModel):
 class StreamChatRequest(_Strict):
     """POST /chat and POST /stream."""
 
-    query: str
-    history: History = Field(default_factory=list)
-    max_length: int | None = Field(default=None, ge=1)
+    query: Text = Field(description="the new user message", json_schema_extra=NOT_BLANK)
+    history: History = Field(default_factory=list, description="previous rounds as [query, response] pairs")
+    max_length: MaxLength | None = None
     top_p: TopP | None = None
     temperature: Temperature | None = None
-    model: str | None = None
+    model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
 
-    _finite_params = field_validator("top_p", "temperature")(_finite)
+
+class StreamChatResponse(BaseModel):
+    """POST /chat: the whole answer. (POST /stream sends the same fields as SSE `delta` events.)"""
+
+    query: str
+    response: str
+    history: Pairs = Field(description="the kept history with this round appended")
+    success: bool
+
+
+class StreamDeltaEvent(BaseModel):
+    """POST /stream `delta` events: the new text and the answer so far; the last has delta "[EOS]", the query,
+    the history and finished: true."""
+
+    delta: str
+    response: str
+    finished: bool
+    query: str | None = None
+    history: Pairs | None = None
+
+
+# --- errors and service routes (every API) -------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error | authentication_error | overloaded_error | server_error")
+    param: str | None = Field(description="the request field at fault, when there is one")
+    code: str | None = Field(description="e.g. invalid_request, model_not_found, context_length_exceeded")
+
+
+class ErrorResponse(BaseModel):
+    """Every HTTP error body, OpenAI-style; also the data of an error event that ends an OpenAI stream."""
+
+    error: ErrorDetail
+
+
+class StreamErrorEvent(BaseModel):
+    """POST /stream `error` event: the request failed after its first token."""
+
+    error: ErrorDetail
+    finished: Literal[True]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    pools: list[str]
+    default_model: str
 
 
 # --- OpenAI -------------------------------------------------------------------------------------------------------
@@ -143,14 +289,14 @@ class StreamChatRequest(_Strict):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # name, tool_call_id ... are accepted and ignored
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -159,54 +305,144 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _OpenAICommon(_Strict):
-    model: str | None = Field(default=None, description="a pool name from GET /v1/models, or 'auto'")
+    model: Text | None = Field(default=None, description="a pool name from GET /v1/models, or 'auto'")
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    max_tokens: int | None = Field(default=None, ge=1, description="cap on generated tokens")
-    stop: str | list[str] | None = Field(default=None, validate_default=True, description="up to 4 stop strings")
-    seed: int | None = Field(default=None, description="fixes sampled output for the same request")
-    n: Literal[1] = Field(default=1, description="only one choice per request")
-    stream: bool = False
+    max_tokens: MaxTokens | None = None
+    stop: Stops = Field(default_factory=list, description="up to 4 non-empty stop strings (or one string)")
+    seed: Seed | None = None
+    n: OnlyOne = Field(default=1, description="only one choice per request")
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # Accepted for client compatibility; only their neutral values are supported.
-    frequency_penalty: Literal[0, 0.0] | None = None
-    presence_penalty: Literal[0, 0.0] | None = None
-    logprobs: Literal[False] | None = None
-    ignore_eos: bool = Field(default=False, description="generate past eos (benchmarks; as in vLLM)")
+    frequency_penalty: OnlyZero | None = None
+    presence_penalty: OnlyZero | None = None
+    logprobs: OnlyFalse | None = None
+    ignore_eos: Bool = Field(default=False, description="generate past eos (benchmarks; as in vLLM)")
 
-    _finite_params = field_validator("top_p", "temperature")(_finite)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
 
 
 class ChatCompletionRequest(_OpenAICommon):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
 
 
 class CompletionRequest(_OpenAICommon):
-    prompt: str | list[str]
-    echo: Literal[False] = False
+    prompt: OnePrompt = Field(description="the text to continue (a list must hold exactly one)")
+    echo: OnlyFalse = False
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("exactly one prompt per request")
-            return value[0]
-        return value
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV was reused from an earlier request")
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    """POST /v1/chat/completions without `stream` (with it: SSE `chat.completion.chunk`s, then `[DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str = Field(description="the pool that answered")
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, description="in the first chunk only")
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion; the usage chunk (stream_options) has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class Completion(BaseModel):
+    """POST /v1/completions without `stream` (with it: SSE `text_completion` chunks, then `[DONE]`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str = Field(description="the pool that answered")
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion; the usage chunk (stream_options) has no choices."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: UsageInfo | None = None
 
 
 def split_messages(messages: list[ChatMessage]) -> tuple[str | None, History, str]:

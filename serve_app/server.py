@@ -137,6 +137,11 @@ class ChatGLM2Server:
         except TokenizerError as exc:
             yield TextDelta(error=ErrorInfo(400, str(exc), "invalid_request_error", "invalid_request"))
             return
+        except Exception:  # a bug must fail this request clearly, not the replica
+            logger.exception("request %s: building the prompt failed", request.request_id)
+            yield TextDelta(error=ErrorInfo(500, "internal error while building the prompt", "server_error",
+                                            "internal_error"))
+            return
         trace.prompt(len(prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringMatcher(request.stop)

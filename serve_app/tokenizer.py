@@ -190,6 +190,10 @@ class ChatGLM2Tokenizer:
         """SentencePiece ids of `text`, without the `[gMASK] sop` prefix."""
         if not isinstance(text, str):
             raise TokenizerError(f"text to encode must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\ud800" escape
+            raise TokenizerError("text is not valid Unicode (it contains a lone surrogate)") from None
         return self._sp.encode(text)
 
     def prefix_ids(self) -> list[int]:

@@ -20,19 +20,12 @@ from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 
 from serve_app.http_app import app
-from serve_app.protocol import APIError, StreamChatRequest, TextDelta, TextRequest
+from serve_app.protocol import APIError, StreamChatRequest, TextDelta, TextRequest, validation_error
 from serve_app.security import unauthorized, websocket_key_ok
 
 logger = logging.getLogger("ray.serve")
 
 CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVER_ERROR = 1000, 1008, 1011
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(part) for part in first.get("loc", ())) or None
-    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg", "invalid request"))
-    return APIError(400, message, param=where, code="invalid_request")
 
 
 async def _fail(websocket: WebSocket, exc: APIError) -> None:
@@ -69,7 +62,7 @@ class WebSocketMixin:
             request = self._stream_chat_request(body)
             _, first, rest = await self._open(body.model, request)
         except ValidationError as exc:
-            await _fail(websocket, _validation_error(exc))
+            await _fail(websocket, validation_error(exc))
             return
         except APIError as exc:
             await _fail(websocket, exc)
