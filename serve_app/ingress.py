@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayActorError
@@ -21,14 +21,24 @@ from ray.serve.exceptions import BackPressureError
 
 from serve_app import security
 from serve_app.grpc_api import GrpcMixin
-from serve_app.http_app import app, sse
+from serve_app.http_app import EventStream, app, errors, json_or_sse, sse, sse_only, use_openapi_for
 from serve_app.protocol import (
     APIError,
     ApiPyRequest,
+    ApiPyResponse,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    Completion,
+    CompletionChunk,
     CompletionRequest,
     ErrorInfo,
+    Health,
+    ModelList,
     StreamChatRequest,
+    StreamChatResponse,
+    StreamDeltaEvent,
+    StreamErrorEvent,
     TextDelta,
     TextRequest,
     Usage,
@@ -40,6 +50,9 @@ from serve_app.websocket import WebSocketMixin
 
 logger = logging.getLogger("ray.serve")
 POOL_HEADER = "x-chatglm2-model"
+GENERATION_ERRORS = errors(400, 401, 404, 413, 503)
+OPENAI_CHAT_RESPONSES = json_or_sse(ChatCompletion, ChatCompletionChunk, "the answer; chunks with `stream`") | GENERATION_ERRORS
+OPENAI_COMPLETION_RESPONSES = json_or_sse(Completion, CompletionChunk, "the answer; chunks with `stream`") | GENERATION_ERRORS
 REPLICA_FAILED = ErrorInfo(503, "the replica serving this request failed; retry", "server_error", "replica_failed")
 
 
@@ -80,6 +93,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         security.configure(config.api_keys_env, config.cors_origins, config.max_body_bytes)
         self.streams = {name: handle.options(stream=True) for name, handle in pools.items()}
         self.router = Router(pools, config.pools, config.default_model, config.routing)
+        use_openapi_for(config.pools)
 
     # --- the shared path: params, routing, streaming through the graph ------------------------------------------
 
@@ -156,8 +170,8 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
 
     # --- the official api.py ---------------------------------------------------------------------------------
 
-    @app.post("/")
-    @app.post("/chatglm")
+    @app.post("/", responses={200: {"model": ApiPyResponse}} | GENERATION_ERRORS)
+    @app.post("/chatglm", responses={200: {"model": ApiPyResponse}} | GENERATION_ERRORS)
     async def api_py(self, body: ApiPyRequest) -> JSONResponse:
         """The official api.py: one JSON answer with the updated history and a timestamp."""
         self._check_prompt(body.prompt, "prompt")
@@ -189,7 +203,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             history=history,
         )
 
-    @app.post("/chat")
+    @app.post("/chat", responses={200: {"model": StreamChatResponse}} | GENERATION_ERRORS)
     async def chat(self, body: StreamChatRequest) -> JSONResponse:
         request = self._stream_chat_request(body)
         pool, text, _ = await self._collect(body.model, request)
@@ -197,8 +211,11 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         answer = {"query": body.query, "response": text, "history": history, "success": True}
         return JSONResponse(answer, headers={POOL_HEADER: pool})
 
-    @app.post("/stream")
-    async def stream(self, body: StreamChatRequest) -> StreamingResponse:
+    @app.post("/stream", response_class=EventStream,
+              responses=sse_only("`delta` events with the growing answer; the last has finished: true",
+                                 StreamDeltaEvent, StreamErrorEvent)
+              | GENERATION_ERRORS)
+    async def stream(self, body: StreamChatRequest) -> EventStream:
         """SSE events named `delta`; the last one has delta "[EOS]", the history and finished: true."""
         request = self._stream_chat_request(body)
         pool, first, rest = await self._open(body.model, request)
@@ -216,18 +233,18 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             final = {"query": body.query, "delta": "[EOS]", "response": response, "history": history, "finished": True}
             yield sse(final, "delta")
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={POOL_HEADER: pool})
+        return EventStream(events(), headers={POOL_HEADER: pool})
 
     # --- OpenAI ------------------------------------------------------------------------------------------------
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}} | errors(401))
     async def models(self) -> dict:
         created = int(time.time())
         data = [{"id": name, "object": "model", "created": created, "owned_by": "chatglm2-serve"}
                 for name in self.config.pools]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=OPENAI_CHAT_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest):
         system, history, query = split_messages(body.messages)
         self._check_prompt(query, "messages")
@@ -243,7 +260,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         )
         return await self._openai_response(body, request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=OPENAI_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest):
         self._check_prompt(body.prompt, "prompt")
         request = TextRequest(
@@ -296,8 +313,8 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                 yield sse(base | {"choices": [], "usage": usage.openai()})
             yield sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={POOL_HEADER: pool})
+        return EventStream(events(), headers={POOL_HEADER: pool})
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}})
     async def health(self) -> dict:
         return {"status": "ok", "pools": self.config.pools, "default_model": self.config.default_model}
