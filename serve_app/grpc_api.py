@@ -7,21 +7,71 @@ out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND fo
 RESOURCE_EXHAUSTED when a pool is overloaded, UNAUTHENTICATED when API keys are configured and the call's metadata
 has no valid `authorization: Bearer <key>`, INTERNAL otherwise.
 
+Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) get
+INVALID_ARGUMENT too: the proxy decodes them with `add_servicer_to_server`'s decoders, which hand such a request on as
+an `UndecodableRequest` instead of raising (gRPC would report a raising decoder as UNKNOWN).
+
 A cancelled call that reaches this replica stops generation (the stream is closed, which aborts the engine request).
 Ray Serve 2.60's gRPC proxy does not always forward a client's cancel: when it lands while the proxy is writing a
 message, the proxy's generator is closed (GeneratorExit in proxy.py `send_request_to_replica`) without cancelling
 the replica call, and the request runs to its token limit. Clients that may cancel should send `max_length`.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
-from serve_app.protocol import APIError, StreamChatRequest, TextRequest
+from serve_app.protocol import APIError, StreamChatRequest, TextRequest, validation_error
 from serve_app.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
 from serve_app.security import grpc_key_ok, unauthorized
+
+SERVICE = "chatglm2.ChatGLM2"
+
+
+@dataclass
+class UndecodableRequest:
+    """Request bytes that do not decode as the method's message type; the ingress answers INVALID_ARGUMENT."""
+
+    message_type: str
+    problem: str
+
+
+def _decoder(message_type) -> Callable[[bytes], object]:
+    def decode(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            # "Error parsing message with type 'chatglm2.X': String field had bad UTF-8" -> the last part
+            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc).rpartition(": ")[2])
+
+    return decode
+
+
+def add_servicer_to_server(servicer, server) -> None:
+    """The `grpc_servicer_functions` entry of the Serve config: the ChatGLM2 service, as the generated
+    `add_ChatGLM2Servicer_to_server` registers it, but with request decoders that never raise."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=_decoder(GenerateRequest),
+            response_serializer=GenerateResponse.SerializeToString),
+        "StreamGenerate": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamGenerate, request_deserializer=_decoder(GenerateRequest),
+            response_serializer=GenerateResponse.SerializeToString),
+        "StreamChat": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamChat, request_deserializer=_decoder(ChatRequest),
+            response_serializer=ChatResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise APIError(400, f"the request is not a valid {request.message_type} message: {request.problem}")
 
 _CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -62,9 +112,7 @@ def _body(query: str, history: list[tuple[str, str]], message: GenerateRequest |
     try:
         return StreamChatRequest.model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+        raise validation_error(exc) from None
 
 
 class GrpcMixin:
@@ -74,6 +122,7 @@ class GrpcMixin:
         """One chat turn with no history; the whole answer in one message."""
         try:
             _check_key(grpc_context)
+            _check_decoded(request)
             body = _body(request.prompt, [], request)
             pool, text, _ = await self._collect(body.model, self._stream_chat_request(body))
         except APIError as exc:
@@ -83,23 +132,28 @@ class GrpcMixin:
     async def StreamGenerate(self, request: GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[GenerateResponse]:
         """The same turn as Generate, streamed as the growing answer."""
-        async for pool, _, text in self._grpc_answers(request.prompt, [], request, grpc_context):
+        async for pool, _, text in self._grpc_answers(lambda: (request.prompt, []), request, grpc_context):
             yield GenerateResponse(generated_text=text, model=pool)
 
     async def StreamChat(self, request: ChatRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[ChatResponse]:
         """A chat turn with history; each message has the growing answer and the history that ends with it."""
-        history = [(turn.query, turn.response) for turn in request.history]
-        async for pool, text_request, text in self._grpc_answers(request.query, history, request, grpc_context):
+        def turn() -> tuple[str, list[tuple[str, str]]]:
+            return request.query, [(t.query, t.response) for t in request.history]
+
+        async for pool, text_request, text in self._grpc_answers(turn, request, grpc_context):
             turns = [Turn(query=q, response=r) for q, r in text_request.history]
             turns.append(Turn(query=request.query, response=text))
             yield ChatResponse(generated_text=text, new_history=turns, model=pool)
 
-    async def _grpc_answers(self, query: str, history: list[tuple[str, str]], message: GenerateRequest | ChatRequest,
+    async def _grpc_answers(self, turn: Callable[[], tuple[str, list[tuple[str, str]]]],
+                            message: GenerateRequest | ChatRequest | UndecodableRequest,
                             context: RayServegRPCContext) -> AsyncIterator[tuple[str, TextRequest, str]]:
-        """Yields (pool, request, answer so far) whenever the answer grows, and at least once."""
+        """Yields (pool, request, answer so far) whenever the answer grows, and at least once. `turn` gives the
+        message's (query, history), read once the message is known to have decoded."""
         try:
             _check_key(context)
-            body = _body(query, history, message)
+            _check_decoded(message)
+            body = _body(*turn(), message)
             text_request = self._stream_chat_request(body)
             pool, first, rest = await self._open(body.model, text_request)
         except APIError as exc:
