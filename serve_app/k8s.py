@@ -41,7 +41,7 @@ _TEMPLATE = Template("""\
 #   kubectl apply -f k8s/ray-service.gpu.yaml -l app.kubernetes.io/component=weights   # the claim alone, to fill
 #   kubectl apply -f k8s/ray-service.gpu.yaml
 #   kubectl wait --for=condition=Ready rayservice/chatglm2 --timeout=30m
-#   kubectl port-forward svc/chatglm2-serve 8000:8000
+#   kubectl port-forward svc/chatglm2-serve 8000:8000     # HTTP; gRPC: svc/chatglm2-grpc 9000:9000
 ---
 # The weights, mounted read-only by every GPU worker pod on any node. ReadOnlyMany needs a storage class with
 # multi-node access (NFS, CephFS, EFS, Filestore, Azure Files) or a pre-populated disk; set spec.storageClassName to
@@ -129,6 +129,8 @@ $serve_config
                   containerPort: 10001
                 - name: serve
                   containerPort: 8000
+                - name: grpc
+                  containerPort: 9000
                 - name: metrics
                   containerPort: 8080
               resources:
@@ -169,6 +171,8 @@ $serve_config
                 ports:
                   - name: serve
                     containerPort: 8000
+                  - name: grpc
+                    containerPort: 9000
                   - name: metrics
                     containerPort: 8080
                 env:
@@ -199,6 +203,29 @@ $serve_config
                 persistentVolumeClaim:
                   claimName: chatglm2-6b-weights
                   readOnly: true
+---
+# The gRPC endpoint (chatglm2.ChatGLM2 on Serve's gRPC proxy, port 9000). KubeRay's serve Service carries only the
+# `serve` port, so gRPC has a Service of its own. It selects the pods KubeRay marks serve-ready (ray.io/serve: "true",
+# set while the pod's Serve proxy is healthy) of this RayService's clusters; during a zero-downtime upgrade that is
+# briefly both clusters, which serve the same applications. gRPC keeps a connection to one pod, so spread clients'
+# load with client-side balancing over a headless Service or a gRPC-aware mesh where one pod is not enough.
+apiVersion: v1
+kind: Service
+metadata:
+  name: chatglm2-grpc
+  labels:
+    app.kubernetes.io/name: chatglm2-serve
+    app.kubernetes.io/component: serving
+spec:
+  type: ClusterIP
+  selector:
+    app.kubernetes.io/part-of: chatglm2-serve
+    ray.io/serve: "true"
+  ports:
+    - name: grpc
+      port: 9000
+      targetPort: grpc
+      appProtocol: grpc
 """)
 
 

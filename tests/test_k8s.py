@@ -283,7 +283,9 @@ def test_manifest_follows_the_kuberay_conventions(manifest):
     assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["num-gpus"] == "0"
     (head_container,) = head["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
-    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "grpc": 9000,
+                     "metrics": 8080}
+    # KubeRay keeps only the `serve` port of a custom serve Service; more ports there would silently vanish.
     assert service["spec"]["serveService"]["spec"]["ports"] == [{"name": "serve", "port": 8000}]
 
     claims = {doc["metadata"]["name"] for doc in _documents(manifest) if doc["kind"] == "PersistentVolumeClaim"}
@@ -294,7 +296,8 @@ def test_manifest_follows_the_kuberay_conventions(manifest):
         assert resources["limits"] == resources["requests"], "Ray reads the limits; requests must not promise less"
         assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        assert {p["name"]: p["containerPort"] for p in container["ports"]}["serve"] == 8000
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} | {"metrics": 0} == {
+            "serve": 8000, "grpc": 9000, "metrics": 0}
         volumes = {v["name"]: v for v in pod["volumes"]}
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/models"]
         assert mount["readOnly"] is True
@@ -306,6 +309,21 @@ def test_manifest_follows_the_kuberay_conventions(manifest):
             "key": "keys",
             "optional": True,
         }
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_grpc_service_reaches_the_serve_ready_pods_on_serves_grpc_port(manifest):
+    (grpc_service,) = [doc for doc in _documents(manifest) if doc["kind"] == "Service"]
+    cluster = _rayservice(manifest)["spec"]["rayClusterConfig"]
+    grpc_port = yaml.safe_load(_rayservice(manifest)["spec"]["serveConfigV2"])["grpc_options"]["port"]
+    assert grpc_service["spec"]["ports"] == [{"name": "grpc", "port": grpc_port, "targetPort": "grpc",
+                                              "appProtocol": "grpc"}]
+    selector = grpc_service["spec"]["selector"]
+    assert selector.pop("ray.io/serve") == "true"  # the label KubeRay sets on pods whose Serve proxy is healthy
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        assert selector.items() <= template["metadata"]["labels"].items()
+        (container,) = template["spec"]["containers"]
+        assert {"name": "grpc", "containerPort": grpc_port} in container["ports"]
 
 
 def test_image_and_ray_versions_agree():
