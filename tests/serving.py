@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import socket
 import time
@@ -88,3 +89,21 @@ def ws_exchange(url: str, payload: str, headers: dict | None = None) -> tuple[li
         except ConnectionClosed:
             pass
         return received, ws.close_code
+
+
+@contextlib.contextmanager
+def running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
+    """Ray (logical num_cpus, other `ray.init` arguments as given) + Serve with `config` deployed on free ports, for
+    one test module's fixture. Yields (HTTP base URL, gRPC port or None); shuts Serve and Ray down after, also when
+    the deploy fails."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_init)
+    try:
+        http_port, grpc_port = free_port(), (free_port() if grpc else None)
+        deploy(config, http_port, grpc_port=grpc_port)
+        yield f"http://127.0.0.1:{http_port}", grpc_port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
