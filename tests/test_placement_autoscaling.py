@@ -10,7 +10,7 @@ from collections import defaultdict
 import httpx
 import pytest
 
-from tests.serving import deploy, free_port, local_config, replicas, wait_for
+from tests.serving import local_config, replicas, running, wait_for
 
 pytestmark = pytest.mark.slow
 APP = "chatglm2"
@@ -38,15 +38,8 @@ def gpu_config(checkpoint):
 
 @pytest.fixture(scope="module")
 def base_url(tiny_checkpoint):
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    deploy(gpu_config(tiny_checkpoint), port)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with running(gpu_config(tiny_checkpoint), num_cpus=8, num_gpus=2) as (url, _):
+        yield url
 
 
 def gpus_by_replica(pool: str, calls: int = 12) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ import pytest
 from serve_app.protos import chatglm2_pb2 as pb
 from serve_app.protos.chatglm2_pb2_grpc import ChatGLM2Stub
 from tests import serving
-from tests.serving import deploy, free_port, local_config
+from tests.serving import local_config, running
 
 pytestmark = pytest.mark.slow
 POOL = "chatglm2-6b"
@@ -33,20 +33,14 @@ APP = (("application", "chatglm2"),)
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint):
     import ray
-    from ray import serve
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     config = local_config(tiny_checkpoint, pools=[{"model": POOL, "precision": "fp32"}], api_keys_env=ENV,
                           cors_origins=[ALLOWED], max_body_bytes=LIMIT)
     app = config["applications"][0]
     app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ChatIngress", POOL)]
     app["runtime_env"] = {"env_vars": {ENV: f"{OTHER_KEY}, {KEY}"}}
-    http_port, grpc_port = free_port(), free_port()
-    deploy(config, http_port, grpc_port=grpc_port)
-    logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    yield f"http://127.0.0.1:{http_port}", grpc_port, logs_dir
-    serve.shutdown()
-    ray.shutdown()
+    with running(config, grpc=True) as (url, grpc_port):
+        yield url, grpc_port, Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
 
 
 @pytest.fixture(scope="module")

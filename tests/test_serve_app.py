@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import deploy, free_port, local_config, wait_for
+from tests.serving import local_config, running, wait_for
 
 pytestmark = pytest.mark.slow
 POOLS = ["chatglm2-6b", "chatglm2-6b-int8", "chatglm2-6b-int4"]
@@ -22,15 +22,8 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 @pytest.fixture(scope="module")
 def base_url(tiny_checkpoint):
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    deploy(local_config(tiny_checkpoint), port)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with running(local_config(tiny_checkpoint), num_cpus=2) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
