@@ -88,7 +88,7 @@ class GrpcRequestError(Exception):
 
 
 def _status(context: RayServegRPCContext, exc: APIError) -> GrpcRequestError:
-    """Record `exc` as the call's gRPC status; the caller raises the returned error."""
+    """Record `exc` as the call's gRPC status; a streaming method raises the returned error."""
     context.set_code(_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
     context.set_details(exc.message)
     return GrpcRequestError(exc.message)
@@ -126,7 +126,11 @@ class GrpcMixin:
             body = _body(request.prompt, [], request)
             pool, text, _ = await self._collect(body.model, self._stream_chat_request(body))
         except APIError as exc:
-            raise _status(grpc_context, exc) from None
+            # A unary call can end with the status alone (the empty message is not sent), which spares the logs
+            # Serve's ERROR traceback for a client's mistake. Streaming calls must raise: Serve forwards the status
+            # of a stream only with a message or an exception.
+            _status(grpc_context, exc)
+            return GenerateResponse()
         return GenerateResponse(generated_text=text, model=pool)
 
     async def StreamGenerate(self, request: GenerateRequest,

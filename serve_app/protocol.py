@@ -7,7 +7,6 @@ Between deployments plain dataclasses travel: `TextRequest` to a pool, `TextDelt
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -23,12 +22,6 @@ from pydantic import (
 )
 
 from serve_app.sampling import SamplingParams
-
-
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
 
 
 def _unicode(value: str) -> str:
@@ -54,15 +47,15 @@ def _pair(value):
 
 
 # Request fields are strict where JSON has a type for them: "5" is not a number and "true" not a boolean, as the
-# OpenAPI document says. Text is any Unicode string without lone surrogates. Bounds sit before the finiteness check
-# so that they appear in the JSON schema as minimum/maximum.
+# OpenAPI document says, and NaN/Infinity (which Python's json reads) are "not a finite number". Text is any Unicode
+# string without lone surrogates.
 Text = Annotated[str, AfterValidator(_unicode)]
 Int = Annotated[int, Strict(), BeforeValidator(_integral)]
 Bool = Annotated[bool, Strict()]
 History = list[Annotated[tuple[Text, Text], BeforeValidator(_pair)]]
-Temperature = Annotated[float, Strict(), Field(ge=0.0, le=2.0, description="0 = greedy; higher = more random"),
-                        AfterValidator(_finite)]
-TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, description="nucleus sampling mass"), AfterValidator(_finite)]
+Temperature = Annotated[float, Strict(), Field(ge=0.0, le=2.0, allow_inf_nan=False,
+                                               description="0 = greedy; higher = more random")]
+TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")]
 MaxLength = Annotated[int, Strict(), Field(ge=1, description="prompt + reply tokens (the official meaning)"),
                       BeforeValidator(_integral)]
 MaxTokens = Annotated[int, Strict(), Field(ge=1, description="cap on generated tokens"), BeforeValidator(_integral)]

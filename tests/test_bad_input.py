@@ -254,18 +254,19 @@ def test_grpc_undecodable_message_is_invalid_argument(channel, method, payload):
     assert "not a valid chatglm2." in error.value.details()
 
 
-@pytest.mark.parametrize("request_", [
-    pb.GenerateRequest(prompt="hi", temperature=float("nan")),
-    pb.GenerateRequest(prompt="hi", top_p=float("inf")),
-    pb.GenerateRequest(prompt="x" * (MAX_PROMPT_CHARS + 1)),
-    pb.GenerateRequest(prompt=PAST_CONTEXT),
+@pytest.mark.parametrize(("request_", "says"), [
+    (pb.GenerateRequest(prompt="hi", temperature=float("nan")), "temperature: Input should be a finite number"),
+    (pb.GenerateRequest(prompt="hi", top_p=float("inf")), "top_p: Input should be a finite number"),
+    (pb.GenerateRequest(prompt="x" * (MAX_PROMPT_CHARS + 1)), "characters"),
+    (pb.GenerateRequest(prompt=PAST_CONTEXT), "context"),
 ], ids=["nan", "infinite", "oversized", "past-context"])
-def test_grpc_bad_values_are_invalid_argument(channel, request_):
+def test_grpc_bad_values_are_invalid_argument(channel, request_, says):
     stub = ChatGLM2Stub(channel)
     for call in (stub.Generate, lambda r, **kw: list(stub.StreamGenerate(r, **kw))):
         with pytest.raises(grpc.RpcError) as error:
             call(request_, metadata=METADATA, timeout=30)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert says in error.value.details()
 
 
 # ---- and nothing broke ---------------------------------------------------------------------------------------

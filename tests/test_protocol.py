@@ -76,7 +76,7 @@ def test_numbers_json_calls_integers_and_any_integer_seed_are_accepted():
 def test_non_finite_numbers_are_refused(field, literal):
     # Python's json module writes (and pydantic reads) these non-standard literals.
     error = refused(StreamChatRequest, f'{{"query": "hi", "{field}": {literal}}}')
-    assert error.param == field and ("finite" in error.message or "than" in error.message)
+    assert error.param == field and error.message == f"{field}: Input should be a finite number"
 
 
 @pytest.mark.parametrize("model, body, param, says", [
