@@ -2,13 +2,13 @@
 
 Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one message, `StreamGenerate` and
 `StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
-Errors set a status on the Serve gRPC context and raise: INVALID_ARGUMENT for bad input (empty or too long prompt,
+Errors set a status on the Serve gRPC context (and streaming methods raise): INVALID_ARGUMENT for bad input (empty or too long prompt,
 out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
 RESOURCE_EXHAUSTED when a pool is overloaded, UNAUTHENTICATED when API keys are configured and the call's metadata
 has no valid `authorization: Bearer <key>`, INTERNAL otherwise.
 
 Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) get
-INVALID_ARGUMENT too: the proxy decodes them with `add_servicer_to_server`'s decoders, which hand such a request on as
+INVALID_ARGUMENT too: the proxy decodes them with serve_app.grpc_servicer's decoders, which hand such a request on as
 an `UndecodableRequest` instead of raising (gRPC would report a raising decoder as UNKNOWN).
 
 A cancelled call that reaches this replica stops generation (the stream is closed, which aborts the engine request).
@@ -18,55 +18,15 @@ the replica call, and the request runs to its token limit. Clients that may canc
 """
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
+from serve_app.grpc_servicer import UndecodableRequest
 from serve_app.protocol import APIError, StreamChatRequest, TextRequest, validation_error
 from serve_app.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
 from serve_app.security import grpc_key_ok, unauthorized
-
-SERVICE = "chatglm2.ChatGLM2"
-
-
-@dataclass
-class UndecodableRequest:
-    """Request bytes that do not decode as the method's message type; the ingress answers INVALID_ARGUMENT."""
-
-    message_type: str
-    problem: str
-
-
-def _decoder(message_type) -> Callable[[bytes], object]:
-    def decode(data: bytes):
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            # "Error parsing message with type 'chatglm2.X': String field had bad UTF-8" -> the last part
-            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc).rpartition(": ")[2])
-
-    return decode
-
-
-def add_servicer_to_server(servicer, server) -> None:
-    """The `grpc_servicer_functions` entry of the Serve config: the ChatGLM2 service, as the generated
-    `add_ChatGLM2Servicer_to_server` registers it, but with request decoders that never raise."""
-    handlers = {
-        "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate, request_deserializer=_decoder(GenerateRequest),
-            response_serializer=GenerateResponse.SerializeToString),
-        "StreamGenerate": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamGenerate, request_deserializer=_decoder(GenerateRequest),
-            response_serializer=GenerateResponse.SerializeToString),
-        "StreamChat": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamChat, request_deserializer=_decoder(ChatRequest),
-            response_serializer=ChatResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _check_decoded(request) -> None:

@@ -41,7 +41,7 @@ def ports(tiny_checkpoint):
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "serve_app.grpc_api.add_servicer_to_server"]})
+                    "serve_app.grpc_servicer.add_servicer_to_server"]})
     pools = [PoolArgs(model="chatglm2-6b", precision="fp32"), PoolArgs(model="chatglm2-6b-int8", precision="int8")]
     serve.run(build_app(AppArgs(checkpoint=str(tiny_checkpoint), device="cpu", torch_threads=1, pools=pools)),
               name="chatglm2", route_prefix="/")

@@ -25,3 +25,22 @@ def test_messages_belong_to_the_package_module():
 
     assert chatglm2_pb2.GenerateRequest.__module__ == "serve_app.protos.chatglm2_pb2"
     assert chatglm2_pb2.DESCRIPTOR.services_by_name["ChatGLM2"].full_name == "chatglm2.ChatGLM2"
+
+
+def test_configs_name_a_servicer_function_that_keeps_the_proxy_light():
+    """Every Serve proxy imports the configs' grpc_servicer_functions: they must import, and without torch or the
+    app (the first version pulled in torch through the ingress module: +175 MB in every proxy process)."""
+    import yaml
+
+    functions = {entry for config in ("local.yaml", "gpu.yaml")
+                 for entry in yaml.safe_load((ROOT / "configs" / config).read_text())["grpc_options"][
+                     "grpc_servicer_functions"]}
+    assert functions == {"serve_app.grpc_servicer.add_servicer_to_server"}
+    probe = ("import importlib, sys\n"
+             "for path in sys.argv[1:]:\n"
+             "    module, _, name = path.rpartition('.')\n"
+             "    assert callable(getattr(importlib.import_module(module), name))\n"
+             "print(sorted(m for m in ('torch', 'ray', 'pydantic', 'serve_app.protocol') if m in sys.modules))\n")
+    loaded = subprocess.run([sys.executable, "-c", probe, *functions], capture_output=True, text=True, check=True,
+                            cwd=ROOT).stdout.strip()
+    assert loaded == "[]"
