@@ -2,8 +2,8 @@
 
 Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one message, `StreamGenerate` and
 `StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
-Errors set a status on the Serve gRPC context (and streaming methods raise): INVALID_ARGUMENT for bad input (empty or too long prompt,
-out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
+Errors set a status on the Serve gRPC context (streaming methods then raise): INVALID_ARGUMENT for bad input (empty
+or too long prompt, out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
 RESOURCE_EXHAUSTED when a pool is overloaded, UNAUTHENTICATED when API keys are configured and the call's metadata
 has no valid `authorization: Bearer <key>`, INTERNAL otherwise.
 
@@ -28,11 +28,6 @@ from serve_app.protocol import APIError, StreamChatRequest, TextRequest, validat
 from serve_app.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
 from serve_app.security import grpc_key_ok, unauthorized
 
-
-def _check_decoded(request) -> None:
-    if isinstance(request, UndecodableRequest):
-        raise APIError(400, f"the request is not a valid {request.message_type} message: {request.problem}")
-
 _CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -52,6 +47,11 @@ def _status(context: RayServegRPCContext, exc: APIError) -> GrpcRequestError:
     context.set_code(_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
     context.set_details(exc.message)
     return GrpcRequestError(exc.message)
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise APIError(400, f"the request is not a valid {request.message_type} message: {request.problem}")
 
 
 def _check_key(context: RayServegRPCContext) -> None:

@@ -50,9 +50,13 @@ from serve_app.websocket import WebSocketMixin
 
 logger = logging.getLogger("ray.serve")
 POOL_HEADER = "x-chatglm2-model"
+# OpenAPI `responses=` of the generating routes: their answer, and the errors any of them can give.
 GENERATION_ERRORS = errors(400, 401, 404, 413, 503)
-OPENAI_CHAT_RESPONSES = json_or_sse(ChatCompletion, ChatCompletionChunk, "the answer; chunks with `stream`") | GENERATION_ERRORS
-OPENAI_COMPLETION_RESPONSES = json_or_sse(Completion, CompletionChunk, "the answer; chunks with `stream`") | GENERATION_ERRORS
+API_PY_RESPONSES = {200: {"model": ApiPyResponse}} | GENERATION_ERRORS
+OPENAI_CHAT_RESPONSES = json_or_sse(ChatCompletion, ChatCompletionChunk, "the answer; chunks with `stream`") \
+    | GENERATION_ERRORS
+OPENAI_COMPLETION_RESPONSES = json_or_sse(Completion, CompletionChunk, "the answer; chunks with `stream`") \
+    | GENERATION_ERRORS
 REPLICA_FAILED = ErrorInfo(503, "the replica serving this request failed; retry", "server_error", "replica_failed")
 
 
@@ -170,8 +174,8 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
 
     # --- the official api.py ---------------------------------------------------------------------------------
 
-    @app.post("/", responses={200: {"model": ApiPyResponse}} | GENERATION_ERRORS)
-    @app.post("/chatglm", responses={200: {"model": ApiPyResponse}} | GENERATION_ERRORS)
+    @app.post("/", responses=API_PY_RESPONSES)
+    @app.post("/chatglm", responses=API_PY_RESPONSES)
     async def api_py(self, body: ApiPyRequest) -> JSONResponse:
         """The official api.py: one JSON answer with the updated history and a timestamp."""
         self._check_prompt(body.prompt, "prompt")

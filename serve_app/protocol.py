@@ -56,6 +56,8 @@ History = list[Annotated[tuple[Text, Text], BeforeValidator(_pair)]]
 Temperature = Annotated[float, Strict(), Field(ge=0.0, le=2.0, allow_inf_nan=False,
                                                description="0 = greedy; higher = more random")]
 TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")]
+# Bounds go on the int itself, before the validator that accepts 5.0: after it, pydantic would apply them as a
+# generic check (and write "ge" instead of "minimum" in the schema).
 MaxLength = Annotated[int, Strict(), Field(ge=1, description="prompt + reply tokens (the official meaning)"),
                       BeforeValidator(_integral)]
 MaxTokens = Annotated[int, Strict(), Field(ge=1, description="cap on generated tokens"), BeforeValidator(_integral)]
@@ -81,7 +83,8 @@ def _stop_list(value):
 OnePrompt = Annotated[Text, BeforeValidator(_one_prompt), WithJsonSchema({"anyOf": [
     {"type": "string", **NOT_BLANK}, {"type": "array", "items": {"type": "string", **NOT_BLANK}, "minItems": 1,
                                        "maxItems": 1}]})]
-Stops = Annotated[list[Annotated[str, Field(min_length=1), AfterValidator(_unicode)]], Field(max_length=4), BeforeValidator(_stop_list),
+Stop = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]  # the length check before the Unicode check
+Stops = Annotated[list[Stop], Field(max_length=4), BeforeValidator(_stop_list),
                   WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}, {
                       "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]})]
 Seed = Annotated[Int, Field(description="fixes sampled output for the same request; any integer")]
@@ -317,7 +320,6 @@ class _OpenAICommon(_Strict):
     presence_penalty: OnlyZero | None = None
     logprobs: OnlyFalse | None = None
     ignore_eos: Bool = Field(default=False, description="generate past eos (benchmarks; as in vLLM)")
-
 
 
 class ChatCompletionRequest(_OpenAICommon):
