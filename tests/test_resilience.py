@@ -207,3 +207,22 @@ def test_replica_failure_fails_only_its_streams_and_is_replaced(base_url):
     wait_for(lambda: replicas(APP, SMALL) == 2 and victim not in
              {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}, 90, "the replica to be replaced")
     assert serve.status().applications[APP].status == "RUNNING"
+
+
+def test_overload_script_reports_refusals_beside_running_streams(base_url):
+    """scripts/overload.py as docs/benchmarks.md runs it, on SMALL: its two running streams complete in both phases
+    and a burst of 12 past the pool's 6 places is partly refused with 503 and Retry-After."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "overload.py"
+    run = subprocess.run([sys.executable, str(script), "--url", base_url, "--model", SMALL, "--running", "2",
+                          "--burst", "12", "--max-tokens", "256"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert re.search(r"^\| alone \| 2/2 \|", run.stdout, re.MULTILINE), run.stdout
+    assert re.search(r"^\| with a burst of 12 \| 2/2 \|", run.stdout, re.MULTILINE), run.stdout
+    refused = re.search(r"^\| 503 \| (\d+) \| [\d.]+ \| [\d.]+ \| 1 \|$", run.stdout, re.MULTILINE)
+    assert refused and int(refused.group(1)) >= 6, run.stdout

@@ -197,3 +197,18 @@ def test_http_load_tester(base_url, tmp_path):
     assert all(r["requests"] == 3 and r["output_tokens"] == 18 and r["ttft_p50_s"] > 0 for r in results)
     assert "3/3 requests" in run.stderr  # the progress display
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_soak_script_runs_clean(base_url):
+    """scripts/soak.py as docs/soak.md runs it, for 15 s: every request (bad ones and abandoned streams included)
+    accounted for as expected, memory sampled, exit code 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
+    run = subprocess.run([sys.executable, str(script), "--url", base_url, "--minutes", "0.25", "--concurrency", "2",
+                          "--sample-s", "3"], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert "unexpected: 0" in run.stdout and "result: PASS" in run.stdout
+    assert re.search(r"^\| chatglm2-6b-int4 \| [\d.]+ \|", run.stdout, re.MULTILINE)  # a memory row per pool
