@@ -211,7 +211,8 @@ def test_replica_failure_fails_only_its_streams_and_is_replaced(base_url):
 
 def test_overload_script_reports_refusals_beside_running_streams(base_url):
     """scripts/overload.py as docs/benchmarks.md runs it, on SMALL: its two running streams complete in both phases
-    and a burst of 12 past the pool's 6 places is partly refused with 503 and Retry-After."""
+    and a burst of 16, far past the pool's places (2 replicas x 2 ongoing, plus the queue), is partly refused with
+    503 and Retry-After while the rest is served. (How many Serve admits depends on its routers, so only "some".)"""
     import re
     import subprocess
     import sys
@@ -219,10 +220,12 @@ def test_overload_script_reports_refusals_beside_running_streams(base_url):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "overload.py"
     run = subprocess.run([sys.executable, str(script), "--url", base_url, "--model", SMALL, "--running", "2",
-                          "--burst", "12", "--max-tokens", "256"], capture_output=True, text=True, timeout=300,
+                          "--burst", "16", "--max-tokens", "256"], capture_output=True, text=True, timeout=300,
                          check=False)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
     assert re.search(r"^\| alone \| 2/2 \|", run.stdout, re.MULTILINE), run.stdout
-    assert re.search(r"^\| with a burst of 12 \| 2/2 \|", run.stdout, re.MULTILINE), run.stdout
+    assert re.search(r"^\| with a burst of 16 \| 2/2 \|", run.stdout, re.MULTILINE), run.stdout
+    served = re.search(r"^\| 200 \| (\d+) \| [\d.]+ \| [\d.]+ \| None \|$", run.stdout, re.MULTILINE)
     refused = re.search(r"^\| 503 \| (\d+) \| [\d.]+ \| [\d.]+ \| 1 \|$", run.stdout, re.MULTILINE)
-    assert refused and int(refused.group(1)) >= 6, run.stdout
+    assert served and refused, run.stdout  # and no other status: every burst request is one or the other
+    assert int(served.group(1)) + int(refused.group(1)) == 16, run.stdout
