@@ -1,6 +1,6 @@
 # The serving image: Ray 2.60.0 (Python 3.11, CUDA) with torch and this package; KubeRay runs it on every Ray pod.
 #   docker build -t chatglm2-serve:0.1.0 .
-# The Ray version in the tag must equal rayVersion in k8s/ray-service.gpu.yaml (RAY_VERSION in serve_app/k8s.py).
+# The Ray version in the tag must equal rayVersion in k8s/ray-service.gpu.yaml (RAY_VERSION in serve_app/deploy/k8s.py).
 FROM rayproject/ray:2.60.0-py311-gpu
 
 # rayproject/ray has Ray and the CUDA libraries but no torch. PyPI's Linux x86_64 torch wheels bundle their own CUDA

@@ -11,8 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
-from serve_app.ingress import ChatIngress, GenerationDefaults, IngressConfig
-from serve_app.server import ChatGLM2Server, EngineArgs, ServerConfig
+from serve_app.api.ingress import ChatIngress, GenerationDefaults, IngressConfig
+from serve_app.server.deployment import ChatGLM2Server, EngineArgs, ServerConfig
 
 
 class PoolArgs(BaseModel):

@@ -17,7 +17,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
-    from serve_app.model import PRECISIONS
+    from serve_app.model.loader import PRECISIONS
 
     parser.add_argument("--checkpoint", type=Path, required=checkpoint_required,
                         help="official ChatGLM2 checkpoint directory")
@@ -26,7 +26,7 @@ def _add_model_args(parser: argparse.ArgumentParser, checkpoint_required: bool =
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
-    from serve_app.demo import write_demo_checkpoint
+    from serve_app.model.demo import write_demo_checkpoint
 
     out = write_demo_checkpoint(args.out, args.preset, safetensors=args.safetensors)
     print(f"wrote {args.preset} demo checkpoint to {out}", file=sys.stderr)
@@ -34,12 +34,11 @@ def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from serve_app.generate import generate
-    from serve_app.model import load_model
-    from serve_app.sampling import SamplingParams
-    from serve_app.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer
-
-    from serve_app.checkpoint import read_config
+    from serve_app.engine.params import SamplingParams
+    from serve_app.engine.sequential import generate
+    from serve_app.model.checkpoint import read_config
+    from serve_app.model.loader import load_model
+    from serve_app.model.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer
 
     read_config(args.checkpoint)  # the clearest error for a wrong directory comes from its config
     history = json.loads(args.history) if args.history else []
@@ -86,9 +85,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from serve_app.bench import BenchConfig, format_report, run_benchmark
-    from serve_app.model import load_model
-    from serve_app.tokenizer import ChatGLM2Tokenizer
+    from serve_app.bench.engine import BenchConfig, format_report, run_benchmark
+    from serve_app.model.loader import load_model
+    from serve_app.model.tokenizer import ChatGLM2Tokenizer
 
     try:
         concurrency = [int(level) for level in args.concurrency.split(",")]
@@ -121,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_http(args: argparse.Namespace, concurrency: list[int]) -> int:
-    from serve_app.loadtest import format_http_report, plot, run_http_benchmark
+    from serve_app.bench.http import format_http_report, plot, run_http_benchmark
 
     models = [m for m in (args.models or "").split(",") if m]
     results = run_http_benchmark(args.url, models, concurrency, args.requests, args.prompt_tokens,
@@ -136,7 +135,7 @@ def _bench_http(args: argparse.Namespace, concurrency: list[int]) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from serve_app.checkpoint import quantize_checkpoint
+    from serve_app.model.checkpoint import quantize_checkpoint
 
     out = quantize_checkpoint(args.src, args.out, args.bits)
     print(f"wrote int{args.bits} checkpoint to {out}", file=sys.stderr)
@@ -144,7 +143,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_precision(args: argparse.Namespace) -> int:
-    from serve_app.bench_precision import run, table
+    from serve_app.bench.precision import run, table
 
     batches = [int(b) for b in args.batch.split(",")]
     results = run(str(args.checkpoint), args.precisions.split(","), args.device, batches, args.steps,
@@ -199,11 +198,11 @@ def _chat_over_http(args: argparse.Namespace):
 
 def _chat_in_process(args: argparse.Namespace):
     """Returns reply(query, history, show) -> answer; `show` gets each delta as this process generates it."""
-    from serve_app.checkpoint import read_config
-    from serve_app.generate import generate
-    from serve_app.model import load_model
-    from serve_app.sampling import SamplingParams
-    from serve_app.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer
+    from serve_app.engine.params import SamplingParams
+    from serve_app.engine.sequential import generate
+    from serve_app.model.checkpoint import read_config
+    from serve_app.model.loader import load_model
+    from serve_app.model.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer
 
     read_config(args.checkpoint)
     tokenizer = ChatGLM2Tokenizer(args.checkpoint)

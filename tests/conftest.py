@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.demo import write_demo_checkpoint
+from serve_app.model.demo import write_demo_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -16,14 +16,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_checkpoint):
-    from serve_app.tokenizer import ChatGLM2Tokenizer
+    from serve_app.model.tokenizer import ChatGLM2Tokenizer
 
     return ChatGLM2Tokenizer(tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def tiny_fp32(tiny_checkpoint):
-    from serve_app.model import load_model
+    from serve_app.model.loader import load_model
 
     return load_model(tiny_checkpoint, "fp32", "cpu")
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from serve_app.checkpoint import iter_tensors, weight_files
+from serve_app.model.checkpoint import iter_tensors, weight_files
 
 
 def _cli(*args):

@@ -1,0 +1,142 @@
+"""The seeds' gRPC service (serve_app/api/protos/chatglm2.proto) as methods of the ingress deployment.
+
+Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one message, `StreamGenerate` and
+`StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
+Errors set a status on the Serve gRPC context (streaming methods then raise): INVALID_ARGUMENT for bad input (empty
+or too long prompt, out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
+RESOURCE_EXHAUSTED when a pool is overloaded, UNAUTHENTICATED when API keys are configured and the call's metadata
+has no valid `authorization: Bearer <key>`, INTERNAL otherwise.
+
+Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) get
+INVALID_ARGUMENT too: the proxy decodes them with serve_app.api.grpc_servicer's decoders, which hand such a request on as
+an `UndecodableRequest` instead of raising (gRPC would report a raising decoder as UNKNOWN).
+
+A cancelled call that reaches this replica stops generation (the stream is closed, which aborts the engine request).
+Ray Serve 2.60's gRPC proxy does not always forward a client's cancel: when it lands while the proxy is writing a
+message, the proxy's generator is closed (GeneratorExit in proxy.py `send_request_to_replica`) without cancelling
+the replica call, and the request runs to its token limit. Clients that may cancel should send `max_length`.
+"""
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from pydantic import ValidationError
+from ray.serve.grpc_util import RayServegRPCContext
+
+from serve_app.api.grpc_servicer import UndecodableRequest
+from serve_app.api.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
+from serve_app.api.schemas import APIError, StreamChatRequest, TextRequest, validation_error
+from serve_app.api.security import grpc_key_ok, unauthorized
+
+_CODES = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class GrpcRequestError(Exception):
+    """Raised after the status is set on the context. One plain message argument: Serve pickles it to the proxy
+    (an APIError, with keyword-only arguments, would not unpickle)."""
+
+
+def _status(context: RayServegRPCContext, exc: APIError) -> GrpcRequestError:
+    """Record `exc` as the call's gRPC status; a streaming method raises the returned error."""
+    context.set_code(_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
+    context.set_details(exc.message)
+    return GrpcRequestError(exc.message)
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise APIError(400, f"the request is not a valid {request.message_type} message: {request.problem}")
+
+
+def _check_key(context: RayServegRPCContext) -> None:
+    if not grpc_key_ok(context.invocation_metadata()):
+        raise unauthorized()
+
+
+def _body(query: str, history: list[tuple[str, str]], message: GenerateRequest | ChatRequest) -> StreamChatRequest:
+    """Validate a request message with the same rules as the HTTP streaming API; do_sample=false means greedy."""
+    fields = {"query": query, "history": history, "model": message.model or None,
+              "max_length": message.max_length or None}
+    if message.HasField("top_p"):
+        fields["top_p"] = message.top_p
+    if message.HasField("do_sample") and not message.do_sample:
+        fields["temperature"] = 0.0
+    elif message.HasField("temperature"):
+        fields["temperature"] = message.temperature
+    try:
+        return StreamChatRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+class GrpcMixin:
+    """gRPC methods of ChatIngress; they use its `_stream_chat_request`, `_open` and `_collect`."""
+
+    async def Generate(self, request: GenerateRequest, grpc_context: RayServegRPCContext) -> GenerateResponse:
+        """One chat turn with no history; the whole answer in one message."""
+        try:
+            _check_key(grpc_context)
+            _check_decoded(request)
+            body = _body(request.prompt, [], request)
+            pool, text, _ = await self._collect(body.model, self._stream_chat_request(body))
+        except APIError as exc:
+            # A unary call can end with the status alone (the empty message is not sent), which spares the logs
+            # Serve's ERROR traceback for a client's mistake. Streaming calls must raise: Serve forwards the status
+            # of a stream only with a message or an exception.
+            _status(grpc_context, exc)
+            return GenerateResponse()
+        return GenerateResponse(generated_text=text, model=pool)
+
+    async def StreamGenerate(self, request: GenerateRequest,
+                             grpc_context: RayServegRPCContext) -> AsyncIterator[GenerateResponse]:
+        """The same turn as Generate, streamed as the growing answer."""
+        async for pool, _, text in self._grpc_answers(lambda: (request.prompt, []), request, grpc_context):
+            yield GenerateResponse(generated_text=text, model=pool)
+
+    async def StreamChat(self, request: ChatRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[ChatResponse]:
+        """A chat turn with history; each message has the growing answer and the history that ends with it."""
+        def turn() -> tuple[str, list[tuple[str, str]]]:
+            return request.query, [(t.query, t.response) for t in request.history]
+
+        async for pool, text_request, text in self._grpc_answers(turn, request, grpc_context):
+            turns = [Turn(query=q, response=r) for q, r in text_request.history]
+            turns.append(Turn(query=request.query, response=text))
+            yield ChatResponse(generated_text=text, new_history=turns, model=pool)
+
+    async def _grpc_answers(self, turn: Callable[[], tuple[str, list[tuple[str, str]]]],
+                            message: GenerateRequest | ChatRequest | UndecodableRequest,
+                            context: RayServegRPCContext) -> AsyncIterator[tuple[str, TextRequest, str]]:
+        """Yields (pool, request, answer so far) whenever the answer grows, and at least once. `turn` gives the
+        message's (query, history), read once the message is known to have decoded."""
+        try:
+            _check_key(context)
+            _check_decoded(message)
+            body = _body(*turn(), message)
+            text_request = self._stream_chat_request(body)
+            pool, first, rest = await self._open(body.model, text_request)
+        except APIError as exc:
+            raise _status(context, exc) from None
+        text, sent = "", False
+        try:
+            delta = first
+            while True:
+                if delta.error:
+                    raise _status(context, delta.error.to_api_error())
+                if delta.text:
+                    text += delta.text
+                    sent = True
+                    yield pool, text_request, text
+                try:
+                    delta = await rest.__anext__()
+                except StopAsyncIteration:
+                    break
+            if not sent:
+                yield pool, text_request, text
+        finally:
+            await rest.aclose()  # a cancelled call stops the engine, not just the proxy

@@ -1,0 +1,90 @@
+"""Which pool serves a request: the one it names, the configured default, or the `auto` policy.
+
+`auto` prefers precision: it walks the pools from highest to lowest precision and takes the first with headroom,
+overflowing to the quantized pools while the better ones are saturated. Load comes from each pool's engine stats
+(polled in the background, one replica sampled per poll) corrected by the requests this ingress has sent since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from serve_app.api.schemas import APIError
+
+AUTO = "auto"
+
+
+@dataclass
+class PoolLoad:
+    free_slots: int = 1
+    waiting: int = 0
+    in_flight: int = 0  # requests this ingress has open on the pool
+    in_flight_at_poll: int = 0
+    polled_at: float = 0.0
+    reachable: bool = True
+
+    def headroom(self) -> int:
+        if not self.reachable:
+            return 0
+        sent_since = max(0, self.in_flight - self.in_flight_at_poll)
+        return self.free_slots - self.waiting - sent_since
+
+
+class Router:
+    def __init__(self, handles: dict, order: list[str], default_model: str, policy: str, poll_interval_s: float = 0.5):
+        self.handles = handles
+        self.order = order  # highest precision first
+        self.default_model = default_model
+        self.policy = policy
+        self.poll_interval_s = poll_interval_s
+        self.load = {name: PoolLoad() for name in order}
+        self._poller: asyncio.Task | None = None
+
+    def resolve(self, model: str | None) -> str:
+        """The pool name for a request's `model` field; 404 for a name no pool has."""
+        if not model:
+            model = AUTO if self.policy == AUTO else self.default_model
+        if model == AUTO:
+            self._ensure_polling()
+            return self.pick_auto()
+        if model not in self.handles:
+            raise APIError(404, f"The model '{model}' does not exist; available: {', '.join(self.order)}, auto",
+                           code="model_not_found", param="model")
+        return model
+
+    def pick_auto(self) -> str:
+        for name in self.order:
+            if self.load[name].headroom() > 0:
+                return name
+        # Everything is saturated: the pool with the most headroom queues it (Serve's backpressure applies).
+        return max(self.order, key=lambda name: self.load[name].headroom())
+
+    def started(self, name: str) -> None:
+        self.load[name].in_flight += 1
+
+    def finished(self, name: str) -> None:
+        self.load[name].in_flight -= 1
+
+    def _ensure_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll(name) for name in self.order))
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _poll(self, name: str) -> None:
+        load = self.load[name]
+        try:
+            stats = await asyncio.wait_for(self.handles[name].engine_stats.remote(), timeout=2.0)
+        except Exception:  # overloaded (backpressure), restarting or unreachable: no headroom for now
+            load.reachable = False
+            return
+        load.reachable = True
+        load.free_slots = int(stats.get("free_slots", 0))
+        load.waiting = int(stats.get("waiting", 0))
+        load.in_flight_at_poll = load.in_flight
+        load.polled_at = time.monotonic()

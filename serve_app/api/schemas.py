@@ -1,0 +1,464 @@
+"""Request and response shapes of every API, and the messages passed between ingress and model deployments.
+
+HTTP bodies are pydantic models (validated at the ingress, which turns failures into OpenAI-style 4xx errors).
+Between deployments plain dataclasses travel: `TextRequest` to a pool, `TextDelta`s back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    WithJsonSchema,
+)
+
+from serve_app.engine.params import SamplingParams
+
+
+def _unicode(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they are not text and no tokenizer can encode them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    return value
+
+
+def _integral(value):
+    # JSON Schema counts 5.0 as an integer; pydantic's strict int would not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _pair(value):
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("must be a [query, response] pair of strings")  # noqa: TRY004 (pydantic wants ValueError)
+    if len(value) != 2:
+        raise ValueError(f"must be a [query, response] pair, not {len(value)} items")
+    return value
+
+
+# Request fields are strict where JSON has a type for them: "5" is not a number and "true" not a boolean, as the
+# OpenAPI document says, and NaN/Infinity (which Python's json reads) are "not a finite number". Text is any Unicode
+# string without lone surrogates.
+Text = Annotated[str, AfterValidator(_unicode)]
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+Bool = Annotated[bool, Strict()]
+History = list[Annotated[tuple[Text, Text], BeforeValidator(_pair)]]
+Temperature = Annotated[float, Strict(), Field(ge=0.0, le=2.0, allow_inf_nan=False,
+                                               description="0 = greedy; higher = more random")]
+TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")]
+# Bounds go on the int itself, before the validator that accepts 5.0: after it, pydantic would apply them as a
+# generic check (and write "ge" instead of "minimum" in the schema).
+MaxLength = Annotated[int, Strict(), Field(ge=1, description="prompt + reply tokens (the official meaning)"),
+                      BeforeValidator(_integral)]
+MaxTokens = Annotated[int, Strict(), Field(ge=1, description="cap on generated tokens"), BeforeValidator(_integral)]
+
+
+# Prompts must hold a non-space character (checked by the ingress, which says "prompt is empty"); the schema says so.
+NOT_BLANK = {"pattern": r"\S"}
+
+
+def _one_prompt(value):
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError("exactly one prompt per request")
+        return value[0]
+    return value
+
+
+def _stop_list(value):
+    return [] if value is None else [value] if isinstance(value, str) else value
+
+
+# OpenAI fields that take a string or a list: one type for validation (clear errors), the union in the schema.
+OnePrompt = Annotated[Text, BeforeValidator(_one_prompt), WithJsonSchema({"anyOf": [
+    {"type": "string", **NOT_BLANK}, {"type": "array", "items": {"type": "string", **NOT_BLANK}, "minItems": 1,
+                                       "maxItems": 1}]})]
+Stop = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]  # the length check before the Unicode check
+Stops = Annotated[list[Stop], Field(max_length=4), BeforeValidator(_stop_list),
+                  WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}, {
+                      "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]})]
+Seed = Annotated[Int, Field(description="fixes sampled output for the same request; any integer")]
+
+
+def _only(value, kind: type, json_type: str):
+    """A field that accepts one value of one JSON type: `Literal[False]` alone would also take 0 and 0.0."""
+
+    def check(given):
+        if given != value:
+            raise ValueError(f"only {json.dumps(value)} is supported")
+        return given
+
+    return Annotated[kind, Strict(), AfterValidator(check), WithJsonSchema({"type": json_type, "const": value})]
+
+
+OnlyFalse = _only(False, bool, "boolean")
+OnlyOne = Annotated[_only(1, int, "integer"), BeforeValidator(_integral)]
+OnlyZero = _only(0.0, float, "number")
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI-style body: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _is_field_name(part: str) -> bool:
+    return part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "tuple", "none")
+
+
+def validation_error(exc: ValidationError, skip: int = 0) -> APIError:
+    """The first problem of a failed validation as a 400; `skip` drops leading location parts (FastAPI's "body")."""
+    first = exc.errors()[0] if exc.errors() else {}
+    # Union branches add pydantic's own tags to the location ("function-after[...]", "list[ContentPart]", "str").
+    parts = [part for part in first.get("loc", ())[skip:] if isinstance(part, int) or _is_field_name(part)]
+    where = ".".join(str(part) for part in parts) or None
+    problem = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return APIError(400, f"{where}: {problem}" if where else problem, param=where, code="invalid_request")
+
+
+@dataclass
+class ErrorInfo:
+    """An error raised inside a pool, carried back to the ingress as data (exceptions lose their type in transit)."""
+
+    status: int
+    message: str
+    type: str
+    code: str
+
+    def to_api_error(self) -> APIError:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return APIError(self.status, self.message, type=self.type, code=self.code, headers=headers)
+
+
+@dataclass
+class TextRequest:
+    """What the ingress asks of a pool: a chat turn (query + history) or a raw completion prompt."""
+
+    request_id: str
+    params: SamplingParams
+    query: str | None = None
+    history: History = field(default_factory=list)
+    system: str | None = None
+    raw_prompt: str | None = None  # /v1/completions: no chat template, just the [gMASK] sop prefix
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def openai(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
+        }
+
+
+@dataclass
+class TextDelta:
+    """One streamed piece of a reply. The last one has finish_reason (and usage), or error instead."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+
+# --- the official api.py, and its /chatglm alias -------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiPyRequest(_Strict):
+    """POST / : the official api.py body."""
+
+    prompt: Text = Field(description="the new user message", json_schema_extra=NOT_BLANK)
+    history: History = Field(default_factory=list, description="previous rounds as [query, response] pairs")
+    max_length: MaxLength | None = None
+    top_p: TopP | None = None
+    temperature: Temperature | None = None
+    model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
+
+
+Pairs = list[Annotated[list[str], Field(min_length=2, max_length=2)]]  # History as it is sent back
+
+
+class ApiPyResponse(BaseModel):
+    response: str
+    history: Pairs = Field(description="the request's history with this round appended")
+    status: int = 200
+    time: str = Field(description="YYYY-MM-DD HH:MM:SS")
+
+
+# --- the seeds' streaming API ------------------------------------------------------------------------------------
+
+
+class StreamChatRequest(_Strict):
+    """POST /chat and POST /stream."""
+
+    query: Text = Field(description="the new user message", json_schema_extra=NOT_BLANK)
+    history: History = Field(default_factory=list, description="previous rounds as [query, response] pairs")
+    max_length: MaxLength | None = None
+    top_p: TopP | None = None
+    temperature: Temperature | None = None
+    model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
+
+
+class StreamChatResponse(BaseModel):
+    """POST /chat: the whole answer. (POST /stream sends the same fields as SSE `delta` events.)"""
+
+    query: str
+    response: str
+    history: Pairs = Field(description="the kept history with this round appended")
+    success: bool
+
+
+class StreamDeltaEvent(BaseModel):
+    """POST /stream `delta` events: the new text and the answer so far; the last has delta "[EOS]", the query,
+    the history and finished: true."""
+
+    delta: str
+    response: str
+    finished: bool
+    query: str | None = None
+    history: Pairs | None = None
+
+
+# --- errors and service routes (every API) -------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error | authentication_error | overloaded_error | server_error")
+    param: str | None = Field(description="the request field at fault, when there is one")
+    code: str | None = Field(description="e.g. invalid_request, model_not_found, context_length_exceeded")
+
+
+class ErrorResponse(BaseModel):
+    """Every HTTP error body, OpenAI-style; also the data of an error event that ends an OpenAI stream."""
+
+    error: ErrorDetail
+
+
+class StreamErrorEvent(BaseModel):
+    """POST /stream `error` event: the request failed after its first token."""
+
+    error: ErrorDetail
+    finished: Literal[True]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    pools: list[str]
+    default_model: str
+
+
+# --- OpenAI -------------------------------------------------------------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, tool_call_id ... are accepted and ignored
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: Bool = False
+
+
+class _OpenAICommon(_Strict):
+    model: Text | None = Field(default=None, description="a pool name from GET /v1/models, or 'auto'")
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    stop: Stops = Field(default_factory=list, description="up to 4 non-empty stop strings (or one string)")
+    seed: Seed | None = None
+    n: OnlyOne = Field(default=1, description="only one choice per request")
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+    user: Text | None = None
+    # Accepted for client compatibility; only their neutral values are supported.
+    frequency_penalty: OnlyZero | None = None
+    presence_penalty: OnlyZero | None = None
+    logprobs: OnlyFalse | None = None
+    ignore_eos: Bool = Field(default=False, description="generate past eos (benchmarks; as in vLLM)")
+
+
+class ChatCompletionRequest(_OpenAICommon):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: MaxTokens | None = None
+
+
+class CompletionRequest(_OpenAICommon):
+    prompt: OnePrompt = Field(description="the text to continue (a list must hold exactly one)")
+    echo: OnlyFalse = False
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV was reused from an earlier request")
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    """POST /v1/chat/completions without `stream` (with it: SSE `chat.completion.chunk`s, then `[DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str = Field(description="the pool that answered")
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, description="in the first chunk only")
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion; the usage chunk (stream_options) has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class Completion(BaseModel):
+    """POST /v1/completions without `stream` (with it: SSE `text_completion` chunks, then `[DONE]`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str = Field(description="the pool that answered")
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion; the usage chunk (stream_options) has no choices."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: UsageInfo | None = None
+
+
+def split_messages(messages: list[ChatMessage]) -> tuple[str | None, History, str]:
+    """OpenAI messages -> (system text, [query, response] rounds, new query).
+
+    ChatGLM2's prompt has no system slot: system (and developer) messages are joined and later prepended to the first
+    query, as the official OpenAI-style server does. Consecutive messages of one role are joined with a blank line.
+    The conversation must end with a user message.
+    """
+    system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer")) or None
+    turns: list[tuple[str, str]] = []
+    for message in messages:
+        if message.role in ("system", "developer"):
+            continue
+        if turns and turns[-1][0] == message.role:
+            turns[-1] = (message.role, turns[-1][1] + "\n\n" + message.text())
+        else:
+            turns.append((message.role, message.text()))
+    if not turns or turns[-1][0] != "user":
+        raise APIError(400, "messages must end with a user message", param="messages")
+    if turns[0][0] != "user":
+        turns.insert(0, ("user", ""))  # an assistant greeting first: its query is empty
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    return system, history, turns[-1][1]

@@ -1,0 +1,118 @@
+"""Browser-facing routes of the ingress: the seeds' WebSocket chat (`/ws`) and the chat page (`GET /ui`).
+
+WebSocket protocol (seed 000): the client sends one JSON object `{query, history, max_length?, top_p?, temperature?,
+model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>, "history": [...]}` each time the
+answer grows (history ends with the current turn), then closes with 1000. Bad input (invalid JSON, wrong types,
+unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
+1008; so does a handshake without a valid API key when keys are configured (header `Authorization: Bearer <key>`, or
+`?api_key=<key>` from browsers). Server-side failures (overload included) get the same message shape and 1011. A
+client that disconnects mid-answer stops generation.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+from importlib import resources
+
+from fastapi import WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse
+from pydantic import ValidationError
+
+from serve_app.api.http import app
+from serve_app.api.schemas import APIError, StreamChatRequest, TextDelta, TextRequest, validation_error
+from serve_app.api.security import unauthorized, websocket_key_ok
+
+logger = logging.getLogger("ray.serve")
+
+CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVER_ERROR = 1000, 1008, 1011
+
+
+async def _fail(websocket: WebSocket, exc: APIError) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the client may already be gone
+        await websocket.send_text(json.dumps(exc.body(), ensure_ascii=False))
+        await websocket.close(CLOSE_POLICY if exc.status < 500 else CLOSE_SERVER_ERROR, reason=exc.type)
+
+
+async def _until_disconnect(websocket: WebSocket) -> None:
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass  # messages after the request are ignored
+
+
+class WebSocketMixin:
+    """`/ws` and `/ui` routes of ChatIngress; they use its `_stream_chat_request` and `_open`."""
+
+    @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    async def ui(self) -> HTMLResponse:
+        """The self-contained chat page (chat, chat with a background setting, translator)."""
+        return HTMLResponse(resources.files("serve_app").joinpath("web/index.html").read_text(encoding="utf-8"))
+
+    @app.websocket("/ws")
+    async def websocket_chat(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        if not websocket_key_ok(websocket.scope):  # Authorization: Bearer <key> or ?api_key=<key>
+            await _fail(websocket, unauthorized())  # an error message, then close 1008
+            return
+        try:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
+            body = StreamChatRequest.model_validate_json(raw)
+            request = self._stream_chat_request(body)
+            _, first, rest = await self._open(body.model, request)
+        except ValidationError as exc:
+            await _fail(websocket, validation_error(exc))
+            return
+        except APIError as exc:
+            await _fail(websocket, exc)
+            return
+        except Exception:
+            logger.exception("websocket request failed before the first token")
+            await _fail(websocket, APIError(500, "internal server error", type="server_error", code="internal_error"))
+            return
+
+        answer = asyncio.ensure_future(self._ws_send_answer(websocket, body, request, first, rest))
+        client_gone = asyncio.ensure_future(_until_disconnect(websocket))
+        try:
+            await asyncio.wait({answer, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, client_gone):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+                await client_gone
+            try:
+                await answer
+            except asyncio.CancelledError:
+                pass
+            finally:
+                await rest.aclose()  # a client that went away stops the engine
+
+    async def _ws_send_answer(self, websocket: WebSocket, body: StreamChatRequest, request: TextRequest,
+                              first: TextDelta, rest) -> None:
+        history = [list(pair) for pair in request.history]
+
+        def message(response: str) -> str:
+            return json.dumps({"resp": response, "history": history + [[body.query, response]]}, ensure_ascii=False)
+
+        response, delta = "", first
+        try:
+            while True:
+                if delta.error:
+                    await _fail(websocket, delta.error.to_api_error())
+                    return
+                if delta.text:
+                    response += delta.text
+                    await websocket.send_text(message(response))
+                try:
+                    delta = await rest.__anext__()
+                except StopAsyncIteration:
+                    break
+            if not response:  # an empty answer still ends with one message holding the final history
+                await websocket.send_text(message(""))
+            await websocket.close(CLOSE_NORMAL)
+        except (WebSocketDisconnect, RuntimeError):
+            return  # the client went away mid-answer
+        except Exception:
+            logger.exception("websocket stream failed")
+            await _fail(websocket, APIError(500, "internal server error", type="server_error", code="internal_error"))

@@ -1,0 +1,474 @@
+"""Continuous (iteration-level) batching in one process: token ids in, token ids out.
+
+Requests join the running batch as soon as a KV slot is free and leave it the step they finish or are cancelled.
+The state machine is small on purpose (after nano-vllm):
+
+    Sequence   status WAITING -> PREFILLING -> DECODING -> FINISHED
+    Scheduler  a waiting queue, the running list, and the free KV slots with the prefixes they still hold
+    Engine     one worker thread repeating a step: schedule -> run -> postprocess
+
+The worker thread does all model compute (torch releases the GIL, so the asyncio loop stays responsive) and sleeps
+on a condition variable when there is nothing to do. The asyncio side only appends to the waiting queue, flags
+aborts and reads the request's own asyncio.Queue, which the worker fills through `loop.call_soon_threadsafe`.
+
+Streaming convention of `Engine.generate`: one `TokenDelta` per generated token; the last delta carries
+`finish_reason` ("stop" | "length" | "abort"), the last token if there is one, and the request's `RequestStats`.
+A request that fails raises `GenerationError` from the iterator instead; the other requests carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from serve_app.engine import sequential
+from serve_app.engine.errors import (
+    EngineError,
+    EngineOverloaded,
+    GenerationError,
+    InvalidRequest,
+)
+from serve_app.engine.params import SamplingParams, token_budget
+from serve_app.engine.sampling import choose_token, make_generator
+from serve_app.model.chatglm2 import KVCache
+from serve_app.model.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+# A cached prefix is worth a slot when it covers this many prompt tokens (or the whole prompt but its last token).
+MIN_PREFIX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16  # running sequences = KV slots
+    max_seq_len: int | None = None  # context cap; default config.seq_length capped at 8192
+    kv_cache_bytes: int | None = None  # if set, fewer slots when max_batch_size slots of max_seq_len do not fit
+    max_waiting: int = 64  # requests queued beyond the free slots before EngineOverloaded
+    prefill_chunk: int = 512  # prompt tokens prefilled per step, so long prompts do not stall running decodes
+    prefix_caching: bool = True  # reuse the KV a finished sequence leaves in its slot
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, not {self.max_seq_len}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be >= 1, not {self.kv_cache_bytes}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, not {self.max_waiting}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, not {self.prefill_chunk}")
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int  # prompt tokens whose KV was reused from an earlier sequence
+    ttft_s: float | None  # submission to first token; None when no token was generated
+    decode_tokens_per_s: float  # tokens after the first, per second after the first
+    total_s: float
+
+
+@dataclass
+class TokenDelta:
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last delta
+    stats: RequestStats | None = None  # on the last delta
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    free_slots: int
+    num_slots: int
+    max_seq_len: int
+    kv_tokens_in_use: int  # tokens of running sequences held in the KV cache (cached prefixes excluded)
+    kv_capacity_tokens: int
+    kv_cache_bytes: int
+    cached_prefix_slots: int  # free slots still holding a finished sequence's KV for reuse
+    total_requests: int
+    finished: dict[str, int]  # finish reason -> count
+    steps: int
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    budget: int  # generated tokens allowed (generate.token_budget)
+    stops: frozenset[int]
+    emit: Callable[[TokenDelta | EngineError], None]  # thread-safe delivery to the request's consumer
+    generator: torch.Generator | None
+    status: Status = Status.WAITING
+    slot: int = -1
+    num_computed: int = 0  # leading tokens of prompt + output whose KV is in the slot
+    output_ids: list[int] = field(default_factory=list)
+    cached_prompt_tokens: int = 0
+    abort_requested: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def stats(self) -> RequestStats:
+        now = time.perf_counter()
+        decoded = len(self.output_ids) - 1
+        decode_s = now - self.first_token_at if self.first_token_at is not None else 0.0
+        return RequestStats(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            ttft_s=self.first_token_at - self.arrival if self.first_token_at is not None else None,
+            decode_tokens_per_s=decoded / decode_s if decoded > 0 and decode_s > 0 else 0.0,
+            total_s=now - self.arrival,
+        )
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class FreeSlots:
+    """Free KV slots, least recently freed first, each with the token ids whose KV it still holds."""
+
+    def __init__(self, num_slots: int):
+        self.cached: OrderedDict[int, list[int]] = OrderedDict((slot, []) for slot in range(num_slots))
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def take(self, prompt_ids: list[int], use_prefix: bool) -> tuple[int, int]:
+        """(slot, prompt tokens whose KV the slot already holds). At least the last prompt token is left to run."""
+        if use_prefix:
+            usable = {
+                slot: min(common_prefix_len(ids, prompt_ids), len(prompt_ids) - 1) for slot, ids in self.cached.items()
+            }
+            slot = max(usable, key=usable.get)  # the first (least recent) of equals
+            if usable[slot] >= min(MIN_PREFIX_TOKENS, len(prompt_ids) - 1) and usable[slot] > 0:
+                del self.cached[slot]
+                return slot, usable[slot]
+        # No useful prefix: an empty slot if there is one, else evict the least recently cached prefix.
+        slot = min(self.cached, key=lambda s: bool(self.cached[s]))
+        del self.cached[slot]
+        return slot, 0
+
+    def put(self, slot: int, cached_ids: list[int]) -> None:
+        self.cached[slot] = cached_ids  # most recent last
+
+
+@dataclass
+class Batch:
+    prefills: list[tuple[Sequence, int]]  # (sequence, chunk length): one forward call each
+    decodes: list[Sequence]  # one forward call: one row per sequence, T=1
+
+
+class Scheduler:
+    """Waiting and running sequences and who owns which slot. Not thread-safe: the engine holds its lock."""
+
+    def __init__(self, num_slots: int, prefill_chunk: int, prefix_caching: bool):
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free = FreeSlots(num_slots)
+        self.prefill_chunk = prefill_chunk
+        self.prefix_caching = prefix_caching
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        """Admit waiting sequences into free slots, then pick this step's prefill chunks and decode rows."""
+        while self.waiting and len(self.free):
+            seq = self.waiting.popleft()
+            seq.slot, seq.num_computed = self.free.take(seq.prompt_ids, self.prefix_caching)
+            seq.cached_prompt_tokens = seq.num_computed
+            seq.status = Status.PREFILLING
+            self.running.append(seq)
+        prefills, left = [], self.prefill_chunk
+        for seq in self.running:  # oldest first
+            if seq.status is Status.PREFILLING and left > 0:
+                chunk = min(len(seq.prompt_ids) - seq.num_computed, left)
+                prefills.append((seq, chunk))
+                left -= chunk
+        return Batch(prefills, [seq for seq in self.running if seq.status is Status.DECODING])
+
+    def finish(self, seq: Sequence, keep_kv: bool) -> None:
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is not Status.FINISHED:
+            self.running.remove(seq)
+            # The slot holds KV for the first num_computed tokens (the last sampled token was never run).
+            cached = seq.token_ids[: seq.num_computed] if keep_kv and self.prefix_caching else []
+            self.free.put(seq.slot, cached)
+        seq.status = Status.FINISHED
+
+
+class Engine:
+    """Serves concurrent `generate` calls from one model with continuous batching (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.config = config
+        model_config = loaded.config
+        self.max_seq_len = config.max_seq_len or min(model_config.seq_length, 8192)
+        if self.max_seq_len > model_config.seq_length:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's seq_length={model_config.seq_length}")
+        slot_bytes = model_config.kv_bytes_per_token(loaded.dtype) * self.max_seq_len
+        num_slots = config.max_batch_size
+        if config.kv_cache_bytes is not None:
+            num_slots = min(num_slots, config.kv_cache_bytes // slot_bytes)
+            if num_slots < 1:
+                raise ValueError(
+                    f"kv_cache_bytes={config.kv_cache_bytes} cannot hold one sequence of max_seq_len="
+                    f"{self.max_seq_len} tokens ({slot_bytes} bytes); raise kv_cache_bytes or lower max_seq_len"
+                )
+        # All KV memory is taken here, once: [layers, slots, kv_heads, max_seq_len, head_dim] for keys and values.
+        self.cache = KVCache(model_config, num_slots, self.max_seq_len, dtype=loaded.dtype, device=loaded.device)
+        self.scheduler = Scheduler(num_slots, config.prefill_chunk, config.prefix_caching)
+        self._requests: dict[str, Sequence] = {}
+        self._lock = threading.Lock()  # guards the scheduler, _requests and the counters
+        self._wakeup = threading.Condition(self._lock)
+        self._stopping = False
+        self._total_requests = 0
+        self._finished: Counter[str] = Counter()
+        self._steps = 0
+        self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+        self._worker.start()
+
+    # ---- the asyncio side -------------------------------------------------------------------------------------
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream the generated tokens of one request (see the module docstring for the delta convention).
+
+        Raises at once: InvalidRequest (empty prompt) and ContextLengthExceeded (no room to generate within
+        max_seq_len or params.max_length). Raises at the first iteration: EngineOverloaded (waiting queue full) and
+        InvalidRequest (request_id already running). Raises later: GenerationError. Closing the iterator (a `break`,
+        a cancelled task) aborts the request and frees its slot within one step.
+        """
+        prompt_ids = [int(token) for token in prompt_ids]
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        budget = token_budget(len(prompt_ids), params, self.max_seq_len)  # raises ContextLengthExceeded
+        return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex)
+
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str
+    ) -> AsyncIterator[TokenDelta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenDelta | EngineError] = asyncio.Queue()
+
+        def emit(item: TokenDelta | EngineError) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            budget=budget,
+            stops=sequential.stop_ids(self.loaded, params),
+            emit=emit,
+            generator=make_generator(params, "cpu"),  # per request: its seed fixes its tokens whatever the batch
+        )
+        self._submit(seq)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            with self._lock:
+                self._abort(seq)
+
+    def _submit(self, seq: Sequence) -> None:
+        with self._wakeup:
+            if self._stopping:
+                raise EngineError("the engine has been shut down")
+            if seq.request_id in self._requests:
+                raise InvalidRequest(f"request id {seq.request_id!r} is already in progress")
+            if len(self.scheduler.waiting) - len(self.scheduler.free) >= self.config.max_waiting:
+                raise EngineOverloaded(
+                    f"{len(self.scheduler.waiting)} requests are waiting for one of {self.cache.num_slots} slots; "
+                    "retry later"
+                )
+            self._requests[seq.request_id] = seq
+            self.scheduler.waiting.append(seq)
+            self._total_requests += 1
+            self._wakeup.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: it gets a final delta with finish_reason "abort" and leaves the batch within one step."""
+        with self._lock:
+            seq = self._requests.get(request_id)
+            if seq is not None:
+                self._abort(seq)
+
+    def _abort(self, seq: Sequence) -> None:
+        if seq.status is Status.WAITING:
+            self._finish(seq, "abort")
+        elif seq.status is not Status.FINISHED:
+            seq.abort_requested = True  # the worker finishes it at its next schedule
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            running = self.scheduler.running
+            return EngineStats(
+                running=len(running),
+                waiting=len(self.scheduler.waiting),
+                free_slots=len(self.scheduler.free),
+                num_slots=self.cache.num_slots,
+                max_seq_len=self.max_seq_len,
+                kv_tokens_in_use=sum(seq.num_computed for seq in running),
+                kv_capacity_tokens=self.cache.num_slots * self.max_seq_len,
+                kv_cache_bytes=self.cache.nbytes,
+                cached_prefix_slots=sum(1 for ids in self.scheduler.free.cached.values() if ids),
+                total_requests=self._total_requests,
+                finished=dict(self._finished),
+                steps=self._steps,
+            )
+
+    def healthy(self) -> bool:
+        return self._worker.is_alive() and not self._stopping
+
+    async def shutdown(self) -> None:
+        """Stop the worker after its current step; requests still in flight end with finish_reason "abort"."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        await asyncio.to_thread(self._worker.join)
+        with self._lock:
+            for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+                self._finish(seq, "abort")
+
+    # ---- the worker thread ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self.scheduler.has_work()):
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a failed forward pass: fail what was running, keep serving new requests
+                logger.exception("engine step failed")
+                with self._lock:
+                    for seq in list(self.scheduler.running):
+                        self._fail(seq, GenerationError(f"the model failed while generating: {exc}"))
+
+    def step(self) -> None:
+        """One iteration of continuous batching."""
+        batch = self._schedule()
+        results = self._run(batch)
+        self._postprocess(results)
+
+    def _schedule(self) -> Batch:
+        with self._lock:
+            self._steps += 1
+            for seq in [s for s in self.scheduler.running if s.abort_requested]:
+                self._finish(seq, "abort")
+            return self.scheduler.schedule()
+
+    def _run(self, batch: Batch) -> list[tuple[Sequence, int, torch.Tensor | None]]:
+        """Forward passes: (sequence, tokens computed, next-token logits [vocab] on CPU when a token is due)."""
+        model, device = self.loaded.model, self.loaded.device
+        results: list[tuple[Sequence, int, torch.Tensor | None]] = []
+        for seq, chunk in batch.prefills:
+            start = seq.num_computed
+            ids = torch.tensor([seq.prompt_ids[start : start + chunk]], device=device)  # [1, chunk]
+            positions = torch.arange(start, start + chunk, device=device)[None]  # [1, chunk]
+            slots = torch.tensor([seq.slot], device=device)
+            logits = model(ids, positions, self.cache, slots, last_only=True)  # [1, 1, vocab]
+            done = start + chunk == len(seq.prompt_ids)
+            results.append((seq, chunk, logits[0, -1].cpu() if done else None))
+        if batch.decodes:
+            ids = torch.tensor([[seq.output_ids[-1]] for seq in batch.decodes], device=device)  # [B, 1]
+            positions = torch.tensor([[seq.num_computed] for seq in batch.decodes], device=device)  # [B, 1]
+            slots = torch.tensor([seq.slot for seq in batch.decodes], device=device)  # [B]
+            logits = model(ids, positions, self.cache, slots, last_only=True)[:, -1].cpu()  # [B, vocab]
+            results.extend((seq, 1, row) for seq, row in zip(batch.decodes, logits))
+        return results
+
+    def _postprocess(self, results: list[tuple[Sequence, int, torch.Tensor | None]]) -> None:
+        """Sample one token per due row with its request's own params and generator; deliver; finish sequences."""
+        now = time.perf_counter()
+        outcomes: list[tuple[Sequence, int | None, str | None, EngineError | None]] = []
+        for seq, computed, logits in results:
+            seq.num_computed += computed
+            if seq.num_computed == len(seq.prompt_ids):
+                seq.status = Status.DECODING
+            if logits is None or seq.abort_requested:
+                outcomes.append((seq, None, "abort" if seq.abort_requested else None, None))
+                continue
+            try:
+                token = choose_token(logits, seq.params, seq.generator)
+            except RuntimeError as exc:  # NonFiniteLogitsError, or a distribution multinomial rejects
+                outcomes.append((seq, None, "error", GenerationError(str(exc))))
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.output_ids.append(token)
+            reason = "stop" if token in seq.stops else ("length" if len(seq.output_ids) >= seq.budget else None)
+            outcomes.append((seq, token, reason, None))
+        with self._lock:
+            for seq, token, reason, error in outcomes:
+                if seq.status is Status.FINISHED:
+                    continue
+                if error is not None:
+                    self._fail(seq, error)
+                elif reason is not None:
+                    self._finish(seq, reason, [] if token is None else [token])
+                elif token is not None:
+                    seq.emit(TokenDelta([token]))
+
+    def _finish(self, seq: Sequence, reason: str, token_ids: list[int] | None = None) -> None:
+        """Lock held. Frees the slot, keeping its KV as a cached prefix, and sends the final delta."""
+        if seq.status is Status.FINISHED:
+            return
+        self.scheduler.finish(seq, keep_kv=True)
+        self._requests.pop(seq.request_id, None)
+        self._finished[reason] += 1
+        seq.emit(TokenDelta(token_ids or [], reason, seq.stats()))
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        """Lock held. Frees the slot without keeping its KV (it may hold NaN or half-written rows)."""
+        if seq.status is Status.FINISHED:
+            return
+        self.scheduler.finish(seq, keep_kv=False)
+        self._requests.pop(seq.request_id, None)
+        self._finished["error"] += 1
+        seq.emit(error)

@@ -1,0 +1,54 @@
+"""What a request asks of the engine: its sampling settings and token limits. Plain data: no torch, so the front end
+can build and validate them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serve_app.engine.errors import ContextLengthExceeded
+
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (token ids only; text-level stop strings live above the engine)."""
+
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None  # prompt + generated tokens, the official meaning
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, not {self.max_length}")
+
+    @property
+    def greedy(self) -> bool:
+        # Dividing fp32 logits by a tinier temperature overflows to inf; such a temperature means greedy anyway.
+        return self.temperature < GREEDY_BELOW
+
+
+def token_budget(prompt_len: int, params: SamplingParams, context_len: int) -> int:
+    """How many tokens may be generated; raises ContextLengthExceeded when none may.
+
+    `max_length` counts prompt plus generated tokens (the official meaning); `max_new_tokens` counts generated ones;
+    both are capped by the context window.
+    """
+    total = min(context_len, params.max_length or context_len)
+    if prompt_len >= total:
+        limit = "max_length" if params.max_length and params.max_length < context_len else "context window"
+        raise ContextLengthExceeded(
+            f"the prompt is {prompt_len} tokens, which leaves no room to generate within the {limit} of {total} tokens"
+        )
+    budget = total - prompt_len
+    return min(budget, params.max_new_tokens) if params.max_new_tokens else budget

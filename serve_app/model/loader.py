@@ -1,0 +1,160 @@
+"""`load_model`: an official checkpoint directory -> a ready ChatGLM2ForCausalLM at the asked precision and device.
+
+The module is built on the meta device and checkpoint tensors are assigned one at a time, quantizing the four block
+linears on the fly for int8/int4 (or taking the official pre-quantized tensors as they are), so the weights are never
+held twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from serve_app.model import quant
+from serve_app.model.chatglm2 import ChatGLM2ForCausalLM
+from serve_app.model.checkpoint import (
+    ChatGLM2Config,
+    CheckpointError,
+    expected_shapes,
+    is_quantized_weight,
+    iter_tensors,
+    read_config,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
+_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Quantized layers multiply in bf16 whatever the model's dtype: PyTorch's weight-only kernels are SIMD on CPU only for
+# bf16 activations (7-15x faster than fp32 there) and tinygemm int4 on GPU takes bf16 only. The rounding this adds is
+# far below the quantization error; norms, attention and the residual stream keep the model's dtype.
+KERNEL_DTYPE = torch.bfloat16
+
+
+@dataclass
+class LoadedModel:
+    model: ChatGLM2ForCausalLM
+    config: ChatGLM2Config
+    checkpoint: Path
+    precision: str  # resolved: fp32 | bf16 | fp16 | int8 | int4
+    dtype: torch.dtype  # activation dtype
+    device: torch.device
+
+    def weight_bytes(self) -> int:
+        """Bytes held by parameters and buffers (quantized weights at their packed size)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, config: ChatGLM2Config, device: torch.device) -> tuple[str, torch.dtype]:
+    """(weights precision, activation dtype). `auto` never picks half precision on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    stored_bits = config.quantization_bit
+    if precision == "auto":
+        precision = {4: "int4", 8: "int8"}.get(stored_bits, "fp16" if device.type == "cuda" else "fp32")
+    if stored_bits and precision != f"int{stored_bits}":
+        raise CheckpointError(
+            f"this checkpoint is pre-quantized to int{stored_bits}; it can only be served as int{stored_bits} "
+            f"(asked for {precision}); point the pool at the full-precision checkpoint instead"
+        )
+    if precision in _FLOAT_DTYPES:
+        return precision, _FLOAT_DTYPES[precision]
+    # Quantized layers compute in fp16 on GPU and fp32 on CPU, where half matmuls are slow or missing.
+    return precision, torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    else:
+        setattr(module, attr, tensor)
+
+
+def load_model(checkpoint: Path | str, precision: str = "auto", device: str = "auto") -> LoadedModel:
+    """Build ChatGLM2 from an official checkpoint directory without holding two copies of its weights.
+
+    Raises CheckpointError for a missing file, a wrong model_type, a missing or unexpected tensor, or a shape that
+    disagrees with config.json.
+    """
+    checkpoint = Path(checkpoint)
+    config = read_config(checkpoint)
+    torch_device = resolve_device(device)
+    precision, dtype = resolve_precision(precision, config, torch_device)
+    bits = {"int8": 8, "int4": 4}.get(precision, 0)
+    # Embedding and output layer stay fp16 in quantized models, as officially (also on CPU: the output layer is a
+    # memory-bound GEMV there, as fast in fp16 as in fp32, and fp32 copies would cost 2 GB more for the 6B model).
+    side_dtype = torch.float16 if bits else dtype
+
+    with torch.device("meta"):
+        model = ChatGLM2ForCausalLM(config)
+    shapes = expected_shapes(config)
+    pending_quantized: dict[str, dict[str, torch.Tensor]] = {}
+    seen: set[str] = set()
+
+    def install_quantized(layer: str, stored: torch.Tensor, scale: torch.Tensor) -> None:
+        parent_name, _, child = layer.rpartition(".")
+        old = model.get_submodule(layer)
+        bias = old.bias if getattr(old, "bias", None) is not None and old.bias.device.type != "meta" else None
+        new = quant.QuantizedLinear.from_official(stored, scale, bits, dtype=KERNEL_DTYPE, device=torch_device, bias=bias)
+        setattr(model.get_submodule(parent_name), child, new)
+
+    for name, tensor in iter_tensors(checkpoint):
+        if name.endswith("rotary_pos_emb.inv_freq"):
+            continue  # derivable from the config
+        layer = name.rpartition(".")[0]
+        if config.quantization_bit and name.endswith(".weight_scale"):
+            pending_quantized.setdefault(layer, {})["scale"] = tensor
+            seen.add(name)
+        elif name not in shapes:
+            raise CheckpointError(f"unexpected tensor {name!r} in {checkpoint}: is this a ChatGLM2 checkpoint?")
+        elif is_quantized_weight(name) and config.quantization_bit:
+            out_features, in_features = shapes[name]
+            packed_in = in_features // 2 if config.quantization_bit == 4 else in_features
+            if tuple(tensor.shape) != (out_features, packed_in) or tensor.dtype != torch.int8:
+                raise CheckpointError(
+                    f"{name}: expected int8 {[out_features, packed_in]} for quantization_bit="
+                    f"{config.quantization_bit}, found {tensor.dtype} {list(tensor.shape)}"
+                )
+            pending_quantized.setdefault(layer, {})["weight"] = tensor
+        else:
+            if tuple(tensor.shape) != shapes[name]:
+                raise CheckpointError(
+                    f"{name}: shape {list(tensor.shape)} disagrees with config.json (expected {list(shapes[name])})"
+                )
+            if is_quantized_weight(name) and bits:
+                q, scale = quant.quantize_rows(tensor.to(torch.float16), bits)  # q int8 [out, in]
+                install_quantized(layer, quant.pack_int4(q) if bits == 4 else q, scale)
+            else:
+                target = side_dtype if name.startswith(("transformer.embedding", "transformer.output_layer")) else dtype
+                module = model.get_submodule(layer)
+                if isinstance(module, quant.QuantizedLinear):  # the qkv bias arrived after its weight
+                    module.bias = tensor.to(device=torch_device, dtype=dtype)
+                else:
+                    # copy=True: never keep a view of the memory-mapped shard (the file may change later).
+                    _set_tensor(model, name, tensor.to(device=torch_device, dtype=target, copy=True))
+        seen.add(name)
+        pending = pending_quantized.get(layer)
+        if pending is not None and len(pending) == 2:
+            install_quantized(layer, pending["weight"], pending["scale"])
+            del pending_quantized[layer]
+
+    missing = [name for name in shapes if name not in seen and not name.endswith("inv_freq")]
+    if config.quantization_bit:
+        missing += [f"{layer}.{'weight' if 'weight' not in parts else 'weight_scale'}" for layer, parts in pending_quantized.items()]
+    if missing:
+        raise CheckpointError(f"{checkpoint} lacks tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    model.eval()
+    return LoadedModel(model, config, checkpoint, precision, dtype, torch_device)

@@ -1,0 +1,114 @@
+"""Request validation as the ingress applies it: which bodies pass, and the 400 each refused body turns into.
+
+Fast (no Ray): the same pydantic models and `validation_error` the HTTP, WebSocket and gRPC front ends use.
+tests/test_bad_input.py sends these shapes through the running service.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from serve_app.api.schemas import (
+    APIError,
+    ApiPyRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    StreamChatRequest,
+    split_messages,
+    validation_error,
+)
+
+
+def refused(model: type[BaseModel], body: str | dict) -> APIError:
+    with pytest.raises(ValidationError) as caught:
+        # as FastAPI does: the standard json module first (it keeps lone surrogates and reads NaN), then the model
+        model.model_validate(json.loads(body if isinstance(body, str) else json.dumps(body)))
+    return validation_error(caught.value)
+
+
+def chat(**fields) -> dict:
+    return {"messages": [{"role": "user", "content": "你好"}], **fields}
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"max_tokens": "5"}, "max_tokens", "valid integer"),
+    ({"max_tokens": 2.5}, "max_tokens", "valid integer"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"temperature": True}, "temperature", "valid number"),
+    ({"temperature": "0.5"}, "temperature", "valid number"),
+    ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"stream": "true"}, "stream", "valid boolean"),
+    ({"stream": 1}, "stream", "valid boolean"),
+    ({"n": 2}, "n", "only 1 is supported"),
+    ({"n": True}, "n", "valid integer"),
+    ({"logprobs": 0}, "logprobs", "valid boolean"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "only 0.0 is supported"),
+    ({"stop": ""}, "stop.0", "at least 1 character"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 items"),
+    ({"seed": "1"}, "seed", "valid integer"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage", "valid boolean"),
+    ({"tools": []}, "tools", "Extra inputs are not permitted"),
+    ({"messages": []}, "messages", "at least 1 item"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content", "Field required"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content", "lone surrogate"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages.0.content",
+     "Input should be"),
+])
+def test_chat_completion_fields_are_strict(fields, param, says):
+    error = refused(ChatCompletionRequest, chat(**fields))
+    assert (error.status, error.param, error.code) == (400, param, "invalid_request")
+    assert says in error.message and error.message.startswith(f"{param}: ")
+
+
+def test_numbers_json_calls_integers_and_any_integer_seed_are_accepted():
+    body = ChatCompletionRequest.model_validate(chat(max_tokens=5.0, n=1.0, seed=2**200))
+    assert (body.max_tokens, body.n, body.seed) == (5, 1, 2**200)
+    assert ChatCompletionRequest.model_validate(chat(stop="\n")).stop == ["\n"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_non_finite_numbers_are_refused(field, literal):
+    # Python's json module writes (and pydantic reads) these non-standard literals.
+    error = refused(StreamChatRequest, f'{{"query": "hi", "{field}": {literal}}}')
+    assert error.param == field and error.message == f"{field}: Input should be a finite number"
+
+
+@pytest.mark.parametrize("model, body, param, says", [
+    (ApiPyRequest, {"prompt": "hi", "history": [["only one"]]}, "history.0", "must be a [query, response] pair"),
+    (ApiPyRequest, {"prompt": "hi", "history": [["a", "b", "c"]]}, "history.0", "not 3 items"),
+    (ApiPyRequest, {"prompt": "hi", "history": ["ab"]}, "history.0", "pair of strings"),
+    (ApiPyRequest, {"prompt": "hi", "history": "not a list"}, "history", "valid list"),
+    (ApiPyRequest, {"prompt": "hi", "history": [["a", 1]]}, "history.0.1", "valid string"),
+    (ApiPyRequest, {"prompt": "hi", "history": [["a", "\udfff"]]}, "history.0.1", "lone surrogate"),
+    (ApiPyRequest, {"history": []}, "prompt", "Field required"),
+    (ApiPyRequest, {"prompt": "hi", "max_length": 0}, "max_length", "greater than or equal to 1"),
+    (StreamChatRequest, {"query": "\ud83d"}, "query", "lone surrogate"),
+    (StreamChatRequest, {"query": "hi", "model": 7}, "model", "valid string"),
+    (CompletionRequest, {"prompt": ["a", "b"]}, "prompt", "exactly one prompt per request"),
+    (CompletionRequest, {"prompt": []}, "prompt", "exactly one prompt per request"),
+    (CompletionRequest, {"prompt": [1]}, "prompt", "valid string"),
+    (CompletionRequest, {"prompt": "x", "echo": 0}, "echo", "valid boolean"),
+    (CompletionRequest, {"prompt": "x", "echo": True}, "echo", "only false is supported"),
+])
+def test_seed_api_and_completion_bodies(model, body, param, says):
+    error = refused(model, body)
+    assert error.param == param and says in error.message
+
+
+def test_a_body_that_is_not_an_object_has_no_param():
+    error = refused(ApiPyRequest, "[1, 2]")
+    assert error.param is None and "valid dictionary" in error.message
+
+
+def test_a_conversation_must_end_with_the_user():
+    messages = ChatCompletionRequest.model_validate(chat(messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])).messages
+    with pytest.raises(APIError, match="must end with a user message") as caught:
+        split_messages(messages)
+    assert caught.value.status == 400 and caught.value.param == "messages"

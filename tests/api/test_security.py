@@ -1,0 +1,172 @@
+"""API keys on every protocol, CORS and the body limit, against the running application.
+
+One Ray + Serve start for the module: configs/local.yaml with one pool, `api_keys_env` set and the keys passed to the
+replicas the documented way (the application's `runtime_env.env_vars`), HTTP and gRPC proxies on free ports.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from serve_app.api.protos import chatglm2_pb2 as pb
+from serve_app.api.protos.chatglm2_pb2_grpc import ChatGLM2Stub
+from tests import serving
+from tests.serving import local_config, running
+
+pytestmark = pytest.mark.slow
+POOL = "chatglm2-6b"
+ENV = "TEST_CHATGLM2_API_KEYS"
+KEY = f"sk-test-{secrets.token_hex(16)}"
+OTHER_KEY = f"sk-other-{secrets.token_hex(16)}"
+ALLOWED = "https://chat.allowed.example"
+LIMIT = 4096
+APP = (("application", "chatglm2"),)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint):
+    import ray
+
+    config = local_config(tiny_checkpoint, pools=[{"model": POOL, "precision": "fp32"}], api_keys_env=ENV,
+                          cors_origins=[ALLOWED], max_body_bytes=LIMIT)
+    app = config["applications"][0]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ChatIngress", POOL)]
+    app["runtime_env"] = {"env_vars": {ENV: f"{OTHER_KEY}, {KEY}"}}
+    with running(config, grpc=True) as (url, grpc_port):
+        yield url, grpc_port, Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+
+@pytest.fixture(scope="module")
+def base_url(cluster):
+    return cluster[0]
+
+
+@pytest.fixture(scope="module")
+def stub(cluster):
+    channel = grpc.insecure_channel(f"127.0.0.1:{cluster[1]}")
+    yield ChatGLM2Stub(channel)
+    channel.close()
+
+
+def auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+CHAT = {"model": POOL, "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 4}
+ROUTES = [("/v1/chat/completions", CHAT), ("/", {"prompt": "你好", "history": [], "max_length": 32}),
+          ("/stream", {"query": "你好", "history": [], "max_length": 32})]
+
+
+@pytest.mark.parametrize(("path", "body"), ROUTES)
+@pytest.mark.parametrize("headers", [{}, auth("sk-wrong"), {"Authorization": KEY}], ids=["none", "wrong", "no-scheme"])
+def test_http_routes_need_a_key(base_url, path, body, headers):
+    response = httpx.post(base_url + path, json=body, headers=headers, timeout=60)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
+    assert KEY not in response.text
+
+
+@pytest.mark.parametrize(("path", "body"), ROUTES)
+def test_http_routes_with_a_key(base_url, path, body):
+    for key in (KEY, OTHER_KEY):
+        response = httpx.post(base_url + path, json=body, headers=auth(key), timeout=60)
+        assert response.status_code == 200, response.text
+
+
+def test_openai_client_with_the_key(base_url):
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [POOL]
+    assert client.chat.completions.create(**CHAT).choices[0].finish_reason == "length"
+    bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(**CHAT)
+
+
+def test_health_and_ui_are_open(base_url):
+    assert httpx.get(f"{base_url}/health", timeout=30).json()["status"] == "ok"
+    page = httpx.get(f"{base_url}/ui", timeout=30)
+    assert page.status_code == 200 and 'id="api-key"' in page.text
+    assert httpx.get(f"{base_url}/v1/models", timeout=30).status_code == 401
+
+
+def ws_exchange(url: str, headers: dict | None = None) -> tuple[list[dict], int]:
+    payload = json.dumps({"query": "你好", "history": [], "max_length": 32, "temperature": 0})
+    return serving.ws_exchange(url, payload, headers)
+
+
+def test_websocket_needs_a_key(base_url):
+    for url, headers in [(f"{base_url}/ws", None), (f"{base_url}/ws", auth("sk-wrong")),
+                         (f"{base_url}/ws?api_key=sk-wrong", None)]:
+        messages, code = ws_exchange(url, headers)
+        assert code == 1008
+        assert len(messages) == 1 and messages[0]["error"]["code"] == "invalid_api_key"
+    for url, headers in [(f"{base_url}/ws", auth()), (f"{base_url}/ws?api_key={KEY}", None)]:
+        messages, code = ws_exchange(url, headers)
+        assert code == 1000 and messages and "resp" in messages[-1]
+
+
+def test_grpc_needs_a_key(stub):
+    request = pb.GenerateRequest(prompt="你好", max_length=32)
+    for metadata in [APP, APP + (("authorization", "Bearer sk-wrong"),)]:
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.Generate(request, metadata=metadata, timeout=60)
+        assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(stub.StreamGenerate(request, metadata=metadata, timeout=60))
+        assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    good = APP + (("authorization", f"Bearer {KEY}"),)
+    assert stub.Generate(request, metadata=good, timeout=60).model == POOL
+    assert list(stub.StreamGenerate(request, metadata=good, timeout=60))
+
+
+def test_cors_preflight_and_headers(base_url):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(f"{base_url}/v1/chat/completions", headers={"Origin": ALLOWED, **preflight}, timeout=30)
+    assert allowed.status_code in (200, 204)
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    other = httpx.options(f"{base_url}/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight},
+                          timeout=30)
+    assert "access-control-allow-origin" not in other.headers
+    # Actual requests: the allowed origin can read both answers and errors; another origin gets no header.
+    ok = httpx.post(f"{base_url}/v1/chat/completions", json=CHAT, headers={"Origin": ALLOWED, **auth()}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ALLOWED
+    denied = httpx.post(f"{base_url}/v1/chat/completions", json=CHAT, headers={"Origin": ALLOWED}, timeout=60)
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ALLOWED
+    foreign = httpx.post(f"{base_url}/v1/chat/completions", json=CHAT, headers={"Origin": "https://evil.example",
+                                                                               **auth()}, timeout=60)
+    assert "access-control-allow-origin" not in foreign.headers
+
+
+def test_body_over_the_limit_is_413(base_url):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * (LIMIT + 10)}]}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=big, headers=auth(), timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        data = json.dumps(big).encode()
+        for start in range(0, len(data), 1000):
+            yield data[start : start + 1000]
+
+    response = httpx.post(f"{base_url}/v1/chat/completions", content=chunked(),
+                          headers={"Content-Type": "application/json", **auth()}, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    small = httpx.post(f"{base_url}/v1/chat/completions", json=CHAT, headers=auth(), timeout=60)
+    assert small.status_code == 200
+
+
+def test_keys_never_logged(cluster):
+    logs_dir = cluster[2]
+    logs = list(logs_dir.glob("*.log"))
+    assert logs
+    for path in logs:
+        text = path.read_text(errors="replace")
+        assert KEY not in text and OTHER_KEY not in text, f"an API key is in {path.name}"

@@ -1,0 +1,214 @@
+"""The running application, driven as clients drive it: the official openai client, raw SSE, api.py-style JSON.
+
+One Ray + Serve start for the module: configs/local.yaml (three pools) deployed on the tiny demo checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from tests.serving import local_config, running, wait_for
+
+pytestmark = pytest.mark.slow
+POOLS = ["chatglm2-6b", "chatglm2-6b-int8", "chatglm2-6b-int4"]
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_checkpoint):
+    with running(local_config(tiny_checkpoint), num_cpus=2) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def messages(text="你好"):
+    return [{"role": "user", "content": text}]
+
+
+def test_models_lists_the_pools(client):
+    assert [m.id for m in client.models.list().data] == POOLS
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_openai_stream_equals_non_stream(client, pool):
+    full = client.chat.completions.create(model=pool, messages=messages(), **GREEDY)
+    assert full.model == pool and full.object == "chat.completion"
+    assert full.usage.completion_tokens == 12 and full.usage.total_tokens == full.usage.prompt_tokens + 12
+    assert full.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model=pool, messages=messages(), stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_stop_strings_and_seed(client):
+    full = client.chat.completions.create(model=POOLS[0], messages=messages("hello"), temperature=0, max_tokens=24)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.chat.completions.create(model=POOLS[0], messages=messages("hello"), temperature=0, max_tokens=24,
+                                         stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content.rstrip() == text[: text.index(stop)].rstrip()
+
+    def sampled(seed):
+        return client.chat.completions.create(model=POOLS[2], messages=messages(), temperature=1.0, top_p=0.9,
+                                              seed=seed, max_tokens=16).choices[0].message.content
+
+    assert sampled(7) == sampled(7)
+
+
+def test_system_message_changes_the_prompt(client):
+    plain = client.chat.completions.create(model=POOLS[0], messages=messages(), **GREEDY)
+    with_system = client.chat.completions.create(
+        model=POOLS[0], messages=[{"role": "system", "content": "Answer in English."}, *messages()], **GREEDY)
+    assert with_system.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def test_completions_endpoint(client):
+    out = client.completions.create(model=POOLS[1], prompt="[Round 1]\n\n问：你好\n\n答：", max_tokens=8,
+                                    temperature=0)
+    assert out.object == "text_completion" and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 8
+
+
+def test_official_api_py(base_url):
+    body = {"prompt": "你好", "history": [["hi", "hello"]], "max_length": 64, "top_p": 0.7, "temperature": 0.95}
+    reply = httpx.post(f"{base_url}/", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert set(data) == {"response", "history", "status", "time"} and data["status"] == 200
+    assert data["history"] == [["hi", "hello"], ["你好", data["response"]]]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", data["time"])
+    assert reply.headers["x-chatglm2-model"] == POOLS[0]
+
+
+def test_seed_streaming_api(base_url):
+    body = {"query": "你好", "history": [], "max_length": 40, "temperature": 0}
+    chat = httpx.post(f"{base_url}/chat", json=body, timeout=60).json()
+    assert chat["success"] is True and chat["history"] == [["你好", chat["response"]]]
+    events, deltas = [], []
+    with httpx.stream("POST", f"{base_url}/stream", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append(event)
+                deltas.append(json.loads(line[6:]))
+    assert set(events) == {"delta"}
+    final = deltas[-1]
+    assert final["finished"] is True and final["delta"] == "[EOS]" and final["query"] == "你好"
+    assert "".join(d["delta"] for d in deltas[:-1]) == final["response"] == chat["response"]
+    assert all(not d["finished"] for d in deltas[:-1])
+
+
+def test_concurrent_streams_to_all_pools(base_url, client):
+    expected = {pool: client.chat.completions.create(model=pool, messages=messages(f"q{i}"), **GREEDY)
+                .choices[0].message.content for i, pool in enumerate(POOLS)}
+
+    async def one(aclient, i, pool):
+        stream = await aclient.chat.completions.create(model=pool, messages=messages(f"q{i}"), stream=True, **GREEDY)
+        return pool, "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+        jobs = [one(aclient, i, pool) for _ in range(3) for i, pool in enumerate(POOLS)]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    assert len(results) == 9
+    for pool, text in results:
+        assert text == expected[pool]
+
+
+def test_auto_routing_reports_the_pool(client):
+    out = client.chat.completions.create(model="auto", messages=messages(), **GREEDY)
+    assert out.model in POOLS
+
+
+def test_errors_are_openai_style(client, base_url):
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4", messages=messages())
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model=POOLS[0], messages=messages("很长的问题 " * 3000), max_tokens=4)
+    assert too_long.value.body["code"] in ("context_length_exceeded",)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=POOLS[0], messages=messages(), temperature=5)
+    bad_json = httpx.post(f"{base_url}/v1/chat/completions", content=b"{not json", timeout=30,
+                          headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+    bad_history = httpx.post(f"{base_url}/", json={"prompt": "x", "history": [["only one"]]}, timeout=30)
+    assert bad_history.status_code == 400 and "history" in bad_history.json()["error"]["message"]
+    assistant_last = httpx.post(f"{base_url}/v1/chat/completions", timeout=30,
+                                json={"messages": [{"role": "assistant", "content": "hi"}]})
+    assert assistant_last.status_code == 400
+
+
+def test_client_disconnect_frees_the_engine(base_url):
+    from ray import serve
+
+    body = {"model": POOLS[2], "messages": messages(), "stream": True, "temperature": 0, "max_tokens": 1500}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        for count, _ in enumerate(response.iter_lines()):
+            if count >= 6:
+                break  # leave mid-stream
+    handle = serve.get_deployment_handle(POOLS[2], app_name="chatglm2")
+
+    def idle():
+        stats = handle.engine_stats.remote().result()
+        return stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_tokens_in_use"] == 0
+
+    wait_for(idle, 30, "the engine to drop the abandoned stream")
+
+
+def test_http_load_tester(base_url, tmp_path):
+    """`bench --url`: every pool and level measured, eos ignored so each request yields max_new_tokens, a plot."""
+    import subprocess
+    import sys
+
+    plot = tmp_path / "sweep.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "bench", "--url", base_url, "--models", f"{POOLS[0]},{POOLS[2]}",
+         "--concurrency", "1,3", "--requests", "3", "--prompt-tokens", "8", "--max-new-tokens", "6",
+         "--plot", str(plot), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.strip().splitlines()[-1])["results"]
+    assert [(r["model"], r["concurrency"]) for r in results] == [(POOLS[0], 1), (POOLS[0], 3), (POOLS[2], 1),
+                                                                 (POOLS[2], 3)]
+    assert all(r["requests"] == 3 and r["output_tokens"] == 18 and r["ttft_p50_s"] > 0 for r in results)
+    assert "3/3 requests" in run.stderr  # the progress display
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_soak_script_runs_clean(base_url):
+    """scripts/soak.py as docs/soak.md runs it, for 15 s: every request (bad ones and abandoned streams included)
+    accounted for as expected, memory sampled, exit code 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+    run = subprocess.run([sys.executable, str(script), "--url", base_url, "--minutes", "0.25", "--concurrency", "2",
+                          "--sample-s", "3"], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert "unexpected: 0" in run.stdout and "result: PASS" in run.stdout
+    assert re.search(r"^\| chatglm2-6b-int4 \| [\d.]+ \|", run.stdout, re.MULTILINE)  # a memory row per pool

@@ -1,0 +1,296 @@
+"""The continuous-batching engine on the tiny checkpoint (CPU): batched tokens equal one-at-a-time tokens, a seed
+fixes a request's tokens whatever shares the batch, cancellation and errors leave the engine clean, limits raise
+their documented errors, and prefix caching reuses KV without changing tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+import serve_app.engine.engine as engine_module
+from serve_app.engine import sequential
+from serve_app.engine.engine import Engine, EngineConfig, FreeSlots
+from serve_app.engine.errors import ContextLengthExceeded, EngineOverloaded, GenerationError, InvalidRequest
+from serve_app.engine.params import SamplingParams
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(max_new_tokens: int, **fields) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **fields)
+
+
+async def collect(engine: Engine, prompt: list[int], params: SamplingParams, request_id: str | None = None):
+    """(all token ids, every delta)."""
+    deltas = [delta async for delta in engine.generate(prompt, params, request_id)]
+    return [token for delta in deltas for token in delta.token_ids], deltas
+
+
+async def wait_until_empty(engine: Engine, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while (stats := engine.stats()).running or stats.waiting:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    return stats
+
+
+@pytest.fixture
+def make_engine(tiny_fp32):
+    engines = []
+
+    def make(loaded=None, **config) -> Engine:
+        config.setdefault("max_seq_len", 256)
+        engine = Engine(loaded or tiny_fp32, EngineConfig(**config))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        asyncio.run(engine.shutdown())
+
+
+class GatedModel:
+    """Wraps the model: each forward call waits for `gate`; the first call with `fail_rows` rows raises."""
+
+    def __init__(self, model, fail_rows: int | None = None):
+        self.model = model
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_rows = fail_rows
+
+    def __call__(self, input_ids, *args, **kwargs):
+        self.gate.wait(timeout=10)
+        if input_ids.shape[0] == self.fail_rows:
+            self.fail_rows = None
+            raise RuntimeError("simulated device failure")
+        return self.model(input_ids, *args, **kwargs)
+
+
+def test_concurrent_greedy_equals_one_at_a_time(make_engine, tiny_fp32):
+    # 4 slots for 8 requests: later requests join mid-run; a 16-token prefill chunk splits the long prompts.
+    engine = make_engine(max_batch_size=4, prefill_chunk=16)
+    lengths, budgets = (3, 9, 17, 33, 5, 60, 21, 12), (5, 12, 7, 20, 3, 16, 9, 11)
+    prompts = [random_prompt(n, seed) for seed, n in enumerate(lengths)]
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(prompts, budgets)))
+
+    for (tokens, deltas), prompt, budget in zip(asyncio.run(main()), prompts, budgets):
+        assert tokens == sequential.generate(tiny_fp32, prompt, greedy(budget)).token_ids
+        assert all(len(delta.token_ids) == 1 for delta in deltas)
+        assert [d.finish_reason for d in deltas] == [None] * (budget - 1) + ["length"]
+        stats = deltas[-1].stats
+        assert (stats.prompt_tokens, stats.completion_tokens) == (len(prompt), budget)
+        assert stats.ttft_s > 0 and stats.total_s >= stats.ttft_s
+    stats = engine.stats()
+    assert stats.finished == {"length": 8} and stats.running == 0 and stats.total_requests == 8
+
+
+def test_stop_token_and_max_length(make_engine, tiny_fp32):
+    engine = make_engine()
+    prompt = random_prompt(10, 1)
+    reference = sequential.generate(tiny_fp32, prompt, greedy(12)).token_ids
+    stop = reference[4]
+    tokens, deltas = asyncio.run(collect(engine, prompt, greedy(12, stop_token_ids=(stop,))))
+    assert tokens == reference[: reference.index(stop) + 1] and deltas[-1].finish_reason == "stop"
+    # max_length counts the prompt too (the official meaning).
+    tokens, deltas = asyncio.run(collect(engine, prompt, SamplingParams(max_length=13, ignore_eos=True)))
+    assert tokens == reference[:3] and deltas[-1].finish_reason == "length"
+
+
+def test_seeded_sampling_is_independent_of_the_batch(make_engine):
+    engine = make_engine(max_batch_size=8)
+    prompt = random_prompt(12, 7)
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_new_tokens=16, ignore_eos=True)
+
+    async def busy():
+        others = [
+            collect(engine, random_prompt(5 + i, 100 + i), SamplingParams(temperature=1.0, seed=i, max_new_tokens=20))
+            for i in range(4)
+        ] + [collect(engine, random_prompt(30, 200 + i), greedy(10)) for i in range(2)]
+        results = await asyncio.gather(collect(engine, prompt, params), *others)
+        return results[0][0]
+
+    alone = asyncio.run(collect(engine, prompt, params))[0]
+    assert asyncio.run(busy()) == alone
+    other_seed = asyncio.run(collect(engine, prompt, dataclasses.replace(params, seed=99)))[0]
+    assert other_seed != alone
+
+
+def test_cancellation_frees_the_slot_within_a_step(make_engine):
+    engine = make_engine(max_batch_size=4, max_seq_len=512)
+    long = greedy(500)
+
+    async def main():
+        async def break_after_three():
+            count = 0
+            async for _ in engine.generate(random_prompt(8, 1), long):
+                count += 1
+                if count == 3:
+                    break
+
+        async def aborted_by_id():
+            deltas = []
+            async for delta in engine.generate(random_prompt(9, 2), long, "to-abort"):
+                deltas.append(delta)
+                if len(deltas) == 3:
+                    engine.abort("to-abort")
+            return deltas
+
+        async def consume_forever():
+            async for _ in engine.generate(random_prompt(10, 3), long):
+                pass
+
+        task = asyncio.create_task(consume_forever())
+        deltas = await aborted_by_id()
+        await break_after_three()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return deltas, await wait_until_empty(engine)
+
+    deltas, stats = asyncio.run(main())
+    assert deltas[-1].finish_reason == "abort" and len(deltas) < 50
+    assert stats.running == 0 and stats.waiting == 0
+    assert stats.kv_tokens_in_use == 0 and stats.free_slots == stats.num_slots == 4
+    assert stats.finished == {"abort": 3}
+
+
+class PoisonedParams(SamplingParams):
+    """Marks the request whose logits turn to NaN after its second token."""
+
+
+def test_an_error_in_one_request_leaves_the_others_intact(make_engine, tiny_fp32, monkeypatch):
+    real_choose_token = engine_module.choose_token
+    calls: dict[int, int] = {}
+
+    def choose_token(logits, params, generator):
+        if isinstance(params, PoisonedParams):
+            calls[id(params)] = calls.get(id(params), 0) + 1
+            if calls[id(params)] > 2:
+                logits = torch.full_like(logits, float("nan"))
+        return real_choose_token(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "choose_token", choose_token)
+    engine = make_engine()
+    prompts = [random_prompt(6 + 5 * i, 300 + i) for i in range(3)]
+
+    async def poisoned():
+        tokens = []
+        with pytest.raises(GenerationError) as info:
+            async for delta in engine.generate(random_prompt(7, 9), PoisonedParams(max_new_tokens=20, ignore_eos=True)):
+                tokens += delta.token_ids
+        assert info.value.code == "generation_error" and "NaN" in str(info.value)
+        return tokens
+
+    async def main():
+        return await asyncio.gather(poisoned(), *(collect(engine, p, greedy(15)) for p in prompts))
+
+    poisoned_tokens, *others = asyncio.run(main())
+    assert len(poisoned_tokens) == 2
+    for (tokens, _), prompt in zip(others, prompts):
+        assert tokens == sequential.generate(tiny_fp32, prompt, greedy(15)).token_ids
+    stats = engine.stats()
+    assert stats.finished == {"error": 1, "length": 3} and stats.free_slots == stats.num_slots
+
+
+def test_a_failed_forward_fails_the_running_requests_and_the_engine_recovers(make_engine, tiny_fp32):
+    # The first decode step that batches both requests fails.
+    engine = make_engine(dataclasses.replace(tiny_fp32, model=GatedModel(tiny_fp32.model, fail_rows=2)))
+    prompt = random_prompt(11, 4)
+
+    async def main():
+        streams = [collect(engine, prompt, greedy(10)) for _ in range(2)]
+        failed = await asyncio.gather(*streams, return_exceptions=True)
+        return failed, await collect(engine, prompt, greedy(10))
+
+    failed, (tokens, _) = asyncio.run(main())
+    assert all(isinstance(result, GenerationError) for result in failed)
+    assert tokens == sequential.generate(tiny_fp32, prompt, greedy(10)).token_ids
+    assert engine.healthy() and engine.stats().free_slots == engine.stats().num_slots
+
+
+def test_limits_raise_documented_errors(make_engine, tiny_fp32):
+    engine = make_engine(max_seq_len=64)
+    with pytest.raises(ContextLengthExceeded) as info:
+        engine.generate(random_prompt(64, 1), greedy(1))  # raised at call time, before any compute
+    assert info.value.code == "context_length_exceeded"
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(ContextLengthExceeded):
+        engine.generate(random_prompt(10, 1), SamplingParams(max_length=10))
+    with pytest.raises(InvalidRequest) as info:
+        engine.generate([], greedy(1))
+    assert info.value.code == "invalid_request"
+
+    slot_bytes = tiny_fp32.config.kv_bytes_per_token(torch.float32) * 256
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(tiny_fp32, EngineConfig(max_seq_len=256, kv_cache_bytes=slot_bytes - 1))
+    assert make_engine(kv_cache_bytes=int(2.5 * slot_bytes)).stats().num_slots == 2
+
+
+def test_a_full_waiting_queue_is_overloaded(make_engine, tiny_fp32):
+    gated = GatedModel(tiny_fp32.model)
+    engine = make_engine(dataclasses.replace(tiny_fp32, model=gated), max_batch_size=1, max_waiting=1)
+
+    async def main():
+        gated.gate.clear()
+        running = asyncio.create_task(collect(engine, random_prompt(5, 1), greedy(3)))
+        while engine.stats().running == 0:
+            await asyncio.sleep(0.005)
+        waiting = asyncio.create_task(collect(engine, random_prompt(5, 2), greedy(3)))
+        while engine.stats().waiting == 0:
+            await asyncio.sleep(0.005)
+        with pytest.raises(EngineOverloaded) as info:
+            await collect(engine, random_prompt(5, 3), greedy(3))
+        gated.gate.set()
+        await asyncio.gather(running, waiting)  # the held requests still complete
+        return info.value
+
+    error = asyncio.run(main())
+    assert error.code == "overloaded"
+    assert engine.stats().finished == {"length": 2}
+
+
+def test_prefix_caching_reuses_the_previous_turn(make_engine, tiny_fp32):
+    turn1 = random_prompt(30, 5)
+
+    def conversation(engine: Engine):
+        async def main():
+            reply, _ = await collect(engine, turn1, greedy(10))
+            turn2 = turn1 + reply + random_prompt(12, 6)
+            tokens, deltas = await collect(engine, turn2, greedy(10))
+            return turn2, tokens, deltas[-1].stats
+
+        return asyncio.run(main())
+
+    cached_engine = make_engine(max_batch_size=2)
+    turn2, tokens, stats = conversation(cached_engine)
+    assert stats.cached_prompt_tokens == 30 + 9  # turn 1 and its reply, but the reply's last token
+    assert tokens == sequential.generate(tiny_fp32, turn2, greedy(10)).token_ids
+    assert cached_engine.stats().cached_prefix_slots >= 1 and cached_engine.stats().kv_tokens_in_use == 0
+
+    _, uncached_tokens, uncached_stats = conversation(make_engine(max_batch_size=2, prefix_caching=False))
+    assert uncached_stats.cached_prompt_tokens == 0 and uncached_tokens == tokens
+
+
+def test_free_slots_prefer_the_longest_prefix_then_empty_then_least_recent():
+    slots = FreeSlots(3)
+    a, b = list(range(40)), list(range(100, 140))
+    assert slots.take(a, use_prefix=True) == (0, 0)  # nothing cached: the first empty slot
+    assert slots.take(b, use_prefix=True) == (1, 0)
+    slots.put(0, a)
+    slots.put(1, b)
+    assert slots.take(b + [7], use_prefix=True) == (1, 40)
+    slots.put(1, b)
+    assert slots.take([1, 2, 3], use_prefix=True) == (2, 0)  # no useful prefix: the empty slot before any cache
+    assert slots.take([1, 2, 3], use_prefix=True) == (0, 0)  # then the least recently cached one
+    slots.put(0, a)
+    assert slots.take(a, use_prefix=True) == (0, 39)  # the whole prompt cached: its last token still runs
