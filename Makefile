@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ serve: setup
 
 test: setup /usr/bin/chromium
 	$(BIN)/python -m pytest -q -ra
+
+# The quick loop: everything that starts no Ray cluster (model, engine, protocol, config, manifests), under 2 minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: setup
 	$(BIN)/chatglm2-serve bench --checkpoint checkpoints/demo-small --concurrency 1,4,16 --requests 32 \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates serve_app/api/protos/chatglm2_pb2.py and chatglm2_pb2_grpc.py from chatglm2.proto (both are committed;
-# tests/test_protos.py checks they match). Usage: scripts/gen_protos.sh [OUT_DIR]   (default: the repository root)
+# tests/api/test_protos.py checks they match). Usage: scripts/gen_protos.sh [OUT_DIR]   (default: the repository root)
 # The proto is compiled by its path from the repository root, so the generated modules call themselves
 # serve_app.api.protos.chatglm2_pb2 (messages pickle between Serve's gRPC proxy and replicas) and the _grpc module
 # imports `from serve_app.api.protos import chatglm2_pb2`.

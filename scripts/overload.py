@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 
 import httpx
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+from serve_app.bench.stats import percentile
+from serve_app.client import StreamError, aopenai_chunks
 
 
 def body(model: str, max_tokens: int, text: str, stream: bool) -> dict:
@@ -41,16 +38,15 @@ async def stream(client: httpx.AsyncClient, url: str, payload: dict, started: as
     async with client.stream("POST", f"{url}/v1/chat/completions", json=payload) as response:
         if response.status_code != 200:
             return {"status": response.status_code, "sent": sent, "times": times}
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return {"status": "error event", "sent": sent, "times": times}
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                times.append(time.monotonic())
-                started.set()
+        try:
+            async for chunk in aopenai_chunks(response.aiter_lines()):
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    times.append(time.monotonic())
+                    started.set()
+        except StreamError:
+            return {"status": "error event", "sent": sent, "times": times}
     return {"status": 200, "sent": sent, "times": times}
+
 
 
 async def one(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
@@ -78,7 +74,7 @@ def stream_row(name: str, results: list[dict]) -> str:
     ok = [r for r in results if r["status"] == 200 and r["times"]]
     ttft = [r["times"][0] - r["sent"] for r in ok]
     gaps = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
-    ms = [1000 * percentile(gaps, q) for q in (0.5, 0.95)] + [1000 * max(gaps, default=float("nan"))]
+    ms = [1000 * percentile(gaps, q) for q in (50, 95)] + [1000 * max(gaps, default=float("nan"))]
     # Chunks can arrive in clumps (a busy proxy flushes several at once), which lowers the median gap: the rate
     # from first to last chunk is the pace a reader sees.
     rate = statistics.median((len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in ok)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
+from serve_app.client import sse_data
+
 STREAM_KINDS = {"chat_stream", "completion_stream", "sse_stream"}
 KIND_WEIGHTS = {
     "chat": 18,
@@ -82,10 +84,6 @@ def api_max_length(prompt: str, max_tokens: int) -> int:
     """api.py and /stream take max_length = prompt + reply tokens. Characters bound the prompt's tokens from above
     (ASCII text), 48 covers the chat template, so the reply gets max_tokens or somewhat more, never 'no room'."""
     return len(prompt) + 48 + max_tokens
-
-
-def sse_data(line: str) -> str | None:
-    return line[5:].strip() if line.startswith("data:") else None
 
 
 async def one_request(client: httpx.AsyncClient, rng: random.Random, models: list[str], tally: Tally,

@@ -161,6 +161,8 @@ def _chat_over_http(args: argparse.Namespace):
     """Returns reply(query, history, show) -> answer; `show` gets each delta streamed from the OpenAI endpoint."""
     import httpx
 
+    from serve_app.client import openai_chunks
+
     if args.max_length is not None:
         raise ValueError("--max-length applies to --checkpoint; over --url use --max-new-tokens (OpenAI max_tokens)")
     url = args.url.rstrip("/") + "/v1/chat/completions"
@@ -181,12 +183,7 @@ def _chat_over_http(args: argparse.Namespace):
                 except (ValueError, KeyError, TypeError):
                     message = response.text
                 raise RuntimeError(f"server answered {response.status_code}: {message}")
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
+            for chunk in openai_chunks(response.iter_lines()):  # an error event raises StreamError
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
                         parts.append(choice["delta"]["content"])

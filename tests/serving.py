@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,10 +22,13 @@ def free_port() -> int:
 
 
 def local_config(checkpoint: Path, **arg_overrides) -> dict:
-    """configs/local.yaml with the test's checkpoint, for deploying into a test cluster."""
+    """configs/local.yaml with the test's checkpoint and `args` overrides, for deploying into a test cluster. The
+    `deployments:` entries of pools the overrides leave out are dropped (Serve refuses entries for no deployment)."""
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     app = config["applications"][0]
     app["args"].update({"checkpoint": str(checkpoint), "demo_preset": None, **arg_overrides})
+    pools = {pool["model"] for pool in app["args"]["pools"]}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] == "ChatIngress" or d["name"] in pools]
     return config
 
 
@@ -107,3 +112,21 @@ def running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`chatglm2-serve ARGS` as a user runs it, in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def engine_stats(pool: str, app: str = "chatglm2") -> dict:
+    """Engine stats of one replica of `pool` (Serve picks which), through a deployment handle."""
+    from ray import serve
+
+    return serve.get_deployment_handle(pool, app_name=app).engine_stats.remote().result()
+
+
+def engine_stats_by_replica(pool: str, app: str = "chatglm2", calls: int = 12) -> dict[str, dict]:
+    """Engine stats per replica id of `pool`, from `calls` calls that Serve spreads over its replicas."""
+    return {stats["replica_id"]: stats for stats in (engine_stats(pool, app) for _ in range(calls))}

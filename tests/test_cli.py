@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from serve_app.model.checkpoint import iter_tensors, weight_files
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=600)
+from tests.serving import run_cli
 
 
 def test_demo_checkpoint_command(tmp_path, tiny_checkpoint):
-    run = _cli("demo-checkpoint", str(tmp_path / "demo"), "--preset", "tiny", "--safetensors")
+    run = run_cli("demo-checkpoint", str(tmp_path / "demo"), "--preset", "tiny", "--safetensors")
     assert run.returncode == 0, run.stderr
     assert [p.name for p in weight_files(tmp_path / "demo")] == ["model.safetensors"]
     ours = dict(iter_tensors(tmp_path / "demo"))
@@ -22,7 +17,7 @@ def test_demo_checkpoint_command(tmp_path, tiny_checkpoint):
 
 
 def test_bench_command_reports_engine_and_sequential(tiny_checkpoint):
-    run = _cli("bench", "--checkpoint", str(tiny_checkpoint), "--concurrency", "1,2", "--requests", "2",
+    run = run_cli("bench", "--checkpoint", str(tiny_checkpoint), "--concurrency", "1,2", "--requests", "2",
                "--prompt-tokens", "8", "--max-new-tokens", "4", "--compare-sequential", "--threads", "1", "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -33,7 +28,7 @@ def test_bench_command_reports_engine_and_sequential(tiny_checkpoint):
 
 
 def test_bench_precision_command(tiny_checkpoint):
-    run = _cli("bench-precision", "--checkpoint", str(tiny_checkpoint), "--precisions", "fp32,int4", "--batch", "1,2",
+    run = run_cli("bench-precision", "--checkpoint", str(tiny_checkpoint), "--precisions", "fp32,int4", "--batch", "1,2",
                "--steps", "2", "--json")
     assert run.returncode == 0, run.stderr
     results = json.loads(run.stdout.strip().splitlines()[-1])

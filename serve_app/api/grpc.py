@@ -19,22 +19,15 @@ the replica call, and the request runs to its token limit. Clients that may canc
 
 from collections.abc import AsyncIterator, Callable
 
-import grpc
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
+from serve_app.api.errors import APIError, validation_error
 from serve_app.api.grpc_servicer import UndecodableRequest
 from serve_app.api.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
-from serve_app.api.schemas import APIError, StreamChatRequest, TextRequest, validation_error
+from serve_app.api.schemas import StreamChatRequest
 from serve_app.api.security import grpc_key_ok, unauthorized
-
-_CODES = {
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+from serve_app.server.messages import TextRequest
 
 
 class GrpcRequestError(Exception):
@@ -44,18 +37,18 @@ class GrpcRequestError(Exception):
 
 def _status(context: RayServegRPCContext, exc: APIError) -> GrpcRequestError:
     """Record `exc` as the call's gRPC status; a streaming method raises the returned error."""
-    context.set_code(_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
+    context.set_code(exc.kind.grpc)
     context.set_details(exc.message)
     return GrpcRequestError(exc.message)
 
 
 def _check_decoded(request) -> None:
     if isinstance(request, UndecodableRequest):
-        raise APIError(400, f"the request is not a valid {request.message_type} message: {request.problem}")
+        raise APIError("invalid_request", f"the request is not a valid {request.message_type} message: {request.problem}")
 
 
-def _check_key(context: RayServegRPCContext) -> None:
-    if not grpc_key_ok(context.invocation_metadata()):
+def _check_key(security, context: RayServegRPCContext) -> None:
+    if not grpc_key_ok(security, context.invocation_metadata()):
         raise unauthorized()
 
 
@@ -76,22 +69,22 @@ def _body(query: str, history: list[tuple[str, str]], message: GenerateRequest |
 
 
 class GrpcMixin:
-    """gRPC methods of ChatIngress; they use its `_stream_chat_request`, `_open` and `_collect`."""
+    """gRPC methods of ChatIngress; they use its `security`, `requests` (RequestBuilder) and `client` (PoolClient)."""
 
     async def Generate(self, request: GenerateRequest, grpc_context: RayServegRPCContext) -> GenerateResponse:
         """One chat turn with no history; the whole answer in one message."""
         try:
-            _check_key(grpc_context)
+            _check_key(self.security, grpc_context)
             _check_decoded(request)
             body = _body(request.prompt, [], request)
-            pool, text, _ = await self._collect(body.model, self._stream_chat_request(body))
+            answer = await self.client.collect(body.model, self.requests.chat_turn(body))
         except APIError as exc:
             # A unary call can end with the status alone (the empty message is not sent), which spares the logs
             # Serve's ERROR traceback for a client's mistake. Streaming calls must raise: Serve forwards the status
             # of a stream only with a message or an exception.
             _status(grpc_context, exc)
             return GenerateResponse()
-        return GenerateResponse(generated_text=text, model=pool)
+        return GenerateResponse(generated_text=answer.text, model=answer.pool)
 
     async def StreamGenerate(self, request: GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[GenerateResponse]:
@@ -114,29 +107,17 @@ class GrpcMixin:
                             context: RayServegRPCContext) -> AsyncIterator[tuple[str, TextRequest, str]]:
         """Yields (pool, request, answer so far) whenever the answer grows, and at least once. `turn` gives the
         message's (query, history), read once the message is known to have decoded."""
+        stream = None
         try:
-            _check_key(context)
+            _check_key(self.security, context)
             _check_decoded(message)
             body = _body(*turn(), message)
-            text_request = self._stream_chat_request(body)
-            pool, first, rest = await self._open(body.model, text_request)
+            text_request = self.requests.chat_turn(body)
+            stream = await self.client.open(body.model, text_request)
+            async for text in stream.growing():
+                yield stream.pool, text_request, text
         except APIError as exc:
             raise _status(context, exc) from None
-        text, sent = "", False
-        try:
-            delta = first
-            while True:
-                if delta.error:
-                    raise _status(context, delta.error.to_api_error())
-                if delta.text:
-                    text += delta.text
-                    sent = True
-                    yield pool, text_request, text
-                try:
-                    delta = await rest.__anext__()
-                except StopAsyncIteration:
-                    break
-            if not sent:
-                yield pool, text_request, text
         finally:
-            await rest.aclose()  # a cancelled call stops the engine, not just the proxy
+            if stream is not None:
+                stream.close()  # a cancelled call stops the engine, not just the proxy

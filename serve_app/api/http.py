@@ -1,6 +1,8 @@
-"""The FastAPI app that the ingress deployment serves: the error handlers every route shares and its OpenAPI document.
+"""The FastAPI app that the ingress deployment serves: its error handlers, middleware and OpenAPI document.
 
-Kept apart from the ingress class so protocol mixins (WebSocket, web page) can register routes on the same app.
+Routes are registered on `app` by the ingress and its protocol mixins (WebSocket, web page). Serve serves a frozen copy
+of `app` in each ingress replica; `configure` gives that copy the replica's settings (API keys, CORS, the pools the
+OpenAPI document lists) through `app.state` and middleware, so nothing is kept in module state.
 Every HTTP error, FastAPI's and Starlette's own included (bad JSON, unknown path, wrong method), is an OpenAI-style
 `{"error": {...}}` body. The OpenAPI document at `/openapi.json` says so: routes list the error statuses they can
 answer with instead of FastAPI's default 422, and `model` fields list the deployed pools.
@@ -18,14 +20,16 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from serve_app.api.schemas import APIError, ErrorResponse, validation_error
-from serve_app.api.security import SecurityMiddleware
+from serve_app.api.errors import APIError, internal_error, validation_error
+from serve_app.api.schemas import ErrorResponse
+from serve_app.api.security import SecurityMiddleware, SecuritySettings
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="chatglm2-serve", description="ChatGLM2-6B chat service: FP16 / INT8 / INT4 pools")
-# API keys, CORS and the body limit (serve_app/api/security.py); its settings are set by ChatIngress.__init__.
+# API keys and the body limit (serve_app/api/security.py); its settings come from `configure`.
 app.add_middleware(SecurityMiddleware)
 
 
@@ -40,19 +44,32 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(error.body(), status_code=400)
 
 
+# Starlette's and FastAPI's own errors (bad body encoding, unknown path, wrong method), in the same shape.
 _HTTP_ERRORS = {
-    400: ("request body could not be parsed: send UTF-8 JSON", "invalid_json"),
-    404: ("no such route; see /openapi.json", "not_found"),
-    405: ("method not allowed on this route", "method_not_allowed"),
+    400: ("invalid_json", "request body could not be parsed: send UTF-8 JSON"),
+    404: ("not_found", "no such route; see /openapi.json"),
+    405: ("method_not_allowed", "method not allowed on this route"),
 }
+
+
+def error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers | (headers or {}))
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc, skip=1))  # locations start with "body"
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    # Starlette's and FastAPI's own errors (bad body encoding, unknown path, wrong method), in the same shape.
-    message, code = _HTTP_ERRORS.get(exc.status_code, (str(exc.detail), "http_error"))
-    body = APIError(exc.status_code, message, code=code).body()
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    code, message = _HTTP_ERRORS.get(exc.status_code, ("invalid_request", str(exc.detail)))
+    return error_response(APIError(code, message), exc.headers)
 
 
 @app.exception_handler(TaskCancelledError)
@@ -60,15 +77,13 @@ async def _client_gone(_: Request, exc: TaskCancelledError) -> JSONResponse:
     # The client disconnected before its first token and Serve cancelled the request: nobody is left to answer,
     # and it is not a server error.
     logger.info("request cancelled: the client disconnected")
-    body = APIError(499, "client closed the request", type="invalid_request_error", code="client_closed").body()
-    return JSONResponse(body, status_code=499)
+    return error_response(APIError("client_closed", "client closed the request"))
 
 
 @app.exception_handler(Exception)
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error in the ingress")
-    body = APIError(500, "internal server error", type="server_error", code="internal_error").body()
-    return JSONResponse(body, status_code=500)
+    return error_response(internal_error())
 
 
 # --- the OpenAPI document ---------------------------------------------------------------------------------------
@@ -119,14 +134,11 @@ def sse_only(description: str, *payloads: type[BaseModel]) -> dict:
     return {200: {"description": description, "content": {"text/event-stream": {"schema": sse_events(*payloads)}}}}
 
 
-_openapi_pools: list[str] = []
-
-
-def _openapi() -> dict:
-    # Installed as `app.openapi` at import: Serve serves a frozen copy of `app`, so the ingress cannot patch the
-    # served object; it sets the pools here instead (use_openapi_for).
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+def openapi_document(served: FastAPI, pools: list[str]) -> dict:
+    """The OpenAPI document of `served`, with `pools` (and "auto") as the values of every request's `model` field."""
+    if served.openapi_schema is None:
+        schema = get_openapi(title=served.title, version=served.version, description=served.description,
+                             routes=served.routes)
         for operation in (op for ops in schema["paths"].values() for op in ops.values()):
             operation["responses"].pop("422", None)  # validation errors are 400s here
             for status, response in operation["responses"].items():
@@ -142,20 +154,20 @@ def _openapi() -> dict:
             components.pop(name, None)
         for component in components.values():
             model = component.get("properties", {}).get("model")
-            if _openapi_pools and model and any(branch.get("type") == "null" for branch in model.get("anyOf", [])):
-                model["anyOf"] = [{"type": "string", "enum": [*_openapi_pools, "auto"]}, {"type": "null"}]
-        app.openapi_schema = schema
-    return app.openapi_schema
+            if model and any(branch.get("type") == "null" for branch in model.get("anyOf", [])):
+                model["anyOf"] = [{"type": "string", "enum": [*pools, "auto"]}, {"type": "null"}]
+        served.openapi_schema = schema
+    return served.openapi_schema
 
 
-app.openapi = _openapi
-
-
-def use_openapi_for(pools: list[str]) -> None:
-    """List these pools (and "auto") as the values of every request's `model` field in /openapi.json."""
-    global _openapi_pools
-    _openapi_pools = list(pools)
-    app.openapi_schema = None
+def configure(served: FastAPI, security: SecuritySettings, cors_origins: list[str], pools: list[str]) -> FastAPI:
+    """Give the app an ingress replica serves its settings (called once per replica, before the first request)."""
+    served.state.security = security
+    if cors_origins:  # outermost: preflights need no key, and refusals carry the CORS headers too
+        served.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                              allow_headers=["*"], max_age=600)
+    served.openapi = lambda: openapi_document(served, pools)
+    return served
 
 
 def sse(data: dict | str, event: str | None = None) -> str:

@@ -2,53 +2,57 @@
 
 Routes: the official api.py (`POST /`, alias `POST /chatglm`), the seeds' streaming API (`POST /chat`, `POST /stream`
 as Server-Sent Events), the OpenAI API (`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`) and
-`GET /health`. Every error is OpenAI-style JSON with a 4xx/5xx status; errors that happen before the first token are
-reported as a status code even on streaming routes, later ones as a final stream event.
+`GET /health`; WebSocket and the web page (api/websocket.py) and gRPC (api/grpc.py) are mixed in. Every handler
+builds its pool request with `RequestBuilder` and reaches the pool through `PoolClient`. Every error is OpenAI-style
+JSON with a 4xx/5xx status (api/errors.py); errors that happen before the first token are reported as a status code
+even on streaming routes, later ones as a final stream event. Responses are built from the models in api/schemas.py,
+so the OpenAPI document is the response shape.
 """
 
-
-import logging
+# No `from __future__ import annotations`: FastAPI reads the route handlers' annotations at import.
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
 
-from serve_app.api import security
+from serve_app.api.errors import APIError
 from serve_app.api.grpc import GrpcMixin
-from serve_app.api.http import EventStream, app, errors, json_or_sse, sse, sse_only, use_openapi_for
-from serve_app.api.routing import Router
+from serve_app.api.http import EventStream, app, configure, errors, json_or_sse, sse, sse_only
+from serve_app.api.pool_client import PoolClient, Stream
+from serve_app.api.requests import RequestBuilder
 from serve_app.api.schemas import (
-    APIError,
     ApiPyRequest,
     ApiPyResponse,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChunkDelta,
     Completion,
+    CompletionChoice,
     CompletionChunk,
+    CompletionChunkChoice,
     CompletionRequest,
-    ErrorInfo,
+    ErrorResponse,
     Health,
+    ModelCard,
     ModelList,
     StreamChatRequest,
     StreamChatResponse,
     StreamDeltaEvent,
     StreamErrorEvent,
-    TextDelta,
-    TextRequest,
-    Usage,
-    split_messages,
+    UsageInfo,
 )
+from serve_app.api.security import SecuritySettings
 from serve_app.api.websocket import WebSocketMixin
-from serve_app.engine.params import SamplingParams
+from serve_app.config import AppArgs
+from serve_app.server.messages import TextRequest, Usage
 
-logger = logging.getLogger("ray.serve")
 POOL_HEADER = "x-chatglm2-model"
 # OpenAPI `responses=` of the generating routes: their answer, and the errors any of them can give.
 GENERATION_ERRORS = errors(400, 401, 404, 413, 503)
@@ -57,120 +61,38 @@ OPENAI_CHAT_RESPONSES = json_or_sse(ChatCompletion, ChatCompletionChunk, "the an
     | GENERATION_ERRORS
 OPENAI_COMPLETION_RESPONSES = json_or_sse(Completion, CompletionChunk, "the answer; chunks with `stream`") \
     | GENERATION_ERRORS
-REPLICA_FAILED = ErrorInfo(503, "the replica serving this request failed; retry", "server_error", "replica_failed")
 
 
-class GenerationDefaults(BaseModel):
-    """Used when a request leaves a parameter out (the official api.py's defaults)."""
-
-    temperature: float = Field(default=0.95, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.7, gt=0.0, le=1.0)
-    max_length: int = Field(default=2048, ge=1, description="prompt + reply tokens when a request gives no limit")
+def _json(model: BaseModel, pool: str) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"), headers={POOL_HEADER: pool})
 
 
-class IngressConfig(BaseModel):
-    """Protocol-level settings of the ingress, built by `build_app`."""
-
-    pools: list[str] = Field(description="pool names, highest precision first")
-    default_model: str
-    routing: str = Field(default="default", description="'default' or 'auto' for requests that name no model")
-    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
-    max_history_rounds: int = Field(default=10, ge=0, description="/chat and /stream keep only the last N rounds")
-    max_prompt_chars: int = Field(default=32768, ge=1, description="longest accepted user message")
-    api_keys_env: str | None = Field(default=None, description="env var with comma-separated API keys (unset: open)")
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; '*' for any")
-    max_body_bytes: int = Field(default=1_048_576, ge=1, description="larger request bodies get 413")
+def _event(model: BaseModel, event: str | None = None) -> str:
+    # exclude_unset: a field the handler did not set is left out (OpenAI's chunks have no `usage` until the last)
+    return sse(model.model_dump_json(exclude_unset=True), event)
 
 
-async def _chain(first: TextDelta, rest: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
-    yield first
-    async for delta in rest:
-        yield delta
+def _usage(usage: Usage) -> UsageInfo:
+    return UsageInfo.model_validate(usage.openai())
+
+
+def _history(history: list, query: str, response: str) -> list[list[str]]:
+    return [list(pair) for pair in history] + [[query, response]]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ChatIngress(WebSocketMixin, GrpcMixin):
-    def __init__(self, pools: dict, config: IngressConfig):
-        self.config = config
+    def __init__(self, pools: dict, args: AppArgs):
+        self.args = args
         # Read here, in the replica: the keys come from this process's environment and are never logged.
-        security.configure(config.api_keys_env, config.cors_origins, config.max_body_bytes)
-        self.streams = {name: handle.options(stream=True) for name, handle in pools.items()}
-        self.router = Router(pools, config.pools, config.default_model, config.routing)
-        use_openapi_for(config.pools)
+        self.security = SecuritySettings.from_env(args.api_keys_env, args.max_body_bytes)
+        self.client = PoolClient(pools, args)
+        self.requests = RequestBuilder(args)
 
-    # --- the shared path: params, routing, streaming through the graph ------------------------------------------
-
-    def _params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
-                ignore_eos=False) -> SamplingParams:
-        d = self.config.defaults
-        if max_length is None and max_new_tokens is None:
-            max_length = d.max_length
-        return SamplingParams(
-            temperature=d.temperature if temperature is None else temperature,
-            top_p=d.top_p if top_p is None else top_p,
-            max_length=max_length,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            ignore_eos=ignore_eos,
-        )
-
-    def _check_prompt(self, text: str, param: str) -> None:
-        if not text.strip():
-            raise APIError(400, f"{param} is empty", param=param)
-        if len(text) > self.config.max_prompt_chars:
-            raise APIError(400, f"{param} is longer than {self.config.max_prompt_chars} characters", param=param,
-                           code="context_length_exceeded")
-
-    async def _open(self, model: str | None, request: TextRequest) -> tuple[str, TextDelta, AsyncIterator[TextDelta]]:
-        """Route and start a generation; returns (pool, first delta, the rest). Errors before any text raise."""
-        pool = self.router.resolve(model)
-        try:
-            stream = self.streams[pool].generate.remote(request)
-            self.router.started(pool)
-            try:
-                first = await stream.__anext__()
-            except BaseException:
-                self.router.finished(pool)
-                raise
-        except BackPressureError as exc:
-            raise APIError(503, f"pool {pool} is overloaded; retry shortly", type="overloaded_error",
-                           code="overloaded", headers={"Retry-After": "1"}) from exc
-        except RayActorError as exc:  # the replica died (or became unreachable) before the first token
-            logger.warning("pool %s: replica failed before the first token: %s", pool, exc)
-            raise REPLICA_FAILED.to_api_error() from exc
-        if first.error:
-            self.router.finished(pool)
-            raise first.error.to_api_error()
-
-        async def rest() -> AsyncIterator[TextDelta]:
-            try:
-                if first.finish_reason:
-                    return
-                async for delta in stream:
-                    yield delta
-            except RayActorError as exc:  # the replica died mid-stream: end with an error event, not a cut stream
-                logger.warning("pool %s: replica failed mid-stream: %s", pool, exc)
-                yield TextDelta(error=REPLICA_FAILED)
-            except Exception:
-                logger.exception("pool %s: stream failed", pool)
-                yield TextDelta(error=ErrorInfo(500, "internal error while streaming", "server_error",
-                                                "internal_error"))
-            finally:
-                self.router.finished(pool)
-                stream.cancel()  # a client that went away stops the engine, not just the proxy
-
-        return pool, first, rest()
-
-    async def _collect(self, model: str | None, request: TextRequest) -> tuple[str, str, TextDelta]:
-        pool, first, rest = await self._open(model, request)
-        parts, last = [first.text], first
-        async for delta in rest:
-            if delta.error:
-                raise delta.error.to_api_error()
-            parts.append(delta.text)
-            last = delta
-        return pool, "".join(parts), last
+    def __serve_build_asgi_app__(self):
+        """Serve calls this once the replica is built: this replica's copy of the app gets its settings."""
+        return configure(self.app, self.security, self.args.cors_origins, self.args.pool_names)
 
     # --- the official api.py ---------------------------------------------------------------------------------
 
@@ -178,42 +100,19 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
     @app.post("/chatglm", responses=API_PY_RESPONSES)
     async def api_py(self, body: ApiPyRequest) -> JSONResponse:
         """The official api.py: one JSON answer with the updated history and a timestamp."""
-        self._check_prompt(body.prompt, "prompt")
-        request = TextRequest(
-            request_id=uuid.uuid4().hex,
-            params=self._params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
-            query=body.prompt,
-            history=list(body.history),
-        )
-        pool, text, _ = await self._collect(body.model, request)
-        answer = {
-            "response": text,
-            "history": [list(pair) for pair in body.history] + [[body.prompt, text]],
-            "status": 200,
-            "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        return JSONResponse(answer, headers={POOL_HEADER: pool})
+        answer = await self.client.collect(body.model, self.requests.api_py(body))
+        return _json(ApiPyResponse(response=answer.text, history=_history(body.history, body.prompt, answer.text),
+                                   time=datetime.now().strftime("%Y-%m-%d %H:%M:%S")), answer.pool)
 
     # --- the seeds' streaming API ----------------------------------------------------------------------------
 
-    def _stream_chat_request(self, body: StreamChatRequest) -> TextRequest:
-        self._check_prompt(body.query, "query")
-        keep = self.config.max_history_rounds
-        history = list(body.history)[-keep:] if keep else []
-        return TextRequest(
-            request_id=uuid.uuid4().hex,
-            params=self._params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
-            query=body.query,
-            history=history,
-        )
-
     @app.post("/chat", responses={200: {"model": StreamChatResponse}} | GENERATION_ERRORS)
     async def chat(self, body: StreamChatRequest) -> JSONResponse:
-        request = self._stream_chat_request(body)
-        pool, text, _ = await self._collect(body.model, request)
-        history = [list(pair) for pair in request.history] + [[body.query, text]]
-        answer = {"query": body.query, "response": text, "history": history, "success": True}
-        return JSONResponse(answer, headers={POOL_HEADER: pool})
+        request = self.requests.chat_turn(body)
+        answer = await self.client.collect(body.model, request)
+        history = _history(request.history, body.query, answer.text)
+        return _json(StreamChatResponse(query=body.query, response=answer.text, history=history, success=True),
+                     answer.pool)
 
     @app.post("/stream", response_class=EventStream,
               responses=sse_only("`delta` events with the growing answer; the last has finished: true",
@@ -221,104 +120,115 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
               | GENERATION_ERRORS)
     async def stream(self, body: StreamChatRequest) -> EventStream:
         """SSE events named `delta`; the last one has delta "[EOS]", the history and finished: true."""
-        request = self._stream_chat_request(body)
-        pool, first, rest = await self._open(body.model, request)
+        request = self.requests.chat_turn(body)
+        stream = await self.client.open(body.model, request)
 
         async def events() -> AsyncIterator[str]:
             response = ""
-            async for delta in _chain(first, rest):
-                if delta.error:
-                    yield sse({"error": delta.error.to_api_error().body()["error"], "finished": True}, "error")
-                    return
-                if delta.text:
-                    response += delta.text
-                    yield sse({"delta": delta.text, "response": response, "finished": False}, "delta")
-            history = [list(pair) for pair in request.history] + [[body.query, response]]
-            final = {"query": body.query, "delta": "[EOS]", "response": response, "history": history, "finished": True}
-            yield sse(final, "delta")
+            try:
+                async for piece in stream.pieces():
+                    response += piece
+                    yield _event(StreamDeltaEvent(delta=piece, response=response, finished=False), "delta")
+            except APIError as exc:
+                yield _event(StreamErrorEvent.model_validate(exc.body() | {"finished": True}), "error")
+                return
+            finally:
+                stream.close()  # a client that went away stops the engine
+            history = _history(request.history, body.query, response)
+            yield _event(StreamDeltaEvent(query=body.query, delta="[EOS]", response=response, history=history,
+                                          finished=True), "delta")
 
-        return EventStream(events(), headers={POOL_HEADER: pool})
+        return EventStream(events(), headers={POOL_HEADER: stream.pool})
 
     # --- OpenAI ------------------------------------------------------------------------------------------------
 
     @app.get("/v1/models", responses={200: {"model": ModelList}} | errors(401))
     async def models(self) -> dict:
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "chatglm2-serve"}
-                for name in self.config.pools]
-        return {"object": "list", "data": data}
+        cards = [ModelCard(id=name, object="model", created=created, owned_by="chatglm2-serve")
+                 for name in self.args.pool_names]
+        return ModelList(object="list", data=cards).model_dump(mode="json")
 
     @app.post("/v1/chat/completions", responses=OPENAI_CHAT_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest):
-        system, history, query = split_messages(body.messages)
-        self._check_prompt(query, "messages")
-        request = TextRequest(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
-            params=self._params(temperature=body.temperature, top_p=body.top_p,
-                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
-                                ignore_eos=body.ignore_eos),
-            query=query,
-            history=history,
-            system=system,
-            stop=body.stop or [],
-        )
-        return await self._openai_response(body, request, chat=True)
+        request = self.requests.chat_completion(body)
+        if not body.stream:
+            answer = await self.client.collect(body.model, request)
+            choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=answer.text),
+                                finish_reason=answer.finish_reason, logprobs=None)
+            return _json(ChatCompletion(id=request.request_id, object="chat.completion", created=int(time.time()),
+                                        model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
+        stream = await self.client.open(body.model, request)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStream(self._chat_chunks(request, stream, include_usage), headers={POOL_HEADER: stream.pool})
+
+    async def _chat_chunks(self, request: TextRequest, stream: Stream, include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> str:
+            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)
+            return _event(ChatCompletionChunk(id=request.request_id, object="chat.completion.chunk", created=created,
+                                              model=stream.pool, choices=[choice]))
+
+        yield chunk(ChunkDelta(role="assistant", content=""))
+        async for event in self._openai_events(stream, include_usage):
+            if isinstance(event, str):
+                yield event
+            elif isinstance(event, UsageInfo):
+                yield _event(ChatCompletionChunk(id=request.request_id, object="chat.completion.chunk",
+                                                 created=created, model=stream.pool, choices=[], usage=event))
+            else:
+                text, finish_reason = event
+                yield chunk(ChunkDelta(content=text) if text is not None else ChunkDelta(), finish_reason)
 
     @app.post("/v1/completions", responses=OPENAI_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest):
-        self._check_prompt(body.prompt, "prompt")
-        request = TextRequest(
-            request_id=f"cmpl-{uuid.uuid4().hex}",
-            params=self._params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
-                                seed=body.seed, ignore_eos=body.ignore_eos),
-            raw_prompt=body.prompt,
-            stop=body.stop or [],
-        )
-        return await self._openai_response(body, request, chat=False)
-
-    async def _openai_response(self, body, request: TextRequest, *, chat: bool):
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
+        request = self.requests.completion(body)
         if not body.stream:
-            pool, text, last = await self._collect(body.model, request)
-            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            answer = {"id": request.request_id, "object": kind, "created": created, "model": pool,
-                      "choices": [choice], "usage": last.usage.openai() if last.usage else None}
-            return JSONResponse(answer, headers={POOL_HEADER: pool})
-
-        pool, first, rest = await self._open(body.model, request)
+            answer = await self.client.collect(body.model, request)
+            choice = CompletionChoice(index=0, text=answer.text, finish_reason=answer.finish_reason, logprobs=None)
+            return _json(Completion(id=request.request_id, object="text_completion", created=int(time.time()),
+                                    model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
+        stream = await self.client.open(body.model, request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        base = {"id": request.request_id, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                "model": pool}
+        return EventStream(self._completion_chunks(request, stream, include_usage),
+                           headers={POOL_HEADER: stream.pool})
 
-        def chunk(content: str | None, finish_reason: str | None, role: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if role else {}) | ({"content": content} if content is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    async def _completion_chunks(self, request: TextRequest, stream: Stream,
+                                 include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[CompletionChunkChoice], **usage) -> str:
+            return _event(CompletionChunk(id=request.request_id, object="text_completion", created=created,
+                                          model=stream.pool, choices=choices, **usage))
+
+        async for event in self._openai_events(stream, include_usage):
+            if isinstance(event, str):
+                yield event
+            elif isinstance(event, UsageInfo):
+                yield chunk([], usage=event)
             else:
-                choice = {"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
-            return sse(base | {"choices": [choice]})
+                text, finish_reason = event
+                yield chunk([CompletionChunkChoice(index=0, text=text or "", finish_reason=finish_reason,
+                                                   logprobs=None)])
 
-        async def events() -> AsyncIterator[str]:
-            if chat:
-                yield chunk("", None, role=True)
-            usage: Usage | None = None
-            async for delta in _chain(first, rest):
-                if delta.error:
-                    yield sse(delta.error.to_api_error().body())
-                    return
-                if delta.text:
-                    yield chunk(delta.text, None)
-                if delta.finish_reason:
-                    usage = delta.usage
-                    yield chunk(None, delta.finish_reason)
-            if include_usage and usage:
-                yield sse(base | {"choices": [], "usage": usage.openai()})
-            yield sse("[DONE]")
-
-        return EventStream(events(), headers={POOL_HEADER: pool})
+    @staticmethod
+    async def _openai_events(stream: Stream, include_usage: bool) -> AsyncIterator:
+        """The shared shape of both OpenAI streams: (text, None) per piece, (None, finish_reason) at the end, then
+        the usage (with include_usage) and `[DONE]`; an error after the first token is an error event instead."""
+        try:
+            async for piece in stream.pieces():
+                yield piece, None
+        except APIError as exc:
+            yield sse(ErrorResponse.model_validate(exc.body()).model_dump_json())
+            return
+        finally:
+            stream.close()  # a client that went away stops the engine
+        yield None, stream.finish_reason
+        if include_usage and stream.usage:
+            yield _usage(stream.usage)
+        yield sse("[DONE]")
 
     @app.get("/health", responses={200: {"model": Health}})
     async def health(self) -> dict:
-        return {"status": "ok", "pools": self.config.pools, "default_model": self.config.default_model}
+        return Health(status="ok", pools=self.args.pool_names, default_model=self.args.default_pool).model_dump()

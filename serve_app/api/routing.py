@@ -11,9 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from serve_app.api.schemas import APIError
-
-AUTO = "auto"
+from serve_app.api.errors import APIError
+from serve_app.config import AUTO
 
 
 @dataclass
@@ -50,8 +49,9 @@ class Router:
             self._ensure_polling()
             return self.pick_auto()
         if model not in self.handles:
-            raise APIError(404, f"The model '{model}' does not exist; available: {', '.join(self.order)}, auto",
-                           code="model_not_found", param="model")
+            raise APIError("model_not_found",
+                           f"The model '{model}' does not exist; available: {', '.join(self.order)}, auto",
+                           param="model")
         return model
 
     def pick_auto(self) -> str:

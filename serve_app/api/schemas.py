@@ -1,14 +1,14 @@
-"""Request and response shapes of every API, and the messages passed between ingress and model deployments.
+"""Request and response shapes of every API, as pydantic models.
 
-HTTP bodies are pydantic models (validated at the ingress, which turns failures into OpenAI-style 4xx errors).
-Between deployments plain dataclasses travel: `TextRequest` to a pool, `TextDelta`s back.
+Requests are validated at the ingress (failures become OpenAI-style 400s, serve_app/api/errors.py); responses are
+built from the response models, so the OpenAPI document describes what is sent. What travels between the ingress and
+the pools is in serve_app/server/messages.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -17,11 +17,10 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
-    ValidationError,
     WithJsonSchema,
 )
 
-from serve_app.engine.params import SamplingParams
+from serve_app.api.errors import APIError
 
 
 def _unicode(value: str) -> str:
@@ -104,89 +103,6 @@ def _only(value, kind: type, json_type: str):
 OnlyFalse = _only(False, bool, "boolean")
 OnlyOne = Annotated[_only(1, int, "integer"), BeforeValidator(_integral)]
 OnlyZero = _only(0.0, float, "number")
-
-
-class APIError(Exception):
-    """An error with an HTTP status and an OpenAI-style body: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _is_field_name(part: str) -> bool:
-    return part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "tuple", "none")
-
-
-def validation_error(exc: ValidationError, skip: int = 0) -> APIError:
-    """The first problem of a failed validation as a 400; `skip` drops leading location parts (FastAPI's "body")."""
-    first = exc.errors()[0] if exc.errors() else {}
-    # Union branches add pydantic's own tags to the location ("function-after[...]", "list[ContentPart]", "str").
-    parts = [part for part in first.get("loc", ())[skip:] if isinstance(part, int) or _is_field_name(part)]
-    where = ".".join(str(part) for part in parts) or None
-    problem = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return APIError(400, f"{where}: {problem}" if where else problem, param=where, code="invalid_request")
-
-
-@dataclass
-class ErrorInfo:
-    """An error raised inside a pool, carried back to the ingress as data (exceptions lose their type in transit)."""
-
-    status: int
-    message: str
-    type: str
-    code: str
-
-    def to_api_error(self) -> APIError:
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return APIError(self.status, self.message, type=self.type, code=self.code, headers=headers)
-
-
-@dataclass
-class TextRequest:
-    """What the ingress asks of a pool: a chat turn (query + history) or a raw completion prompt."""
-
-    request_id: str
-    params: SamplingParams
-    query: str | None = None
-    history: History = field(default_factory=list)
-    system: str | None = None
-    raw_prompt: str | None = None  # /v1/completions: no chat template, just the [gMASK] sop prefix
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def openai(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
-        }
-
-
-@dataclass
-class TextDelta:
-    """One streamed piece of a reply. The last one has finish_reason (and usage), or error instead."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    error: ErrorInfo | None = None
 
 
 # --- the official api.py, and its /chatglm alias -------------------------------------------------------------------
@@ -457,7 +373,7 @@ def split_messages(messages: list[ChatMessage]) -> tuple[str | None, History, st
         else:
             turns.append((message.role, message.text()))
     if not turns or turns[-1][0] != "user":
-        raise APIError(400, "messages must end with a user message", param="messages")
+        raise APIError("invalid_request", "messages must end with a user message", param="messages")
     if turns[0][0] != "user":
         turns.insert(0, ("user", ""))  # an assistant greeting first: its query is empty
     history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]

@@ -1,8 +1,9 @@
 """API keys, CORS and the request body limit of the ingress, for every protocol.
 
-The settings live in this module (`settings`, replaced by `configure`): `ChatIngress.__init__` calls `configure` in its
-replica process, and `SecurityMiddleware` (registered on the FastAPI app in http_app.py) reads them on every request,
-so the middleware and the WebSocket / gRPC methods share one source of truth per replica.
+`ChatIngress` builds one `SecuritySettings` from AppArgs in its replica (the keys come from that process's
+environment) and keeps it; `SecurityMiddleware` (registered on the FastAPI app in api/http.py) reads it from the
+served app's `state.security`, the WebSocket and gRPC methods from the ingress, so every protocol shares one
+instance per replica.
 
 - API keys: when `api_keys_env` names an environment variable holding comma-separated keys (e.g. CHATGLM2_API_KEYS,
   set from a Secret on Kubernetes or through the Serve config's `runtime_env.env_vars`), HTTP requests need
@@ -10,8 +11,8 @@ so the middleware and the WebSocket / gRPC methods share one source of truth per
   and `GET /ui`; WebSocket handshakes need the same header or `?api_key=<key>` (browsers cannot set headers); gRPC
   calls need metadata `authorization: Bearer <key>` (UNAUTHENTICATED). An unset or empty variable means no keys:
   the service is open. Keys are compared with hmac.compare_digest and never logged.
-- CORS: origins listed in `cors_origins` (exact match, or "*" for any) get Access-Control-Allow-Origin on responses,
-  and preflight OPTIONS requests are answered here (204) without needing a key.
+- CORS: Starlette's CORSMiddleware, added around this one when `cors_origins` is set (api/http.py), so preflight
+  requests need no key and refusals carry the CORS headers too.
 - Body limit: a Content-Length above `max_body_bytes` gets 413 (`request_too_large`) before the body is read; a body
   without Content-Length (chunked) is read up to the limit and refused the same way if it goes over.
 """
@@ -25,20 +26,22 @@ import os
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from serve_app.api.schemas import APIError
+from serve_app.api.errors import APIError
 
 logger = logging.getLogger("ray.serve")
 
 OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/ui"), ("HEAD", "/ui")}
-CORS_METHODS = "GET, POST, OPTIONS"
-CORS_MAX_AGE = "600"
 
 
 @dataclass(frozen=True)
 class SecuritySettings:
     api_keys: tuple[bytes, ...] = ()
-    cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1_048_576
+
+    @classmethod
+    def from_env(cls, api_keys_env: str | None, max_body_bytes: int) -> SecuritySettings:
+        """The keys are read from this process's environment, never logged."""
+        return cls(api_keys=load_api_keys(api_keys_env), max_body_bytes=max_body_bytes)
 
     @property
     def keys_required(self) -> bool:
@@ -56,17 +59,6 @@ class SecuritySettings:
             ok |= hmac.compare_digest(candidate, known)
         return ok
 
-    def allowed_origin(self, origin: str | None) -> str | None:
-        """The Access-Control-Allow-Origin value for `origin`, or None when it is not allowed."""
-        if not origin or not self.cors_origins:
-            return None
-        if origin in self.cors_origins:
-            return origin
-        return "*" if "*" in self.cors_origins else None
-
-
-settings = SecuritySettings()
-
 
 def load_api_keys(env_name: str | None) -> tuple[bytes, ...]:
     if not env_name:
@@ -79,14 +71,6 @@ def load_api_keys(env_name: str | None) -> tuple[bytes, ...]:
     return keys
 
 
-def configure(api_keys_env: str | None, cors_origins: list[str], max_body_bytes: int) -> SecuritySettings:
-    """Set this process's settings (called by ChatIngress.__init__)."""
-    global settings
-    settings = SecuritySettings(api_keys=load_api_keys(api_keys_env), cors_origins=tuple(cors_origins),
-                                max_body_bytes=max_body_bytes)
-    return settings
-
-
 def bearer(authorization: str | None) -> str | None:
     """The key of an `Authorization: Bearer <key>` value."""
     if not authorization:
@@ -96,21 +80,19 @@ def bearer(authorization: str | None) -> str | None:
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "missing or invalid API key: send Authorization: Bearer <key>",
-                    type="authentication_error", code="invalid_api_key")
+    return APIError("invalid_api_key", "missing or invalid API key: send Authorization: Bearer <key>")
 
 
 def too_large(limit: int) -> APIError:
-    return APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+    return APIError("request_too_large", f"request body is larger than {limit} bytes")
 
 
 def _headers(scope) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
 
 
-def websocket_key_ok(scope) -> bool:
+def websocket_key_ok(current: SecuritySettings, scope) -> bool:
     """A WebSocket handshake's key: the Authorization header, else the `api_key` query parameter."""
-    current = settings
     if not current.keys_required:
         return True
     key = bearer(_headers(scope).get("authorization"))
@@ -120,8 +102,7 @@ def websocket_key_ok(scope) -> bool:
     return current.key_ok(key)
 
 
-def grpc_key_ok(metadata) -> bool:
-    current = settings
+def grpc_key_ok(current: SecuritySettings, metadata) -> bool:
     if not current.keys_required:
         return True
     values = [value for name, value in metadata if name.lower() == "authorization"]
@@ -137,32 +118,19 @@ class SecurityMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        current = settings  # read per request: configure() replaces it
+        current: SecuritySettings = scope["app"].state.security  # set by ChatIngress for its replica
         headers = _headers(scope)
         method, path = scope["method"], scope["path"]
-        allow_origin = current.allowed_origin(headers.get("origin"))
-        cors = [(b"access-control-allow-origin", allow_origin.encode("latin-1")), (b"vary", b"Origin")] \
-            if allow_origin else []
-
-        if method == "OPTIONS" and "access-control-request-method" in headers:  # CORS preflight
-            extra = []
-            if allow_origin:
-                requested = headers.get("access-control-request-headers", "authorization, content-type")
-                extra = [(b"access-control-allow-methods", CORS_METHODS.encode()),
-                         (b"access-control-allow-headers", requested.encode("latin-1")),
-                         (b"access-control-max-age", CORS_MAX_AGE.encode())]
-            await send({"type": "http.response.start", "status": 204 if allow_origin else 400,
-                        "headers": cors + extra})
-            await send({"type": "http.response.body", "body": b""})
-            return
+        if method == "OPTIONS" and "access-control-request-method" in headers:
+            return await self.app(scope, receive, send)  # a CORS preflight that CORSMiddleware did not answer
 
         if (method, path) not in OPEN_ROUTES and not current.key_ok(bearer(headers.get("authorization"))):
-            return await _error(send, unauthorized(), cors + [(b"www-authenticate", b"Bearer")])
+            return await _error(send, unauthorized(), [(b"www-authenticate", b"Bearer")])
 
         length = headers.get("content-length")
         if length is not None:
             if length.isdigit() and int(length) > current.max_body_bytes:
-                return await _error(send, too_large(current.max_body_bytes), cors)
+                return await _error(send, too_large(current.max_body_bytes), [])
         elif method in ("POST", "PUT", "PATCH"):  # no Content-Length (chunked): read it here, up to the limit
             body, more = bytearray(), True
             while more:
@@ -172,7 +140,7 @@ class SecurityMiddleware:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
                 if len(body) > current.max_body_bytes:
-                    return await _error(send, too_large(current.max_body_bytes), cors)
+                    return await _error(send, too_large(current.max_body_bytes), [])
             replayed = False
 
             async def receive_buffered():
@@ -183,16 +151,7 @@ class SecurityMiddleware:
                 return await receive()
 
             receive = receive_buffered
-
-        if not cors:
-            return await self.app(scope, receive, send)
-
-        async def send_with_cors(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": list(message.get("headers", [])) + cors}
-            await send(message)
-
-        await self.app(scope, receive, send_with_cors)
+        await self.app(scope, receive, send)
 
 
 async def _error(send, exc: APIError, extra_headers: list[tuple[bytes, bytes]]) -> None:

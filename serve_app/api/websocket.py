@@ -19,9 +19,12 @@ from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 
+from serve_app.api.errors import APIError, internal_error, validation_error
 from serve_app.api.http import app
-from serve_app.api.schemas import APIError, StreamChatRequest, TextDelta, TextRequest, validation_error
+from serve_app.api.pool_client import Stream
+from serve_app.api.schemas import StreamChatRequest
 from serve_app.api.security import unauthorized, websocket_key_ok
+from serve_app.server.messages import TextRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,7 +43,8 @@ async def _until_disconnect(websocket: WebSocket) -> None:
 
 
 class WebSocketMixin:
-    """`/ws` and `/ui` routes of ChatIngress; they use its `_stream_chat_request` and `_open`."""
+    """`/ws` and `/ui` routes of ChatIngress; they use its `security`, `requests` (RequestBuilder) and `client`
+    (PoolClient)."""
 
     @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
     async def ui(self) -> HTMLResponse:
@@ -50,7 +54,7 @@ class WebSocketMixin:
     @app.websocket("/ws")
     async def websocket_chat(self, websocket: WebSocket) -> None:
         await websocket.accept()
-        if not websocket_key_ok(websocket.scope):  # Authorization: Bearer <key> or ?api_key=<key>
+        if not websocket_key_ok(self.security, websocket.scope):  # Authorization: Bearer <key> or ?api_key=<key>
             await _fail(websocket, unauthorized())  # an error message, then close 1008
             return
         try:
@@ -59,8 +63,8 @@ class WebSocketMixin:
                 return
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
             body = StreamChatRequest.model_validate_json(raw)
-            request = self._stream_chat_request(body)
-            _, first, rest = await self._open(body.model, request)
+            request = self.requests.chat_turn(body)
+            stream = await self.client.open(body.model, request)
         except ValidationError as exc:
             await _fail(websocket, validation_error(exc))
             return
@@ -69,10 +73,10 @@ class WebSocketMixin:
             return
         except Exception:
             logger.exception("websocket request failed before the first token")
-            await _fail(websocket, APIError(500, "internal server error", type="server_error", code="internal_error"))
+            await _fail(websocket, internal_error())
             return
 
-        answer = asyncio.ensure_future(self._ws_send_answer(websocket, body, request, first, rest))
+        answer = asyncio.ensure_future(_send_answer(websocket, body, request, stream))
         client_gone = asyncio.ensure_future(_until_disconnect(websocket))
         try:
             await asyncio.wait({answer, client_gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -86,33 +90,20 @@ class WebSocketMixin:
             except asyncio.CancelledError:
                 pass
             finally:
-                await rest.aclose()  # a client that went away stops the engine
+                stream.close()  # a client that went away stops the engine
 
-    async def _ws_send_answer(self, websocket: WebSocket, body: StreamChatRequest, request: TextRequest,
-                              first: TextDelta, rest) -> None:
-        history = [list(pair) for pair in request.history]
 
-        def message(response: str) -> str:
-            return json.dumps({"resp": response, "history": history + [[body.query, response]]}, ensure_ascii=False)
-
-        response, delta = "", first
-        try:
-            while True:
-                if delta.error:
-                    await _fail(websocket, delta.error.to_api_error())
-                    return
-                if delta.text:
-                    response += delta.text
-                    await websocket.send_text(message(response))
-                try:
-                    delta = await rest.__anext__()
-                except StopAsyncIteration:
-                    break
-            if not response:  # an empty answer still ends with one message holding the final history
-                await websocket.send_text(message(""))
-            await websocket.close(CLOSE_NORMAL)
-        except (WebSocketDisconnect, RuntimeError):
-            return  # the client went away mid-answer
-        except Exception:
-            logger.exception("websocket stream failed")
-            await _fail(websocket, APIError(500, "internal server error", type="server_error", code="internal_error"))
+async def _send_answer(websocket: WebSocket, body: StreamChatRequest, request: TextRequest, stream: Stream) -> None:
+    """A message with the whole answer so far each time it grows (and at least one), then a normal close."""
+    try:
+        async for response in stream.growing():
+            history = [list(pair) for pair in request.history] + [[body.query, response]]
+            await websocket.send_text(json.dumps({"resp": response, "history": history}, ensure_ascii=False))
+        await websocket.close(CLOSE_NORMAL)
+    except APIError as exc:
+        await _fail(websocket, exc)
+    except (WebSocketDisconnect, RuntimeError):
+        return  # the client went away mid-answer
+    except Exception:
+        logger.exception("websocket stream failed")
+        await _fail(websocket, internal_error())

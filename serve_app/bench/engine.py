@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from serve_app.bench.stats import percentile
 from serve_app.engine.engine import Engine, EngineConfig, RequestStats
 from serve_app.engine.params import SamplingParams
 from serve_app.engine.sequential import generate
@@ -48,15 +49,6 @@ class LoadSummary:
     ttft_p99_s: float
     tpot_p50_s: float | None
     tpot_p99_s: float | None
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def summarize(mode: str, concurrency: int, records: list[RequestRecord], wall_s: float) -> LoadSummary:

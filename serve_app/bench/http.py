@@ -8,7 +8,6 @@ in-process benchmark's table (output tok/s, requests/s, TTFT and TPOT p50/p99), 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sys
 import time
@@ -18,6 +17,7 @@ from dataclasses import asdict
 import httpx
 
 from serve_app.bench.engine import LoadSummary, RequestRecord, format_table, summarize
+from serve_app.client import aopenai_chunks
 
 _WORDS = ("天气", "今天", "我们", "服务", "模型", "问题", "回答", "请", "介绍", "一下", "model", "serve", "chat",
           "token", "stream", "load", "test", "的", "是", "在")
@@ -35,12 +35,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
+        async for chunk in aopenai_chunks(response.aiter_lines()):  # an error event raises StreamError
             if ttft is None and chunk.get("choices") and chunk["choices"][0].get("text"):
                 ttft = time.perf_counter() - start
             if chunk.get("usage"):

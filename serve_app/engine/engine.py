@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serve_app.engine import sequential
+from serve_app.engine.config import EngineConfig
 from serve_app.engine.errors import (
     EngineError,
     EngineOverloaded,
@@ -46,28 +47,6 @@ logger = logging.getLogger(__name__)
 
 # A cached prefix is worth a slot when it covers this many prompt tokens (or the whole prompt but its last token).
 MIN_PREFIX_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 16  # running sequences = KV slots
-    max_seq_len: int | None = None  # context cap; default config.seq_length capped at 8192
-    kv_cache_bytes: int | None = None  # if set, fewer slots when max_batch_size slots of max_seq_len do not fit
-    max_waiting: int = 64  # requests queued beyond the free slots before EngineOverloaded
-    prefill_chunk: int = 512  # prompt tokens prefilled per step, so long prompts do not stall running decodes
-    prefix_caching: bool = True  # reuse the KV a finished sequence leaves in its slot
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, not {self.max_seq_len}")
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be >= 1, not {self.kv_cache_bytes}")
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, not {self.max_waiting}")
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, not {self.prefill_chunk}")
 
 
 @dataclass

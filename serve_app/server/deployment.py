@@ -12,42 +12,16 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pydantic import BaseModel, Field
 from ray import serve
 
-from serve_app.api.schemas import ErrorInfo, TextDelta, TextRequest, Usage
-from serve_app.engine.engine import Engine, EngineConfig
+from serve_app.config import AppArgs, PoolArgs
+from serve_app.engine.engine import Engine
 from serve_app.engine.errors import EngineError
 from serve_app.model.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer, TokenizerError
+from serve_app.server.messages import ErrorInfo, TextDelta, TextRequest, Usage
 from serve_app.server.metrics import PoolMetrics, RequestTrace
 
 logger = logging.getLogger("ray.serve")
-
-_ERROR_STATUS = {"context_length_exceeded": 400, "invalid_request": 400, "overloaded": 503}
-
-
-class EngineArgs(BaseModel):
-    """Engine limits of every replica of a pool."""
-
-    max_batch_size: int = Field(default=16, ge=1, description="sequences decoded together (= KV cache slots)")
-    max_seq_len: int | None = Field(default=None, ge=16, description="context cap; default min(seq_length, 8192)")
-    kv_cache_bytes: int | None = Field(default=None, ge=1, description="KV memory budget; fewer slots if needed")
-    max_waiting: int = Field(default=64, ge=0, description="requests queued in the engine before 503s")
-    prefix_caching: bool = Field(default=True, description="reuse the KV of a conversation's earlier turns")
-
-
-class ServerConfig(BaseModel):
-    """Everything one pool's replicas need; built by `build_app` from the YAML args."""
-
-    model_name: str = Field(description="the pool's public model name, e.g. chatglm2-6b-int4")
-    checkpoint: str = Field(description="official ChatGLM2 checkpoint directory")
-    precision: str = Field(description="auto | fp32 | bf16 | fp16 | int8 | int4")
-    device: str = Field(default="auto", description="auto | cpu | cuda")
-    engine: EngineArgs = Field(default_factory=EngineArgs)
-    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for this replica's matmuls")
-    demo_preset: str | None = Field(default=None, description="write this demo checkpoint first if it is missing")
-    log_prompts: bool = Field(default=False, description="add prompt and reply text to the per-request log line")
-
 
 class StopStringMatcher:
     """Cuts a streamed text at the first stop string, holding back a tail that could still become one."""
@@ -71,14 +45,15 @@ class StopStringMatcher:
         return out, False
 
 
-def ensure_checkpoint(config: ServerConfig) -> None:
-    if config.demo_preset and not (Path(config.checkpoint) / "config.json").is_file():
+def ensure_checkpoint(checkpoint: str, demo_preset: str | None) -> None:
+    """Write the demo checkpoint `demo_preset` to `checkpoint` unless one is there."""
+    if demo_preset and not (Path(checkpoint) / "config.json").is_file():
         from serve_app.model.demo import write_demo_checkpoint
 
         # Several replicas may start at once: write aside, then rename into place atomically.
-        target = Path(config.checkpoint)
+        target = Path(checkpoint)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-        write_demo_checkpoint(tmp, config.demo_preset)
+        write_demo_checkpoint(tmp, demo_preset)
         try:
             tmp.rename(target)
         except OSError:  # another replica won the race
@@ -89,23 +64,27 @@ def ensure_checkpoint(config: ServerConfig) -> None:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 class ChatGLM2Server:
-    def __init__(self, config: ServerConfig):
+    """One replica of the pool `pool_name`: its settings are that pool's entry of the app's `AppArgs`."""
+
+    def __init__(self, args: AppArgs, pool_name: str):
         import torch
 
         from serve_app.model.loader import load_model
 
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
-        ensure_checkpoint(config)
-        self.config = config
-        self.tokenizer = ChatGLM2Tokenizer(config.checkpoint)
-        self.loaded = load_model(config.checkpoint, config.precision, config.device)
-        self.engine = Engine(self.loaded, EngineConfig(**config.engine.model_dump()))
-        self.metrics = PoolMetrics(config.model_name, read_stats=self.engine.stats)
+        pool: PoolArgs = args.pool(pool_name)
+        checkpoint = args.checkpoint_of(pool)
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        ensure_checkpoint(checkpoint, args.demo_preset_of(pool))
+        self.name, self.log_prompts = pool.model, args.log_prompts
+        self.tokenizer = ChatGLM2Tokenizer(checkpoint)
+        self.loaded = load_model(checkpoint, pool.precision, args.device)
+        self.engine = Engine(self.loaded, args.engine_of(pool))
+        self.metrics = PoolMetrics(pool.model, read_stats=self.engine.stats)
         self.metrics.start_refresh()  # now if Serve runs __init__ on the replica's loop, else on the first request
         logger.info(
             "pool %s ready: %s on %s, %.1f MB of weights",
-            config.model_name, self.loaded.precision, self.loaded.device, self.loaded.weight_bytes() / 1e6,
+            pool.model, self.loaded.precision, self.loaded.device, self.loaded.weight_bytes() / 1e6,
         )
 
     def _prompt_ids(self, request: TextRequest) -> list[int]:
@@ -123,12 +102,12 @@ class ChatGLM2Server:
         try:
             async for delta in self._generate(request, trace):
                 trace.emitted(delta)
-                if self.config.log_prompts:
+                if self.log_prompts:
                     reply.append(delta.text)
                 yield delta
         finally:  # also when the ingress cancels the stream
             fields = trace.log_fields()
-            if self.config.log_prompts:
+            if self.log_prompts:
                 fields |= {"prompt": request.raw_prompt or request.query, "reply": "".join(reply)}
             logger.info("request finished %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
 
@@ -136,12 +115,11 @@ class ChatGLM2Server:
         try:
             prompt_ids = self._prompt_ids(request)
         except TokenizerError as exc:
-            yield TextDelta(error=ErrorInfo(400, str(exc), "invalid_request_error", "invalid_request"))
+            yield TextDelta(error=ErrorInfo("invalid_request", str(exc)))
             return
         except Exception:  # a bug must fail this request clearly, not the replica
             logger.exception("request %s: building the prompt failed", request.request_id)
-            yield TextDelta(error=ErrorInfo(500, "internal error while building the prompt", "server_error",
-                                            "internal_error"))
+            yield TextDelta(error=ErrorInfo("internal_error", "internal error while building the prompt"))
             return
         trace.prompt(len(prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -163,12 +141,10 @@ class ChatGLM2Server:
                 if text:
                     yield TextDelta(text)
         except EngineError as exc:
-            status = _ERROR_STATUS.get(exc.code, 500)
-            kind = "invalid_request_error" if status == 400 else ("overloaded_error" if status == 503 else "server_error")
-            yield TextDelta(error=ErrorInfo(status, str(exc), kind, exc.code))
+            yield TextDelta(error=ErrorInfo(exc.code, str(exc)))
         except Exception:  # a bug must fail this request clearly, not the replica
             logger.exception("request %s failed", request.request_id)
-            yield TextDelta(error=ErrorInfo(500, "internal error while generating", "server_error", "internal_error"))
+            yield TextDelta(error=ErrorInfo("internal_error", "internal error while generating"))
 
     async def engine_stats(self) -> dict:
         """Live load of this replica's engine (the ingress routes on it)."""
@@ -182,4 +158,4 @@ class ChatGLM2Server:
 
     def check_health(self) -> None:
         if not self.engine.healthy():
-            raise RuntimeError(f"pool {self.config.model_name}: engine worker is not running")
+            raise RuntimeError(f"pool {self.name}: engine worker is not running")

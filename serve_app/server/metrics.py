@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from serve_app.api.schemas import TextDelta
 from serve_app.engine.engine import EngineStats
+from serve_app.server.messages import TextDelta
 
 TTFT_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 INTER_TOKEN_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]

@@ -22,7 +22,7 @@ import pytest
 from serve_app.api.protos import chatglm2_pb2 as pb
 from serve_app.api.protos.chatglm2_pb2_grpc import ChatGLM2Stub
 from tests import serving
-from tests.serving import local_config, running
+from tests.serving import engine_stats, local_config, running
 
 pytestmark = pytest.mark.slow
 APP = "chatglm2"
@@ -32,12 +32,6 @@ MAX_SEQ_LEN = 256
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 FUZZ_RANDOM = os.environ.get("FUZZ_RANDOM") == "1"
 METADATA = (("application", APP),)
-
-
-def engine_stats(pool: str) -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle(pool, app_name=APP).engine_stats.remote().result()
 
 
 @pytest.fixture(scope="module")

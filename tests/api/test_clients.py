@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 from serve_app.api.protos import chatglm2_pb2 as pb
 from serve_app.api.protos.chatglm2_pb2_grpc import ChatGLM2Stub
 from tests import serving
-from tests.serving import free_port
+from tests.serving import engine_stats, local_config, running
 
 pytestmark = pytest.mark.slow
 POOLS = ["chatglm2-6b", "chatglm2-6b-int8"]
@@ -31,23 +31,11 @@ METADATA = (("application", "chatglm2"),)
 
 @pytest.fixture(scope="module")
 def ports(tiny_checkpoint):
-    import ray
-    from ray import serve
-
-    from serve_app.app import AppArgs, PoolArgs, build_app
-
-    # Logical CPUs: each pool replica asks for one, the ingress for 0.1; torch_threads=1 keeps real use small.
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "serve_app.api.grpc_servicer.add_servicer_to_server"]})
-    pools = [PoolArgs(model="chatglm2-6b", precision="fp32"), PoolArgs(model="chatglm2-6b-int8", precision="int8")]
-    serve.run(build_app(AppArgs(checkpoint=str(tiny_checkpoint), device="cpu", torch_threads=1, pools=pools)),
-              name="chatglm2", route_prefix="/")
-    yield http_port, grpc_port
-    serve.shutdown()
-    ray.shutdown()
+    """(HTTP port, gRPC port) of the app with two pools."""
+    config = local_config(tiny_checkpoint, pools=[{"model": POOLS[0], "precision": "fp32"},
+                                                  {"model": POOLS[1], "precision": "int8"}])
+    with running(config, grpc=True) as (base_url, grpc_port):
+        yield int(base_url.rsplit(":", 1)[1]), grpc_port
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +94,7 @@ def test_websocket_bad_input_gets_error_and_policy_close(base_url, payload, para
 
 
 def aborted(pool: str) -> int:
-    from ray import serve
-
-    stats = serve.get_deployment_handle(pool, app_name="chatglm2").engine_stats.remote().result()
-    return stats["finished"].get("abort", 0)
+    return engine_stats(pool)["finished"].get("abort", 0)
 
 
 def wait_for_abort(pool: str, before: int, timeout_s: float = 30.0) -> None:

@@ -1,7 +1,7 @@
 """Request validation as the ingress applies it: which bodies pass, and the 400 each refused body turns into.
 
 Fast (no Ray): the same pydantic models and `validation_error` the HTTP, WebSocket and gRPC front ends use.
-tests/test_bad_input.py sends these shapes through the running service.
+tests/api/test_bad_input.py sends these shapes through the running service.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import json
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from serve_app.api.errors import APIError, validation_error
 from serve_app.api.schemas import (
-    APIError,
     ApiPyRequest,
     ChatCompletionRequest,
     CompletionRequest,
     StreamChatRequest,
     split_messages,
-    validation_error,
 )
 
 

@@ -37,7 +37,6 @@ def cluster(tiny_checkpoint):
     config = local_config(tiny_checkpoint, pools=[{"model": POOL, "precision": "fp32"}], api_keys_env=ENV,
                           cors_origins=[ALLOWED], max_body_bytes=LIMIT)
     app = config["applications"][0]
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ChatIngress", POOL)]
     app["runtime_env"] = {"env_vars": {ENV: f"{OTHER_KEY}, {KEY}"}}
     with running(config, grpc=True) as (url, grpc_port):
         yield url, grpc_port, Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import local_config, running, wait_for
+from tests.serving import engine_stats, local_config, running, wait_for
 
 pytestmark = pytest.mark.slow
 POOLS = ["chatglm2-6b", "chatglm2-6b-int8", "chatglm2-6b-int4"]
@@ -162,17 +162,14 @@ def test_errors_are_openai_style(client, base_url):
 
 
 def test_client_disconnect_frees_the_engine(base_url):
-    from ray import serve
 
     body = {"model": POOLS[2], "messages": messages(), "stream": True, "temperature": 0, "max_tokens": 1500}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
         for count, _ in enumerate(response.iter_lines()):
             if count >= 6:
                 break  # leave mid-stream
-    handle = serve.get_deployment_handle(POOLS[2], app_name="chatglm2")
-
     def idle():
-        stats = handle.engine_stats.remote().result()
+        stats = engine_stats(POOLS[2])
         return stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_tokens_in_use"] == 0
 
     wait_for(idle, 30, "the engine to drop the abandoned stream")

@@ -13,7 +13,7 @@ import shutil
 import httpx
 import pytest
 
-from tests.serving import free_port
+from tests.serving import local_config, running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # In CI (`make test` installs both) a missing browser is a failure, not a skip.
@@ -31,20 +31,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 @pytest.fixture(scope="module")
 def base_url(tiny_checkpoint):
-    import ray
-    from ray import serve
-
-    from serve_app.app import AppArgs, PoolArgs, build_app
-
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # logical: 1 per pool replica + ingress
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    pools = [PoolArgs(model=POOLS[0], precision="fp32"), PoolArgs(model=POOLS[1], precision="int8")]
-    serve.run(build_app(AppArgs(checkpoint=str(tiny_checkpoint), device="cpu", torch_threads=1, pools=pools)),
-              name="chatglm2", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    config = local_config(tiny_checkpoint, pools=[{"model": POOLS[0], "precision": "fp32"},
+                                                  {"model": POOLS[1], "precision": "int8"}])
+    with running(config) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

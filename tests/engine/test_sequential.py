@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import hypothesis.strategies as st
 import numpy as np
@@ -18,6 +16,7 @@ from serve_app.engine.params import SamplingParams
 from serve_app.engine.sampling import NonFiniteLogitsError, choose_token, make_generator, top_p_filter
 from serve_app.engine.sequential import generate
 from serve_app.model.checkpoint import iter_tensors, read_config, write_checkpoint
+from tests.serving import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +116,10 @@ def test_invalid_params_are_rejected(bad):
         SamplingParams(**bad)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=300)
-
 
 def test_generate_json_command(tiny_checkpoint, tiny_fp32, tiny_tokenizer):
     history = [["你好", "你好！"]]
-    run = _cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "今天天气怎么样？",
+    run = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "今天天气怎么样？",
                "--history", json.dumps(history, ensure_ascii=False), "--max-new-tokens", "10", "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
@@ -137,11 +133,11 @@ def test_generate_json_command(tiny_checkpoint, tiny_fp32, tiny_tokenizer):
 
 
 def test_generate_streams_text(tiny_checkpoint):
-    run = _cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "hello", "--max-new-tokens", "8")
+    run = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "hello", "--max-new-tokens", "8")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip()
 
 
 def test_generate_reports_a_bad_checkpoint(tmp_path):
-    run = _cli("generate", "--checkpoint", str(tmp_path), "--prompt", "hello")
+    run = run_cli("generate", "--checkpoint", str(tmp_path), "--prompt", "hello")
     assert run.returncode == 2 and "config.json not found" in run.stderr

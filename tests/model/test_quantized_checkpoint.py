@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from serve_app.model.checkpoint import CheckpointError, is_quantized_weight, iter_tensors, quantize_checkpoint
 from serve_app.model.loader import load_model
+from tests.serving import run_cli
 
 IDS = torch.tensor([[1001, 1003, 5, 6, 7, 8, 9]])
 
@@ -83,16 +82,13 @@ def test_quantized_model_is_small(quantized, tiny_fp32):
     assert held <= dense * bits / 8 + 4 * layer.out_features * 8  # packed bytes + per-row scales and zeros
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=300)
-
 
 def test_generate_on_the_fly_int4_and_on_a_bits4_checkpoint(tmp_path, tiny_checkpoint):
-    run = _cli("quantize", str(tiny_checkpoint), str(tmp_path / "q4"), "--bits", "4")
+    run = run_cli("quantize", str(tiny_checkpoint), str(tmp_path / "q4"), "--bits", "4")
     assert run.returncode == 0, run.stderr
-    fly = _cli("generate", "--checkpoint", str(tiny_checkpoint), "--precision", "int4", "--prompt", "你好",
+    fly = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--precision", "int4", "--prompt", "你好",
                "--max-new-tokens", "8", "--json")
-    pre = _cli("generate", "--checkpoint", str(tmp_path / "q4"), "--prompt", "你好", "--max-new-tokens", "8",
+    pre = run_cli("generate", "--checkpoint", str(tmp_path / "q4"), "--prompt", "你好", "--max-new-tokens", "8",
                "--json")
     assert fly.returncode == 0 and pre.returncode == 0, fly.stderr + pre.stderr
     fly_out, pre_out = json.loads(fly.stdout), json.loads(pre.stdout)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving import free_port, wait_for
+from tests.serving import free_port, local_config, running, wait_for
 
 MODEL = "chatglm2-6b"
 SECRET_PROMPT = "zebra-quokka-4711 please count"
@@ -21,23 +21,15 @@ SECRET_PROMPT = "zebra-quokka-4711 please count"
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint):
     import ray
-    from ray import serve
 
-    from serve_app.app import AppArgs, PoolArgs, build_app
-    from serve_app.server.deployment import EngineArgs
-
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    args = AppArgs(checkpoint=str(tiny_checkpoint), pools=[PoolArgs(model=MODEL, precision="fp32")], device="cpu",
-                   torch_threads=1, engine=EngineArgs(max_batch_size=2, max_seq_len=128))
-    serve.run(build_app(args), name="chatglm2", route_prefix="/")
-    logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as client:
-        yield client, f"http://127.0.0.1:{metrics_port}/metrics", logs_dir
-    serve.shutdown()
-    ray.shutdown()
+    metrics_port = free_port()
+    config = local_config(tiny_checkpoint, pools=[{"model": MODEL, "precision": "fp32"}],
+                          engine={"max_batch_size": 2, "max_seq_len": 128})
+    with running(config, num_cpus=2, _metrics_export_port=metrics_port,
+                 _system_config={"metrics_report_interval_ms": 1000}) as (base_url, _):
+        logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            yield client, f"http://127.0.0.1:{metrics_port}/metrics", logs_dir
 
 
 def _chat(client: httpx.Client, content: str, **body) -> httpx.Response:
@@ -126,7 +118,7 @@ def test_request_log_line_has_ids_and_no_text(cluster, traffic):
 
 def test_request_trace_counts_and_times_without_text():
     """Outside a Ray worker the metrics record nothing; the trace's own bookkeeping still works."""
-    from serve_app.api.schemas import ErrorInfo, TextDelta
+    from serve_app.server.messages import ErrorInfo, TextDelta
     from serve_app.server.metrics import PoolMetrics
 
     metrics = PoolMetrics("m")
@@ -139,7 +131,7 @@ def test_request_trace_counts_and_times_without_text():
     assert fields["completion_tokens"] == 3 and fields["prompt_tokens"] == 5 and fields["finish_reason"] == "length"
     assert fields["ttft_s"] is not None and "some reply" not in str(fields)
     failed = metrics.start_request("r2")
-    failed.emitted(TextDelta(error=ErrorInfo(400, "too long", "invalid_request_error", "context_length_exceeded")))
+    failed.emitted(TextDelta(error=ErrorInfo("context_length_exceeded", "too long")))
     assert failed.log_fields()["error_type"] == "context_length_exceeded" and failed.log_fields()["ttft_s"] is None
     assert metrics.start_request("r3").log_fields()["finish_reason"] == "abort"  # the stream was closed early
 

@@ -10,7 +10,7 @@ from collections import defaultdict
 import httpx
 import pytest
 
-from tests.serving import local_config, replicas, running, wait_for
+from tests.serving import engine_stats_by_replica, local_config, replicas, running, wait_for
 
 pytestmark = pytest.mark.slow
 APP = "chatglm2"
@@ -43,14 +43,7 @@ def base_url(tiny_checkpoint):
 
 
 def gpus_by_replica(pool: str, calls: int = 12) -> dict[str, list[str]]:
-    from ray import serve
-
-    handle = serve.get_deployment_handle(pool, app_name=APP)
-    seen = {}
-    for _ in range(calls):
-        stats = handle.engine_stats.remote().result()
-        seen[stats["replica_id"]] = stats["gpu_ids"]
-    return seen
+    return {replica: stats["gpu_ids"] for replica, stats in engine_stats_by_replica(pool, APP, calls).items()}
 
 
 def test_replicas_are_packed_by_their_fractions(base_url):

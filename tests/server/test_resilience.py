@@ -16,7 +16,8 @@ import time
 import httpx
 import pytest
 
-from tests.serving import local_config, replicas, running, wait_for
+from serve_app.client import openai_event
+from tests.serving import engine_stats_by_replica, local_config, replicas, running, wait_for
 
 pytestmark = pytest.mark.slow
 APP = "chatglm2"
@@ -52,24 +53,6 @@ def body(pool: str, max_tokens: int, text: str = "你好") -> dict:
             "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
 
 
-def engine_stats_by_replica(pool: str, calls: int = 12) -> dict[str, dict]:
-    from ray import serve
-
-    handle = serve.get_deployment_handle(pool, app_name=APP)
-    seen = {}
-    for _ in range(calls):
-        stats = handle.engine_stats.remote().result()
-        seen[stats["replica_id"]] = stats
-    return seen
-
-
-def sse_data(line: str):
-    if not line.startswith("data: "):
-        return None
-    payload = line[6:]
-    return payload if payload == "[DONE]" else json.loads(payload)
-
-
 def test_overload_is_refused_fast_while_admitted_streams_complete(base_url):
     max_tokens = 400
     start = time.monotonic()
@@ -80,7 +63,7 @@ def test_overload_is_refused_fast_while_admitted_streams_complete(base_url):
             if r.status_code != 200:
                 return {"status": r.status_code, "at": headers_at, "headers": r.headers,
                         "json": json.loads(await r.aread())}
-            events = [e async for e in (sse_data(line) async for line in r.aiter_lines()) if e is not None]
+            events = [e async for e in (openai_event(line) async for line in r.aiter_lines()) if e is not None]
             return {"status": 200, "at": headers_at, "done_at": time.monotonic() - start, "events": events}
 
     async def main():
@@ -158,7 +141,7 @@ def test_replica_failure_fails_only_its_streams_and_is_replaced(base_url):
                               timeout=120) as r:
                 out["status"] = r.status_code
                 for line in r.iter_lines():
-                    event = sse_data(line)
+                    event = openai_event(line)
                     if event is not None:
                         out["events"].append(event)
                         if len(out["events"]) == 3:

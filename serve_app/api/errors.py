@@ -1,0 +1,98 @@
+"""The one error table: every error code the service answers with, and what it is on each protocol.
+
+    code -> HTTP status, OpenAI error `type`, gRPC status, Retry-After
+
+`APIError(code, message)` is the only exception the front ends raise for a request; HTTP turns it into an OpenAI-style
+`{"error": {message, type, param, code}}` body, WebSocket into the same message then a close, gRPC into a status.
+Pools send errors back as `ErrorInfo(code, message)` and the ingress raises `APIError.from_info`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from pydantic import ValidationError
+
+from serve_app.server.messages import ErrorInfo
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int  # HTTP
+    type: str  # OpenAI error type
+    grpc: grpc.StatusCode
+    retry_after_s: int | None = None  # clients should retry after this long (HTTP Retry-After)
+
+
+_INVALID = ("invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT)
+ERRORS: dict[str, ErrorKind] = {
+    # the request's fault
+    "invalid_request": ErrorKind(400, *_INVALID),
+    "invalid_json": ErrorKind(400, *_INVALID),
+    "context_length_exceeded": ErrorKind(400, *_INVALID),
+    "invalid_api_key": ErrorKind(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED),
+    "model_not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.NOT_FOUND),
+    "not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED),
+    "method_not_allowed": ErrorKind(405, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED),
+    "request_too_large": ErrorKind(413, *_INVALID),
+    "client_closed": ErrorKind(499, "invalid_request_error", grpc.StatusCode.CANCELLED),
+    # the service's state: retry later
+    "overloaded": ErrorKind(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=1),
+    "replica_failed": ErrorKind(503, "server_error", grpc.StatusCode.UNAVAILABLE, retry_after_s=1),
+    # the service's fault
+    "generation_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL),
+    "engine_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL),
+    "internal_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL),
+}
+
+
+class APIError(Exception):
+    """An error answer: its code's row of ERRORS gives the status on every protocol."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+        self.kind = ERRORS[code]
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    @property
+    def type(self) -> str:
+        return self.kind.type
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.kind.retry_after_s)} if self.kind.retry_after_s is not None else {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_info(cls, info: ErrorInfo) -> APIError:
+        return cls(info.code if info.code in ERRORS else "internal_error", info.message)
+
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(self.code, self.message)
+
+
+def internal_error(message: str = "internal server error") -> APIError:
+    """The one way a 500 is made: the details go to the log, never to the client."""
+    return APIError("internal_error", message)
+
+
+def _is_field_name(part: str) -> bool:
+    return part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "tuple", "none")
+
+
+def validation_error(exc: ValidationError, skip: int = 0) -> APIError:
+    """The first problem of a failed validation as a 400; `skip` drops leading location parts (FastAPI's "body")."""
+    first = exc.errors()[0] if exc.errors() else {}
+    # Union branches add pydantic's own tags to the location ("function-after[...]", "list[ContentPart]", "str").
+    parts = [part for part in first.get("loc", ())[skip:] if isinstance(part, int) or _is_field_name(part)]
+    where = ".".join(str(part) for part in parts) or None
+    problem = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return APIError("invalid_request", f"{where}: {problem}" if where else problem, param=where)

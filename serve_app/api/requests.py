@@ -1,0 +1,88 @@
+"""Request bodies of every protocol -> the `TextRequest` a pool runs, with the app's defaults and prompt checks."""
+
+from __future__ import annotations
+
+import uuid
+
+from serve_app.api.errors import APIError
+from serve_app.api.schemas import (
+    ApiPyRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    StreamChatRequest,
+    split_messages,
+)
+from serve_app.config import AppArgs
+from serve_app.engine.params import SamplingParams
+from serve_app.server.messages import TextRequest
+
+
+class RequestBuilder:
+    def __init__(self, args: AppArgs):
+        self.args = args
+
+    def params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
+               ignore_eos=False) -> SamplingParams:
+        d = self.args.defaults
+        if max_length is None and max_new_tokens is None:
+            max_length = d.max_length
+        return SamplingParams(
+            temperature=d.temperature if temperature is None else temperature,
+            top_p=d.top_p if top_p is None else top_p,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            ignore_eos=ignore_eos,
+        )
+
+    def check_prompt(self, text: str, param: str) -> None:
+        if not text.strip():
+            raise APIError("invalid_request", f"{param} is empty", param=param)
+        if len(text) > self.args.max_prompt_chars:
+            raise APIError("context_length_exceeded",
+                           f"{param} is longer than {self.args.max_prompt_chars} characters", param=param)
+
+    def api_py(self, body: ApiPyRequest) -> TextRequest:
+        """The official api.py: the whole history is kept."""
+        self.check_prompt(body.prompt, "prompt")
+        return TextRequest(
+            request_id=uuid.uuid4().hex,
+            params=self.params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
+            query=body.prompt,
+            history=list(body.history),
+        )
+
+    def chat_turn(self, body: StreamChatRequest) -> TextRequest:
+        """The seeds' streaming API (/chat, /stream, WebSocket, gRPC): the last `max_history_rounds` rounds kept."""
+        self.check_prompt(body.query, "query")
+        keep = self.args.max_history_rounds
+        return TextRequest(
+            request_id=uuid.uuid4().hex,
+            params=self.params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
+            query=body.query,
+            history=list(body.history)[-keep:] if keep else [],
+        )
+
+    def chat_completion(self, body: ChatCompletionRequest) -> TextRequest:
+        system, history, query = split_messages(body.messages)
+        self.check_prompt(query, "messages")
+        return TextRequest(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            params=self.params(temperature=body.temperature, top_p=body.top_p,
+                               max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
+                               ignore_eos=body.ignore_eos),
+            query=query,
+            history=history,
+            system=system,
+            stop=body.stop or [],
+        )
+
+    def completion(self, body: CompletionRequest) -> TextRequest:
+        self.check_prompt(body.prompt, "prompt")
+        return TextRequest(
+            request_id=f"cmpl-{uuid.uuid4().hex}",
+            params=self.params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
+                               seed=body.seed, ignore_eos=body.ignore_eos),
+            raw_prompt=body.prompt,
+            stop=body.stop or [],
+        )

@@ -1,0 +1,30 @@
+"""EngineConfig: the engine's limits, defined once.
+
+A plain dataclass (no torch, no pydantic) so the engine runs where neither the Serve stack nor pydantic is installed.
+The Serve config validates it as the `engine:` field of AppArgs (serve_app/config.py): each field's `metadata` gives
+its description and lower bound, which `__post_init__` enforces with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _field(default, description: str, minimum: int | None = None):
+    return field(default=default, metadata={"description": description, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = _field(16, "sequences decoded together (= KV cache slots)", 1)
+    max_seq_len: int | None = _field(None, "context cap in tokens; default min(the model's seq_length, 8192)", 2)
+    kv_cache_bytes: int | None = _field(None, "KV memory budget; fewer slots than max_batch_size if needed", 1)
+    max_waiting: int = _field(64, "requests queued in the engine beyond its free slots before 503s", 0)
+    prefill_chunk: int = _field(512, "prompt tokens prefilled per step, so long prompts do not stall decodes", 1)
+    prefix_caching: bool = _field(True, "reuse the KV a finished sequence leaves in its slot (multi-turn chats)")
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value, minimum = getattr(self, spec.name), spec.metadata.get("minimum")
+            if minimum is not None and value is not None and value < minimum:
+                raise ValueError(f"{spec.name} must be >= {minimum}, not {value}")

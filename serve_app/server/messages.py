@@ -1,0 +1,63 @@
+"""What travels between the ingress and a pool: `TextRequest` in, `TextDelta`s back.
+
+Plain dataclasses (no torch, no pydantic): Ray pickles them between the ingress and pool replicas. An error raised
+inside a pool travels as data, an `ErrorInfo` with a code from the API's error table (serve_app/api/errors.py),
+because exceptions lose their type in transit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.engine.params import SamplingParams
+
+
+@dataclass
+class TextRequest:
+    """What the ingress asks of a pool: a chat turn (query + history) or a raw completion prompt."""
+
+    request_id: str
+    params: SamplingParams
+    query: str | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)
+    system: str | None = None
+    raw_prompt: str | None = None  # /v1/completions: no chat template, just the [gMASK] sop prefix
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ErrorInfo:
+    """An error raised inside a pool: `code` is a key of serve_app.api.errors.ERRORS."""
+
+    code: str
+    message: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def openai(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
+        }
+
+
+@dataclass
+class TextDelta:
+    """One streamed piece of a reply. The last one has finish_reason (and usage), or error instead."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
