@@ -239,7 +239,13 @@ class _OpenAICommon(_Strict):
 
 
 class ChatCompletionRequest(_OpenAICommon):
-    messages: list[ChatMessage] = Field(min_length=1)
+    # The conversation must end with a user message, which a JSON Schema cannot say: the example shows it (and gives
+    # schema-driven clients and fuzzers one request the service accepts).
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "你好"}],
+         "max_tokens": 16, "temperature": 0}]})
+
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation; it must end with a user message")
     max_completion_tokens: MaxTokens | None = None
 
 

@@ -35,8 +35,8 @@ OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/ui"), ("HEAD",
 
 @dataclass(frozen=True)
 class SecuritySettings:
-    api_keys: tuple[bytes, ...] = ()
-    max_body_bytes: int = 1_048_576
+    api_keys: tuple[bytes, ...]  # empty: no key required
+    max_body_bytes: int
 
     @classmethod
     def from_env(cls, api_keys_env: str | None, max_body_bytes: int) -> SecuritySettings:
