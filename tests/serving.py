@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import shutil
 import signal
 import socket
@@ -194,9 +195,11 @@ class LocalCluster:
         text = (Path(self.temp_dir) / "head.out").read_text()
         if "Ray runtime started" not in text:
             return False
-        # Ray advertises the machine's address, not the loopback one it was given.
-        host = next(line.split("--address='")[1].split(":")[0] for line in text.splitlines() if "--address='" in line)
-        self.address = f"{host}:{self.gcs_port}"
+        # Ray advertises the machine's address, not the loopback one it was given: take it from `ray start`'s hint.
+        found = re.search(rf"--address='([^':]+):{self.gcs_port}'", text)
+        if not found:
+            raise RuntimeError(f"no head address in `ray start`'s output:\n{text[-3000:]}")
+        self.address = f"{found.group(1)}:{self.gcs_port}"
         return True
 
     def start_head(self, *, num_cpus: int, num_gpus: int, resources: dict | None = None,
