@@ -1,4 +1,5 @@
-"""Starting the real application for tests: a Serve config (as in configs/*.yaml) deployed the way `serve run` does."""
+"""Starting the real application for tests: a Serve config (as in configs/*.yaml) deployed the way `serve run` does,
+on one Ray node (`running`) or on a cluster of several `ray start` nodes on this machine (`local_cluster`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,10 @@ def running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
 RAY_BIN = Path(sys.executable).parent
 
 
+class NodeExited(RuntimeError):
+    """A `ray start` process ended while its node was starting."""
+
+
 @dataclass
 class ClusterNode:
     """One `ray start --block` process and everything it starts (same session): a machine of the cluster."""
@@ -145,7 +151,7 @@ class LocalCluster:
     def __init__(self):
         # Short: Ray's Unix socket paths live under it.
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-        self.gcs_port = free_port()
+        self.gcs_port = 0
         self.address = ""
         self.nodes: dict[str, ClusterNode] = {}
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
@@ -161,7 +167,20 @@ class LocalCluster:
                 "--dashboard-agent-grpc-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
                 "--min-worker-port", "0", "--max-worker-port", "0"]  # 0: workers take ports the OS gives them
 
-    def _start(self, name: str, args: list[str], resources: dict, env: dict, timeout_s: float) -> ClusterNode:
+    def _start(self, name: str, args: Callable[[], list[str]], resources: dict, env: dict,
+               timeout_s: float) -> ClusterNode:
+        """Start a node and wait until it has joined. `ray start` gives up when its raylet has not registered within
+        a fixed 30 s, which a busy 2-core machine can miss: a node that gives up is started again (fresh ports),
+        twice at most."""
+        for attempt in range(3):
+            try:
+                return self._start_once(name, args(), resources, env, timeout_s)
+            except NodeExited:
+                self.kill(self.nodes.pop(name))
+                if attempt == 2:
+                    raise
+
+    def _start_once(self, name: str, args: list[str], resources: dict, env: dict, timeout_s: float) -> ClusterNode:
         import json
 
         import ray
@@ -175,24 +194,33 @@ class LocalCluster:
         process = subprocess.Popen(command, env=self.env | env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         node = self.nodes[name] = ClusterNode(name, process)
-        if not ray.is_initialized():
-            wait_for(lambda: self._head_ready(process), timeout_s, f"the head node ({self.temp_dir}/{name}.out)")
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-
-        def joined() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"node {name} exited: {(Path(self.temp_dir) / f'{name}.out').read_text()[-3000:]}")
-            new = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in known]
-            node.node_id = new[0] if new else ""
-            return bool(new)
-
-        wait_for(joined, timeout_s, f"node {name} to join the cluster")
+        try:
+            if not ray.is_initialized():
+                wait_for(lambda: self._head_ready(node), timeout_s, "the head node to start")
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            wait_for(lambda: self._joined(node, known), timeout_s, f"node {name} to join the cluster")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; its `ray start` said:\n{self._log(name)[-3000:]}") from None
         return node
 
-    def _head_ready(self, process: subprocess.Popen) -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"the head node exited: {(Path(self.temp_dir) / 'head.out').read_text()[-3000:]}")
-        text = (Path(self.temp_dir) / "head.out").read_text()
+    def _log(self, name: str) -> str:
+        return (Path(self.temp_dir) / f"{name}.out").read_text(errors="replace")
+
+    def _check_running(self, node: ClusterNode) -> None:
+        if node.process.poll() is not None:
+            raise NodeExited(f"node {node.name} exited while starting:\n{self._log(node.name)[-3000:]}")
+
+    def _joined(self, node: ClusterNode, known: set[str]) -> bool:
+        import ray
+
+        self._check_running(node)
+        new = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in known]
+        node.node_id = new[0] if new else ""
+        return bool(new)
+
+    def _head_ready(self, node: ClusterNode) -> bool:
+        self._check_running(node)
+        text = self._log(node.name)
         if "Ray runtime started" not in text:
             return False
         # Ray advertises the machine's address, not the loopback one it was given: take it from `ray start`'s hint.
@@ -203,19 +231,24 @@ class LocalCluster:
         return True
 
     def start_head(self, *, num_cpus: int, num_gpus: int, resources: dict | None = None,
-                   timeout_s: float = 120) -> ClusterNode:
-        args = ["--head", "--port", str(self.gcs_port), "--node-ip-address", "127.0.0.1",
-                "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--include-dashboard", "false",
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
-                "--ray-client-server-port", str(free_port())]
+                   timeout_s: float = 240) -> ClusterNode:
+        def args() -> list[str]:
+            self.gcs_port = free_port()
+            return ["--head", "--port", str(self.gcs_port), "--node-ip-address", "127.0.0.1",
+                    "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--include-dashboard", "false",
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+                    "--ray-client-server-port", str(free_port())]
+
         return self._start("head", args, resources or {}, {}, timeout_s)
 
     def add_worker(self, name: str, *, num_cpus: int, num_gpus: int, resources: dict | None = None,
-                   http_port: int | None = None, timeout_s: float = 120) -> ClusterNode:
+                   http_port: int | None = None, timeout_s: float = 240) -> ClusterNode:
         """A worker node. With `http_port`, the Serve proxy Serve starts there (proxy_location: EveryNode) listens on
         that port instead of the config's, which the head's proxy holds on this one machine."""
-        args = ["--address", self.address, "--node-ip-address", "127.0.0.1",
-                "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus)]
+        def args() -> list[str]:
+            return ["--address", self.address, "--node-ip-address", "127.0.0.1",
+                    "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus)]
+
         env = {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(http_port)} if http_port else {}
         node = self._start(name, args, resources or {}, env, timeout_s)
         node.http_port = http_port
@@ -237,7 +270,7 @@ class LocalCluster:
                 os.kill(pid, signal.SIGKILL)
         node.process.wait(timeout=30)
 
-    def serve_run(self, config: dict, timeout_s: float = 120) -> None:
+    def serve_run(self, config: dict, timeout_s: float = 240) -> None:
         """`serve run config.yaml --address <head> --non-blocking`: submit the applications and return."""
         path = Path(self.temp_dir) / "serve.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
