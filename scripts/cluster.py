@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -140,14 +141,18 @@ def affinity(args) -> None:
     print(f"\n{args.preset} preset, {args.precision}, 2 replicas per pool on 2 nodes, "
           f"{args.conversations} two-turn chats per pool, turn 1 answers up to {args.answer_tokens} tokens\n")
     print("| router | turn-2 prompt tokens (mean) | reused (mean) | turns 2 with reuse | TTFT p50 ms | TTFT mean ms "
-          "| TTFT p90 ms |")
-    print("|---|---|---|---|---|---|---|")
+          "| TTFT p90 ms | TTFT p50 ms, turns with reuse | TTFT p50 ms, turns without |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, label in ((on, "ConversationAffinityRouter"), (off, "Serve default (power of two choices)")):
         rows = results[name]
         ttfts = [r["ttft"] * 1000 for r in rows]
+        hit = [r["ttft"] * 1000 for r in rows if r["cached"] > 0]
+        miss = [r["ttft"] * 1000 for r in rows if r["cached"] == 0]
         print(f"| {label} | {statistics.mean(r['prompt'] for r in rows):.0f} "
-              f"| {statistics.mean(r['cached'] for r in rows):.0f} | {sum(r['cached'] > 0 for r in rows)}/{len(rows)} "
-              f"| {percentile(ttfts, 0.5):.0f} | {statistics.mean(ttfts):.0f} | {percentile(ttfts, 0.9):.0f} |")
+              f"| {statistics.mean(r['cached'] for r in rows):.0f} | {len(hit)}/{len(rows)} "
+              f"| {percentile(ttfts, 0.5):.0f} | {statistics.mean(ttfts):.0f} | {percentile(ttfts, 0.9):.0f} "
+              f"| {percentile(hit, 0.5):.0f} | {percentile(miss, 0.5):.0f} |")
+    print(f"\n(load average of the machine at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())})")
 
 
 # --- node loss -------------------------------------------------------------------------------------------------
@@ -257,6 +262,7 @@ def node_loss(args) -> None:
           f"failures {sorted({str(p['status']) for p in bad}) or 'none'} | "
           f"first sent {min((p['sent'] for p in probes), default=float('nan')):.1f}, "
           f"last failure sent at {max((p['sent'] for p in bad), default=float('nan')):.1f} |")
+    print(f"\n(load average of the machine at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())})")
 
 
 def main() -> None:

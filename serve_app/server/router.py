@@ -28,7 +28,9 @@ request behind a busy replica while another one is free.
 Why not `ray.serve.llm`'s PrefixCacheAffinityRouter: it reads the prompt from a `prompt` or `messages` attribute
 (TextRequest has query/history/system) and raises otherwise; it records prompts only, not answers, so a turn-2
 prompt matches a small fraction of its text; it keeps its prefix tree in one detached actor without restarts, which a
-lost node can take down with it; and its public module needs pyarrow, which this image does not install.
+lost node can take down with it; and its public module needs pyarrow, which this image does not install. Ray's
+experimental ConsistentHashRouter keys on a session header that OpenAI clients do not send, and ignores load until a
+replica refuses.
 """
 
 from __future__ import annotations
