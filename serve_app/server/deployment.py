@@ -151,8 +151,9 @@ class ChatGLM2Server:
         import ray
 
         stats = dict(self.engine.stats().__dict__)
-        # Which replica answered and which GPUs Ray gave it (its share is logical; see the README).
+        # Which replica answered, on which node, and which GPUs Ray gave it (its share is logical; see the README).
         stats["replica_id"] = serve.get_replica_context().replica_id.unique_id
+        stats["node_id"] = ray.get_runtime_context().get_node_id()
         stats["gpu_ids"] = [str(gpu) for gpu in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
         return stats
 
