@@ -7,10 +7,12 @@ failure) come back as a final `TextDelta` with `error` set, so the ingress can a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from ray import serve
@@ -34,6 +36,18 @@ class EngineArgs(BaseModel):
     kv_cache_bytes: int | None = Field(default=None, ge=1, description="KV memory budget; fewer slots if needed")
     max_waiting: int = Field(default=64, ge=0, description="requests queued in the engine before 503s")
     prefix_caching: bool = Field(default=True, description="reuse the KV of a conversation's earlier turns")
+    quant_kernel: Literal["auto", "triton", "native", "dequant"] = Field(
+        default="auto", description="int8/int4 layers: auto (Triton on GPU, PyTorch's on CPU) | triton | native "
+        "(PyTorch's) | dequant (the reference: dequantize + matmul)")
+    allow_kernel_fallback: bool = Field(
+        default=False, description="run dequantize + matmul (~10x slower) where the kernel fails its load-time "
+        "check, instead of refusing to start")
+    cuda_context_bytes: int = Field(default=1 << 30, ge=0,
+                                    description="GPU memory the CUDA context takes outside PyTorch's allocator")
+
+
+# EngineArgs fields that configure loading and placement rather than the engine itself.
+_LOAD_FIELDS = {"quant_kernel", "allow_kernel_fallback", "cuda_context_bytes"}
 
 
 class ServerConfig(BaseModel):
@@ -92,20 +106,41 @@ class ChatGLM2Server:
     def __init__(self, config: ServerConfig):
         import torch
 
-        from serve_app.model.loader import load_model
+        from serve_app.model.loader import load_model, resolve_device
+        from serve_app.server import gpu_share
 
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         ensure_checkpoint(config)
         self.config = config
         self.tokenizer = ChatGLM2Tokenizer(config.checkpoint)
-        self.loaded = load_model(config.checkpoint, config.precision, config.device)
-        self.engine = Engine(self.loaded, EngineConfig(**config.engine.model_dump()))
+        args = config.engine
+        engine_config = EngineConfig(**args.model_dump(exclude=_LOAD_FIELDS))
+        device = resolve_device(config.device)
+        share = (gpu_share.ray_gpu_share() or 1.0) if device.type == "cuda" else None
+        if share is not None:
+            gpu_share.limit_process(device, share, args.cuda_context_bytes)
+        self.loaded = load_model(config.checkpoint, config.precision, config.device, quant_kernel=args.quant_kernel,
+                                 allow_kernel_fallback=args.allow_kernel_fallback)
+        self.memory_plan = None
+        if share is not None:
+            self.memory_plan = gpu_share.plan_replica(
+                self.loaded, share=share, max_batch_size=engine_config.max_batch_size,
+                max_seq_len=engine_config.max_seq_len or min(self.loaded.config.seq_length, 8192),  # Engine's default
+                prefill_chunk=engine_config.prefill_chunk, kv_cache_bytes=engine_config.kv_cache_bytes,
+                context_bytes=args.cuda_context_bytes,
+            )
+            engine_config = dataclasses.replace(engine_config, kv_cache_bytes=self.memory_plan.kv_cache_bytes)
+        self.engine = Engine(self.loaded, engine_config)
         self.metrics = PoolMetrics(config.model_name, read_stats=self.engine.stats)
         self.metrics.start_refresh()  # now if Serve runs __init__ on the replica's loop, else on the first request
+        stats = self.engine.stats()
         logger.info(
-            "pool %s ready: %s on %s, %.1f MB of weights",
-            config.model_name, self.loaded.precision, self.loaded.device, self.loaded.weight_bytes() / 1e6,
+            "pool %s ready: %s on %s, kernels %s, %.1f MB of weights, KV cache %.1f MB (%d slots of %d tokens)%s",
+            config.model_name, self.loaded.precision, self.loaded.device, self.loaded.kernels or "none (not quantized)",
+            self.loaded.weight_bytes() / 1e6, stats.kv_cache_bytes / 1e6, stats.num_slots, stats.max_seq_len,
+            f", GPU share {share} ({self.memory_plan.budget_bytes / 2**30:.1f} GiB, allocator fraction "
+            f"{self.memory_plan.memory_fraction:.3f})" if self.memory_plan else "",
         )
 
     def _prompt_ids(self, request: TextRequest) -> list[int]:
@@ -178,6 +213,7 @@ class ChatGLM2Server:
         # Which replica answered and which GPUs Ray gave it (its share is logical; see the README).
         stats["replica_id"] = serve.get_replica_context().replica_id.unique_id
         stats["gpu_ids"] = [str(gpu) for gpu in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+        stats["memory_plan"] = self.memory_plan.as_dict() if self.memory_plan else None
         return stats
 
     def check_health(self) -> None:
