@@ -7,21 +7,31 @@ Format (what checkpoints hold; bit-exact with the original quantization code):
 int8 stores q as is. int4 packs two values per byte along the input dim: element 2j in the HIGH nibble,
 2j+1 in the LOW nibble, both signed (two's complement), so the stored tensor is int8 [out, in/2].
 
-`dequantize` + matmul is the reference path. `QuantizedLinear` repacks the official tensors once, at load,
-into the layout of a native PyTorch weight-only kernel chosen per device, and falls back to the reference path
-where no kernel fits (shape, dtype, device):
+`dequantize` + matmul is the reference path. `QuantizedLinear` runs a kernel chosen per device at load
+(`kernel="auto"`, or one family by name), repacking the official tensors once where the kernel needs its own
+layout, and checks it against the reference on a sample of rows before use. A kernel that cannot run a layer
+or disagrees is an error (KernelUnavailable) unless the caller allows the dequantize fallback; the kernel each
+layer runs is in `kernel_name` (and, per model, in the engine stats and the startup log):
 
-  device  bits  compute dtype   kernel_name        notes
-  cpu     8     any float       int8pack_mm        in_features % 16 == 0; bf16 runs SIMD code on x86, fp32/fp16
-                                                   run scalar loops, so above 4 rows they use the reference path
-  cpu     4     any float       int4pack_mm_cpu    out % 16 == 0, in % 32 == 0; same SIMD/scalar split as int8
-  cuda    8     any float       int8pack_mm        only if this torch build has the CUDA kernel (probed at load)
-  cuda    4     bf16            int4pack_mm_cuda   tinygemm: sm80+, out % 8 == 0, in % 32 == 0
-  any     4/8   any float       dequant            the reference path; weights stay in the official bytes
+  device  bits  family  compute dtype  kernel_name       layout / notes
+  cuda    8     triton  fp16 or bf16   triton_w8a16      the official int8 [out, in]; any shape; sm_80+ (auto)
+  cuda    4     triton  fp16 or bf16   triton_w4a16      the official packed [out, in/2]; any shape; sm_80+ (auto)
+  cuda    8     native  any float      int8pack_mm       torch's one-output-per-thread fp32 kernel
+  cuda    4     native  bf16           int4pack_mm_cuda  tinygemm: out % 8 == 0, in % 32 == 0
+  cpu     8     native  any float      int8pack_mm       (auto) in % 16 == 0; bf16 runs SIMD code on x86,
+                                                         fp32/fp16 scalar loops, so above 4 rows they dequantize
+  cpu     4     native  any float      int4pack_mm_cpu   (auto) out % 16 == 0, in % 32 == 0; same SIMD split
+  cpu     4/8   triton  fp16 or bf16   triton_w*a16      only under TRITON_INTERPRET=1: how the tests run them
+  any     4/8   dequant any float      dequant           the reference; weights stay in the official bytes
 
-Activations are never narrowed: a kernel runs only on the compute dtype it supports natively (so bf16 is the
-fast compute dtype for quantized weights on CPU, and the only one for int4 on CUDA). The kernels take the scale
-in the compute dtype: exact for fp32 and fp16, rounded to bf16 (relative 2**-9) for bf16 compute.
+Measured on CPU (docs/benchmarks.md): both native CPU kernels are compute-bound, at about the same cost per
+weight, so INT4 decodes only as fast as INT8 there although it reads half the bytes. GPU speeds are not
+measured yet (scripts/quant_gpu_check.py measures them).
+
+Activations are never narrowed: a kernel runs only on the compute dtype it supports natively (bf16 is the
+fast compute dtype for quantized weights on CPU; the Triton kernels take the model's fp16 on GPU). The native
+kernels take the scale in the compute dtype: exact for fp32 and fp16, rounded to bf16 (relative 2**-9) for
+bf16 compute; the Triton kernels apply the fp16 scale in fp32 to the fp32 sum.
 """
 
 from __future__ import annotations
