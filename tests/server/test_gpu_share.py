@@ -86,3 +86,25 @@ def test_documented_placement_fits(precision, share, batch, total):
     plan = plan_memory(share=share, total_bytes=total, free_bytes=total, weight_bytes=WEIGHTS[precision],
                        workspace_bytes=workspace, kv_bytes_per_slot=slot_bytes())
     assert plan.kv_cache_bytes // slot_bytes() >= batch
+
+
+def test_the_replica_side_reads_cuda_and_caps_the_allocator(monkeypatch):
+    """The thin CUDA-reading part, with torch.cuda's answers faked: what a 0.25 share of an H100 would do."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from serve_app.server import gpu_share
+
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (H100 - 6 * GIB, H100))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: WEIGHTS["int4"])
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device=None: calls.setdefault("fraction", fraction))
+    fraction = gpu_share.limit_process(torch.device("cuda"), 0.25)
+    assert calls["fraction"] == fraction == pytest.approx((0.25 * H100 - DEFAULT_CONTEXT_BYTES) / H100)
+    loaded = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, config=CONFIG_6B)
+    plan = gpu_share.plan_replica(loaded, share=0.25, max_batch_size=32, max_seq_len=8192, prefill_chunk=512,
+                                  kv_cache_bytes=None)
+    assert plan.weight_bytes == WEIGHTS["int4"] and plan.kv_cache_bytes // slot_bytes() >= 32
+    assert gpu_share.ray_gpu_share() is None  # not inside Ray: the caller treats the whole device as its share
