@@ -19,6 +19,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"]
 Device = Literal["auto", "cpu", "cuda"]
 DemoPreset = Literal["tiny", "small", "6b"]
 Routing = Literal["default", "auto"]
+QuantKernel = Literal["auto", "triton", "native", "dequant"]
 AUTO = "auto"  # the routing policy's name; also accepted as a request's `model`
 
 
@@ -39,6 +40,17 @@ class GenerationDefaults(_Args):
     max_length: int = Field(default=2048, ge=1, description="prompt + reply tokens when a request gives no limit")
 
 
+class QuantArgs(_Args):
+    """How the int8/int4 layers of a pool run (serve_app/model/quant.py)."""
+
+    kernel: QuantKernel = Field(
+        default="auto", description="auto (Triton on GPU, PyTorch's on CPU) | triton | native (PyTorch's) | dequant "
+        "(the reference: dequantize + matmul)")
+    allow_fallback: bool = Field(
+        default=False, description="run dequantize + matmul (~10x slower) where the kernel fails its load-time check, "
+        "instead of refusing to start")
+
+
 class PoolArgs(_Args):
     """One replica pool: a public model name, the precision its replicas load, and optionally its own checkpoint."""
 
@@ -46,6 +58,7 @@ class PoolArgs(_Args):
     precision: Precision = Field(description="auto (fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | int8 | int4")
     checkpoint: str | None = Field(default=None, description="this pool's checkpoint (e.g. a pre-quantized one)")
     engine: EngineConfig | None = Field(default=None, description="engine limits; default: the app's `engine`")
+    quant: QuantArgs | None = Field(default=None, description="quantized kernels; default: the app's `quant`")
 
     _absolute_checkpoint = field_validator("checkpoint")(lambda cls, value: value and _absolute(value))
 
@@ -72,6 +85,9 @@ class AppArgs(_Args):
     device: Device = Field(default="auto", description="auto | cpu | cuda")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads per replica")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine limits of every pool")
+    quant: QuantArgs = Field(default_factory=QuantArgs, description="quantized kernels of every int8/int4 pool")
+    cuda_context_bytes: int = Field(default=1 << 30, ge=0,
+                                    description="GPU memory a replica's CUDA context takes outside PyTorch's allocator")
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults,
                                          description="sampling defaults for requests that leave them out")
     max_history_rounds: int = Field(default=10, ge=0, description="history kept by /chat and /stream")
@@ -118,3 +134,6 @@ class AppArgs(_Args):
 
     def engine_of(self, pool: PoolArgs) -> EngineConfig:
         return pool.engine or self.engine
+
+    def quant_of(self, pool: PoolArgs) -> QuantArgs:
+        return pool.quant or self.quant

@@ -80,6 +80,8 @@ class EngineStats:
     total_requests: int
     finished: dict[str, int]  # finish reason -> count
     steps: int
+    kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel (LoadedModel.kernels)
+    memory_bytes: dict[str, int] = field(default_factory=dict)  # LoadedModel.memory_bytes() plus "kv_cache"
 
 
 class Status(enum.Enum):
@@ -322,6 +324,7 @@ class Engine:
             seq.abort_requested = True  # the worker finishes it at its next schedule
 
     def stats(self) -> EngineStats:
+        memory = self.loaded.memory_bytes() | {"kv_cache": self.cache.nbytes}  # outside the lock: reads /proc
         with self._lock:
             running = self.scheduler.running
             return EngineStats(
@@ -337,6 +340,8 @@ class Engine:
                 total_requests=self._total_requests,
                 finished=dict(self._finished),
                 steps=self._steps,
+                kernels=dict(self.loaded.kernels),
+                memory_bytes=memory,
             )
 
     def healthy(self) -> bool:

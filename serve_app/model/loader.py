@@ -2,12 +2,17 @@
 
 The module is built on the meta device and checkpoint tensors are assigned one at a time, quantizing the four block
 linears on the fly for int8/int4 (or taking the official pre-quantized tensors as they are), so the weights are never
-held twice.
+held twice. On a GPU each tensor is moved first and quantized there, one layer at a time (no fp16 copy of the model
+is ever held), and the allocator's cache is emptied once loading is done, so what the process holds afterwards is
+the weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+import ctypes.util
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,10 +31,11 @@ from serve_app.model.checkpoint import (
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Quantized layers multiply in bf16 whatever the model's dtype: PyTorch's weight-only kernels are SIMD on CPU only for
-# bf16 activations (7-15x faster than fp32 there) and tinygemm int4 on GPU takes bf16 only. The rounding this adds is
-# far below the quantization error; norms, attention and the residual stream keep the model's dtype.
-KERNEL_DTYPE = torch.bfloat16
+# Quantized layers multiply in bf16 on CPU whatever the model's dtype: PyTorch's weight-only kernels are SIMD there only
+# for bf16 activations (7-15x faster than fp32). The rounding this adds is far below the quantization error; norms,
+# attention and the residual stream keep the model's dtype. On GPU they compute in the model's dtype (fp16, as the
+# official code does), except PyTorch's tinygemm int4 kernel (kernel "native"), which takes bf16 only.
+CPU_KERNEL_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -40,11 +46,46 @@ class LoadedModel:
     precision: str  # resolved: fp32 | bf16 | fp16 | int8 | int4
     dtype: torch.dtype  # activation dtype
     device: torch.device
+    kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel name; empty when not quantized
 
     def weight_bytes(self) -> int:
         """Bytes held by parameters and buffers (quantized weights at their packed size)."""
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What this process holds now: weights, plus the CUDA allocator's figures on a GPU or the RSS on CPU."""
+        held = {"weights": self.weight_bytes()}
+        if self.device.type == "cuda":
+            held |= {
+                "allocated": torch.cuda.memory_allocated(self.device),
+                "reserved": torch.cuda.memory_reserved(self.device),
+                "peak_allocated": torch.cuda.max_memory_allocated(self.device),
+                "peak_reserved": torch.cuda.max_memory_reserved(self.device),
+            }
+        else:
+            held["resident"] = _resident_bytes()
+        return held
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+    except OSError:  # not Linux
+        return 0
+
+
+def trim_allocator(device: torch.device) -> None:
+    """Give back what loading freed: the CUDA cache, or glibc's free lists on CPU (quantizing leaves ~GBs there)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,11 +124,20 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         setattr(module, attr, tensor)
 
 
-def load_model(checkpoint: Path | str, precision: str = "auto", device: str = "auto") -> LoadedModel:
+def load_model(
+    checkpoint: Path | str,
+    precision: str = "auto",
+    device: str = "auto",
+    *,
+    quant_kernel: str = "auto",
+    allow_kernel_fallback: bool = False,
+) -> LoadedModel:
     """Build ChatGLM2 from an official checkpoint directory without holding two copies of its weights.
 
-    Raises CheckpointError for a missing file, a wrong model_type, a missing or unexpected tensor, or a shape that
-    disagrees with config.json.
+    quant_kernel (auto | triton | native | dequant) picks the quantized layers' kernel (serve_app.model.quant); a
+    layer whose kernel cannot run or fails its load-time check raises quant.KernelUnavailable unless
+    allow_kernel_fallback. Raises CheckpointError for a missing file, a wrong model_type, a missing or unexpected
+    tensor, or a shape that disagrees with config.json.
     """
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)
@@ -97,6 +147,10 @@ def load_model(checkpoint: Path | str, precision: str = "auto", device: str = "a
     # Embedding and output layer stay fp16 in quantized models, as officially (also on CPU: the output layer is a
     # memory-bound GEMV there, as fast in fp16 as in fp32, and fp32 copies would cost 2 GB more for the 6B model).
     side_dtype = torch.float16 if bits else dtype
+    if torch_device.type == "cpu":
+        kernel_dtype = CPU_KERNEL_DTYPE
+    else:
+        kernel_dtype = torch.bfloat16 if quant_kernel == "native" and bits == 4 else dtype
 
     with torch.device("meta"):
         model = ChatGLM2ForCausalLM(config)
@@ -108,7 +162,10 @@ def load_model(checkpoint: Path | str, precision: str = "auto", device: str = "a
         parent_name, _, child = layer.rpartition(".")
         old = model.get_submodule(layer)
         bias = old.bias if getattr(old, "bias", None) is not None and old.bias.device.type != "meta" else None
-        new = quant.QuantizedLinear.from_official(stored, scale, bits, dtype=KERNEL_DTYPE, device=torch_device, bias=bias)
+        new = quant.QuantizedLinear.from_official(
+            stored, scale, bits, dtype=kernel_dtype, device=torch_device, bias=bias,
+            kernel=quant_kernel, allow_fallback=allow_kernel_fallback,
+        )
         setattr(model.get_submodule(parent_name), child, new)
 
     for name, tensor in iter_tensors(checkpoint):
@@ -135,8 +192,12 @@ def load_model(checkpoint: Path | str, precision: str = "auto", device: str = "a
                     f"{name}: shape {list(tensor.shape)} disagrees with config.json (expected {list(shapes[name])})"
                 )
             if is_quantized_weight(name) and bits:
-                q, scale = quant.quantize_rows(tensor.to(torch.float16), bits)  # q int8 [out, in]
+                # On the target device: a GPU quantizes a layer in milliseconds and only ever holds this one fp16
+                # tensor; on CPU this is a no-op move.
+                weight = tensor.to(device=torch_device, dtype=torch.float16)  # [out, in]
+                q, scale = quant.quantize_rows(weight, bits)  # int8 [out, in], fp16 [out]
                 install_quantized(layer, quant.pack_int4(q) if bits == 4 else q, scale)
+                del weight, q, scale
             else:
                 target = side_dtype if name.startswith(("transformer.embedding", "transformer.output_layer")) else dtype
                 module = model.get_submodule(layer)
@@ -157,4 +218,6 @@ def load_model(checkpoint: Path | str, precision: str = "auto", device: str = "a
     if missing:
         raise CheckpointError(f"{checkpoint} lacks tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     model.eval()
-    return LoadedModel(model, config, checkpoint, precision, dtype, torch_device)
+    trim_allocator(torch_device)
+    kernels = Counter(m.kernel_name for m in model.modules() if isinstance(m, quant.QuantizedLinear))
+    return LoadedModel(model, config, checkpoint, precision, dtype, torch_device, dict(sorted(kernels.items())))

@@ -7,21 +7,31 @@ Format (what checkpoints hold; bit-exact with the original quantization code):
 int8 stores q as is. int4 packs two values per byte along the input dim: element 2j in the HIGH nibble,
 2j+1 in the LOW nibble, both signed (two's complement), so the stored tensor is int8 [out, in/2].
 
-`dequantize` + matmul is the reference path. `QuantizedLinear` repacks the official tensors once, at load,
-into the layout of a native PyTorch weight-only kernel chosen per device, and falls back to the reference path
-where no kernel fits (shape, dtype, device):
+`dequantize` + matmul is the reference path. `QuantizedLinear` runs a kernel chosen per device at load
+(`kernel="auto"`, or one family by name), repacking the official tensors once where the kernel needs its own
+layout, and checks it against the reference on a sample of rows before use. A kernel that cannot run a layer
+or disagrees is an error (KernelUnavailable) unless the caller allows the dequantize fallback; the kernel each
+layer runs is in `kernel_name` (and, per model, in the engine stats and the startup log):
 
-  device  bits  compute dtype   kernel_name        notes
-  cpu     8     any float       int8pack_mm        in_features % 16 == 0; bf16 runs SIMD code on x86, fp32/fp16
-                                                   run scalar loops, so above 4 rows they use the reference path
-  cpu     4     any float       int4pack_mm_cpu    out % 16 == 0, in % 32 == 0; same SIMD/scalar split as int8
-  cuda    8     any float       int8pack_mm        only if this torch build has the CUDA kernel (probed at load)
-  cuda    4     bf16            int4pack_mm_cuda   tinygemm: sm80+, out % 8 == 0, in % 32 == 0
-  any     4/8   any float       dequant            the reference path; weights stay in the official bytes
+  device  bits  family  compute dtype  kernel_name       layout / notes
+  cuda    8     triton  fp16 or bf16   triton_w8a16      the official int8 [out, in]; any shape; sm_80+ (auto)
+  cuda    4     triton  fp16 or bf16   triton_w4a16      the official packed [out, in/2]; any shape; sm_80+ (auto)
+  cuda    8     native  any float      int8pack_mm       torch's one-output-per-thread fp32 kernel
+  cuda    4     native  bf16           int4pack_mm_cuda  tinygemm: out % 8 == 0, in % 32 == 0
+  cpu     8     native  any float      int8pack_mm       (auto) in % 16 == 0; bf16 runs SIMD code on x86,
+                                                         fp32/fp16 scalar loops, so above 4 rows they dequantize
+  cpu     4     native  any float      int4pack_mm_cpu   (auto) out % 16 == 0, in % 32 == 0; same SIMD split
+  cpu     4/8   triton  fp16 or bf16   triton_w*a16      only under TRITON_INTERPRET=1: how the tests run them
+  any     4/8   dequant any float      dequant           the reference; weights stay in the official bytes
 
-Activations are never narrowed: a kernel runs only on the compute dtype it supports natively (so bf16 is the
-fast compute dtype for quantized weights on CPU, and the only one for int4 on CUDA). The kernels take the scale
-in the compute dtype: exact for fp32 and fp16, rounded to bf16 (relative 2**-9) for bf16 compute.
+Measured on CPU (docs/benchmarks.md): both native CPU kernels are compute-bound, at about the same cost per
+weight, so INT4 decodes only as fast as INT8 there although it reads half the bytes. GPU speeds are not
+measured yet (scripts/quant_gpu_check.py measures them).
+
+Activations are never narrowed: a kernel runs only on the compute dtype it supports natively (bf16 is the
+fast compute dtype for quantized weights on CPU; the Triton kernels take the model's fp16 on GPU). The native
+kernels take the scale in the compute dtype: exact for fp32 and fp16, rounded to bf16 (relative 2**-9) for
+bf16 compute; the Triton kernels apply the fp16 scale in fp32 to the fp32 sum.
 """
 
 from __future__ import annotations
@@ -34,6 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SUPPORTED_BITS = (4, 8)
+# What a config may ask for: the device's fast kernel, one family explicitly, or the reference path.
+KERNELS = ("auto", "triton", "native", "dequant")
+# Batch sizes the load-time check runs: the Triton kernels pick tiles by batch (<= 16, <= 64, more), so each
+# bucket is checked; the native kernels have one code path per dtype.
+_CHECK_ROWS = {"triton": (1, 24, 80), "native": (1, 5)}
+# Output rows compared by the check (evenly spread, plus the last): enough to catch a wrong layout or tile edge.
+_CHECK_SAMPLE_ROWS = 256
 
 # The CPU weight-only kernels run SIMD code only for bf16 activations on x86; for fp32/fp16 they are scalar
 # loops (~10x slower per row than the bf16 path), so more rows than this go through dequantize + BLAS instead.
@@ -251,12 +268,36 @@ def _decode_int4_by_identity(
     return q
 
 
+class KernelUnavailable(QuantizationError):
+    """The kernel asked for cannot run this layer here (package, device, shape, dtype) or disagrees with the
+    dequantize reference at load. Raised unless the caller allows the dequantize fallback."""
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None if they can (sm_80+, or CPU under the interpreter)."""
+    try:
+        import triton  # optional: the GPU image has it; CPU-only installs need not
+    except ImportError:
+        return "the triton package is not installed"
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"the Triton kernels need sm_80 or newer, {device} is sm_{major}{minor}"
+        return None
+    if device.type == "cpu" and triton.knobs.runtime.interpret:
+        return None  # the interpreter runs the same kernels on CPU tensors (slowly): for tests
+    return f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
+
+
 class QuantizedLinear(nn.Module):
     """y = x @ W^T (+ bias) with W held in the official int8/int4 format or a kernel layout repacked from it.
 
     Build it with `from_official` on the target device and compute dtype; don't `.to()` it afterwards (the
     kernel layouts are device-specific). forward takes x [..., in] in any float dtype, computes in `dtype` and
-    returns [..., out] in x's dtype. `kernel_name` says which path runs (see the module docstring);
+    returns [..., out] in x's dtype. `kernel` picks the path (see the module docstring): "auto" is the fast one
+    for the device, "dequant" the reference. Every kernel is checked against the reference at load; one that
+    cannot run or disagrees raises KernelUnavailable, unless `allow_fallback`, which runs dequantize + matmul
+    instead, warns, and records why in `fallback_reason`. `kernel_name` says which path runs;
     `max_kernel_rows` is set where the kernel is a scalar loop and larger batches use the reference path.
     """
 
@@ -269,6 +310,8 @@ class QuantizedLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         bias: Tensor | None = None,
+        kernel: str = "auto",
+        allow_fallback: bool = False,
     ):
         super().__init__()
         self.in_features = _check_official(stored, scale, bits)
@@ -278,6 +321,8 @@ class QuantizedLinear(nn.Module):
             raise QuantizationError(f"compute dtype must be floating, got {dtype}")
         if bias is not None and bias.shape != (self.out_features,):
             raise QuantizationError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+        if kernel not in KERNELS:
+            raise QuantizationError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
         self.dtype = dtype
         device = torch.device(device)
         stored = stored.to(device)
@@ -287,10 +332,27 @@ class QuantizedLinear(nn.Module):
         self.group_size: int | None = None
         self.max_kernel_rows: int | None = None
         self.kernel_name = "dequant"
-        if device.type == "cpu":
-            self._use_cpu_kernel(stored)
-        elif device.type == "cuda":
-            self._use_cuda_kernel(stored)
+        self.fallback_reason: str | None = None
+        if kernel != "dequant":
+            family = kernel if kernel != "auto" else ("triton" if device.type == "cuda" else "native")
+            try:
+                if family == "triton":
+                    self._use_triton_kernel(stored)
+                elif device.type == "cpu":
+                    self._use_cpu_kernel(stored)
+                else:
+                    self._use_cuda_native_kernel(stored)
+                self._check_against_reference(stored)
+            except (KernelUnavailable, RuntimeError, NotImplementedError) as exc:
+                name = self.kernel_name if self.kernel_name != "dequant" else f"{family} int{bits}"
+                reason = f"{name} kernel for [{self.out_features}, {self.in_features}] on {device}: {exc}"
+                self._drop_kernel()
+                if not allow_fallback:
+                    raise KernelUnavailable(
+                        f"{reason}; allow the kernel fallback to run dequantize + matmul instead (~10x slower)"
+                    ) from exc
+                warnings.warn(f"{reason}; running dequantize + matmul", RuntimeWarning, stacklevel=3)
+                self.fallback_reason = reason
         if self.kernel_name == "dequant":
             self.register_buffer("weight", stored.contiguous(), persistent=False)
 
@@ -304,72 +366,68 @@ class QuantizedLinear(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         bias: Tensor | None = None,
+        kernel: str = "auto",
+        allow_fallback: bool = False,
     ) -> QuantizedLinear:
         """Build from a checkpoint's `...weight` (int8 [out, in] or packed [out, in/2]) and `...weight_scale`."""
-        return cls(stored, scale, bits, dtype=dtype, device=device, bias=bias)
+        return cls(stored, scale, bits, dtype=dtype, device=device, bias=bias, kernel=kernel,
+                   allow_fallback=allow_fallback)
+
+    def _drop_kernel(self) -> None:
+        self.kernel_name, self.group_size, self.max_kernel_rows = "dequant", None, None
+        for name in ("weight", "kernel_scale"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def _use_triton_kernel(self, stored: Tensor) -> None:
+        reason = triton_unavailable(stored.device)
+        if reason:
+            raise KernelUnavailable(reason)
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            raise KernelUnavailable(f"the Triton kernels compute in fp16 or bf16, not {self.dtype}")
+        self.kernel_name = f"triton_w{self.bits}a16"
+        self.register_buffer("weight", stored.contiguous(), persistent=False)  # the official bytes, as they are
 
     def _use_cpu_kernel(self, stored: Tensor) -> None:
         if not _cpu_kernel_runs(self.bits, self.dtype):
-            return
+            raise KernelUnavailable(f"this torch build has no CPU int{self.bits} kernel for {self.dtype}")
         if self.bits == 8:
             if self.in_features % 16:  # the SIMD loops step over in_features 8 or 16 at a time
-                return
+                raise KernelUnavailable("int8pack_mm needs in_features % 16 == 0")
+            self.kernel_name = "int8pack_mm"
             self.register_buffer("weight", _aligned(stored), persistent=False)  # int8 [out, in]
             self.register_buffer("kernel_scale", self.weight_scale.to(self.dtype), persistent=False)
-            self.kernel_name = "int8pack_mm"
         else:
             group_size = _group_size(self.in_features)
             if group_size is None or self.out_features % 16:
-                return
-            self.group_size = group_size
+                raise KernelUnavailable("int4pack_mm_cpu needs out_features % 16 == 0 and in_features % 32 == 0")
+            self.kernel_name, self.group_size = "int4pack_mm_cpu", group_size
             self.register_buffer("weight", _pack_for_cpu_int4(stored), persistent=False)  # uint8 [out, in/2]
             self.register_buffer(
                 "kernel_scale",
                 _scales_and_zeros(self.weight_scale, self.in_features // group_size, self.dtype),
                 persistent=False,
             )
-            self.kernel_name = "int4pack_mm_cpu"
         if self.dtype != torch.bfloat16:
             self.max_kernel_rows = _SCALAR_KERNEL_MAX_ROWS
 
-    def _use_cuda_kernel(self, stored: Tensor) -> None:
-        # Nothing here can be tested without a GPU: each kernel is checked against the reference once, at load.
-        try:
-            agrees = self._setup_cuda_kernel(stored) and self._agrees_with_reference(stored)
-        except (RuntimeError, NotImplementedError):
-            agrees = False
-        if self.kernel_name != "dequant" and not agrees:
-            warnings.warn(
-                f"{self.kernel_name} failed or disagrees with the reference on {stored.device}; "
-                "using dequantize + matmul",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self.kernel_name, self.group_size = "dequant", None
-            for name in ("weight", "kernel_scale"):
-                if hasattr(self, name):
-                    delattr(self, name)
-
-    def _setup_cuda_kernel(self, stored: Tensor) -> bool:
-        """Repack for a CUDA kernel if one fits; False leaves the reference path."""
+    def _use_cuda_native_kernel(self, stored: Tensor) -> None:
+        """PyTorch's own CUDA kernels (slow int8, bf16-only tinygemm int4): kept selectable to measure against."""
         if self.bits == 8:
             if not hasattr(torch, "_weight_int8pack_mm"):
-                return False
+                raise KernelUnavailable("this torch build has no _weight_int8pack_mm")
             self.kernel_name = "int8pack_mm"
             self.register_buffer("weight", stored.contiguous(), persistent=False)
             self.register_buffer("kernel_scale", self.weight_scale.to(self.dtype), persistent=False)
-            return True
+            return
         group_size = _group_size(self.in_features)
         inner_k_tiles = next((t for t in (8, 4, 2) if self.in_features % (16 * t) == 0), None)
-        if (
-            self.dtype != torch.bfloat16
-            or group_size is None
-            or inner_k_tiles is None
-            or self.out_features % 8
-            or not hasattr(torch, "_weight_int4pack_mm")
-            or torch.cuda.get_device_capability(stored.device) < (8, 0)
-        ):
-            return False
+        if self.dtype != torch.bfloat16:
+            raise KernelUnavailable(f"tinygemm computes in bf16 only, not {self.dtype}")
+        if group_size is None or inner_k_tiles is None or self.out_features % 8:
+            raise KernelUnavailable("tinygemm needs out_features % 8 == 0 and in_features % 32 == 0")
+        if not hasattr(torch, "_weight_int4pack_mm") or torch.cuda.get_device_capability(stored.device) < (8, 0):
+            raise KernelUnavailable("tinygemm needs sm_80 or newer")
         self.kernel_name, self.group_size = "int4pack_mm_cuda", group_size
         # tinygemm's converter takes uint8 [out, in/2] with element 2j in the high nibble as u = q + 8;
         # for a 4-bit two's-complement nibble, adding 8 is flipping its top bit: XOR 0x88 per byte.
@@ -380,18 +438,30 @@ class QuantizedLinear(nn.Module):
             _scales_and_zeros(self.weight_scale, self.in_features // group_size, self.dtype),
             persistent=False,
         )
-        return True
 
-    def _agrees_with_reference(self, stored: Tensor) -> bool:
-        x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0))
-        x = x.to(stored.device, self.dtype)
-        reference = dequantize(stored, self.weight_scale, self.bits, self.dtype)  # [out, in]
-        fast = self._kernel_matmul(x).float()
-        bound = x.float().abs() @ reference.float().abs().T  # worst-case magnitude of each sum
-        return bool(((fast - F.linear(x, reference).float()).abs() <= 2**-6 * bound + 1e-6).all())
+    def _check_against_reference(self, stored: Tensor) -> None:
+        """Run the kernel on a few batch sizes (every Triton tile bucket) and compare a sample of output rows."""
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.unique(torch.cat((
+            torch.linspace(0, self.out_features - 1, min(self.out_features, _CHECK_SAMPLE_ROWS)).long(),
+            torch.tensor([self.out_features - 1]),
+        ))).to(stored.device)  # [S] output rows
+        reference = dequantize(stored.index_select(0, sample), self.weight_scale[sample], self.bits, self.dtype)
+        for rows in _CHECK_ROWS["triton" if self.kernel_name.startswith("triton") else "native"]:
+            x = torch.randn(rows, self.in_features, generator=generator).to(stored.device, self.dtype)
+            fast = self._kernel_matmul(x).float()[:, sample]  # [rows, S]
+            bound = x.float().abs() @ reference.float().abs().T  # worst-case magnitude of each sum
+            error = (fast - F.linear(x, reference).float()).abs()
+            if not (error <= 2**-6 * bound + 1e-6).all():
+                raise KernelUnavailable(f"disagrees with the dequantize reference at {rows} rows "
+                                        f"(max error {error.max().item():.3g})")
 
     def _kernel_matmul(self, x2d: Tensor) -> Tensor:
         """x2d [rows, in] in self.dtype -> [rows, out] via the chosen kernel."""
+        if self.kernel_name.startswith("triton"):
+            from serve_app.model.quant_triton import weight_only_matmul
+
+            return weight_only_matmul(x2d, self.weight, self.weight_scale, self.bits)
         if self.kernel_name == "int8pack_mm":
             x2d = _aligned(x2d) if x2d.is_cpu else x2d.contiguous()
             return torch._weight_int8pack_mm(x2d, self.weight, self.kernel_scale)

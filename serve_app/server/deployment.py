@@ -7,6 +7,7 @@ failure) come back as a final `TextDelta` with `error` set, so the ingress can a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -69,22 +70,41 @@ class ChatGLM2Server:
     def __init__(self, args: AppArgs, pool_name: str):
         import torch
 
-        from serve_app.model.loader import load_model
+        from serve_app.model.loader import load_model, resolve_device
+        from serve_app.server import gpu_share
 
         pool: PoolArgs = args.pool(pool_name)
-        checkpoint = args.checkpoint_of(pool)
+        checkpoint, engine_config, quant = args.checkpoint_of(pool), args.engine_of(pool), args.quant_of(pool)
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         ensure_checkpoint(checkpoint, args.demo_preset_of(pool))
         self.name, self.log_prompts = pool.model, args.log_prompts
         self.tokenizer = ChatGLM2Tokenizer(checkpoint)
-        self.loaded = load_model(checkpoint, pool.precision, args.device)
-        self.engine = Engine(self.loaded, args.engine_of(pool))
+        device = resolve_device(args.device)
+        share = (gpu_share.ray_gpu_share() or 1.0) if device.type == "cuda" else None
+        if share is not None:
+            gpu_share.limit_process(device, share, args.cuda_context_bytes)
+        self.loaded = load_model(checkpoint, pool.precision, args.device, quant_kernel=quant.kernel,
+                                 allow_kernel_fallback=quant.allow_fallback)
+        self.memory_plan = None
+        if share is not None:
+            self.memory_plan = gpu_share.plan_replica(
+                self.loaded, share=share, max_batch_size=engine_config.max_batch_size,
+                max_seq_len=engine_config.max_seq_len or min(self.loaded.config.seq_length, 8192),  # Engine's default
+                prefill_chunk=engine_config.prefill_chunk, kv_cache_bytes=engine_config.kv_cache_bytes,
+                context_bytes=args.cuda_context_bytes,
+            )
+            engine_config = dataclasses.replace(engine_config, kv_cache_bytes=self.memory_plan.kv_cache_bytes)
+        self.engine = Engine(self.loaded, engine_config)
         self.metrics = PoolMetrics(pool.model, read_stats=self.engine.stats)
         self.metrics.start_refresh()  # now if Serve runs __init__ on the replica's loop, else on the first request
+        stats = self.engine.stats()
         logger.info(
-            "pool %s ready: %s on %s, %.1f MB of weights",
-            pool.model, self.loaded.precision, self.loaded.device, self.loaded.weight_bytes() / 1e6,
+            "pool %s ready: %s on %s, kernels %s, %.1f MB of weights, KV cache %.1f MB (%d slots of %d tokens)%s",
+            pool.model, self.loaded.precision, self.loaded.device, self.loaded.kernels or "none (not quantized)",
+            self.loaded.weight_bytes() / 1e6, stats.kv_cache_bytes / 1e6, stats.num_slots, stats.max_seq_len,
+            f", GPU share {share} ({self.memory_plan.budget_bytes / 2**30:.1f} GiB, allocator fraction "
+            f"{self.memory_plan.memory_fraction:.3f})" if self.memory_plan else "",
         )
 
     def _prompt_ids(self, request: TextRequest) -> list[int]:
@@ -155,6 +175,7 @@ class ChatGLM2Server:
         stats["replica_id"] = serve.get_replica_context().replica_id.unique_id
         stats["node_id"] = ray.get_runtime_context().get_node_id()
         stats["gpu_ids"] = [str(gpu) for gpu in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+        stats["memory_plan"] = self.memory_plan.as_dict() if self.memory_plan else None
         return stats
 
     def check_health(self) -> None:

@@ -40,8 +40,13 @@ class PoolMetrics:
         self.queue_depth = Gauge("chatglm2_queue_depth", "requests waiting in the engine", tag_keys=("model",))
         self.running = Gauge("chatglm2_running_sequences", "sequences being decoded", tag_keys=("model",))
         self.kv_usage = Gauge("chatglm2_kv_cache_usage_ratio", "KV cache in use, 0..1", tag_keys=("model",))
+        self.memory = Gauge("chatglm2_memory_bytes", "memory the replica holds: weights, kv_cache, and allocated / "
+                            "reserved / peak_* on a GPU or resident on CPU", tag_keys=("model", "kind"))
+        self.quantized_layers = Gauge("chatglm2_quantized_layers", "quantized layers per kernel they run",
+                                      tag_keys=("model", "kernel"))
         for metric in (self.requests, self.errors, self.generated_tokens, self.prompt_tokens, self.ttft,
-                       self.inter_token, self.queue_depth, self.running, self.kv_usage):
+                       self.inter_token, self.queue_depth, self.running, self.kv_usage, self.memory,
+                       self.quantized_layers):
             metric.set_default_tags({"model": model_name})
         self._refresh_task: asyncio.Task | None = None
 
@@ -55,6 +60,10 @@ class PoolMetrics:
         self.queue_depth.set(stats.waiting)
         self.running.set(stats.running)
         self.kv_usage.set(stats.kv_tokens_in_use / stats.kv_capacity_tokens if stats.kv_capacity_tokens else 0.0)
+        for kind, value in stats.memory_bytes.items():
+            self.memory.set(value, tags={"kind": kind})
+        for kernel, layers in stats.kernels.items():
+            self.quantized_layers.set(layers, tags={"kernel": kernel})
 
     def start_refresh(self) -> bool:
         """Refresh the gauges from `read_stats()` every `refresh_s` on the running event loop.

@@ -66,6 +66,9 @@ class GatedModel:
         self.gate.set()
         self.fail_rows = fail_rows
 
+    def __getattr__(self, name):  # parameters(), buffers() ...: the wrapped model's
+        return getattr(self.model, name)
+
     def __call__(self, input_ids, *args, **kwargs):
         self.gate.wait(timeout=10)
         if input_ids.shape[0] == self.fail_rows:
@@ -294,3 +297,14 @@ def test_free_slots_prefer_the_longest_prefix_then_empty_then_least_recent():
     assert slots.take([1, 2, 3], use_prefix=True) == (0, 0)  # then the least recently cached one
     slots.put(0, a)
     assert slots.take(a, use_prefix=True) == (0, 39)  # the whole prompt cached: its last token still runs
+
+
+def test_stats_report_the_kernels_and_the_memory_held(make_engine, tiny_checkpoint):
+    from serve_app.model.loader import load_model
+
+    stats = make_engine().stats()
+    assert stats.kernels == {}  # fp32: nothing quantized
+    assert stats.memory_bytes["kv_cache"] == stats.kv_cache_bytes > 0
+    assert stats.memory_bytes["weights"] > 0 and stats.memory_bytes["resident"] > 0  # CPU: RSS from /proc
+    int4 = make_engine(load_model(tiny_checkpoint, "int4", "cpu"), max_batch_size=1, max_seq_len=64)
+    assert int4.stats().kernels == {"int4pack_mm_cpu": 8}  # 2 layers x 4 linears

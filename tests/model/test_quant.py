@@ -1,11 +1,14 @@
 """The official int8/int4 format (bit-exact) and every QuantizedLinear kernel against the dequantize reference."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from serve_app.model import quant
 from serve_app.model.quant import (
+    KernelUnavailable,
     QuantizationError,
     QuantizedLinear,
     dequantize,
@@ -197,21 +200,58 @@ def test_unaligned_input_is_safe_for_the_simd_int8_kernel():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unsupported_shapes_fall_back_to_the_reference(bits, dtype):
+def test_unsupported_shapes_are_an_error_unless_the_fallback_is_allowed(bits, dtype):
     for shape in FALLBACK_SHAPES[bits]:
         stored, scale = official(*shape, bits)
-        module = QuantizedLinear.from_official(stored, scale, bits, dtype=dtype, device="cpu")
-        assert module.kernel_name == "dequant"
+        with pytest.raises(KernelUnavailable, match="allow the kernel fallback"):
+            QuantizedLinear.from_official(stored, scale, bits, dtype=dtype, device="cpu")
+        with pytest.warns(RuntimeWarning, match="dequantize"):
+            module = QuantizedLinear.from_official(stored, scale, bits, dtype=dtype, device="cpu", allow_fallback=True)
+        assert module.kernel_name == "dequant" and "needs" in module.fallback_reason
         assert module.weight is not None and module.weight.dtype == torch.int8  # still the official bytes
         for rows in (1, 3):
             assert_matches_reference(module, stored, scale, bits, torch.randn(rows, shape[1]).to(dtype))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_the_reference_path_is_chosen_explicitly_without_a_warning(bits):
+    stored, scale = official(7, 100, bits) if bits == 8 else official(40, 64, bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = QuantizedLinear.from_official(stored, scale, bits, dtype=torch.float32, device="cpu", kernel="dequant")
+    assert module.kernel_name == "dequant" and module.fallback_reason is None
+    assert_matches_reference(module, stored, scale, bits, torch.randn(2, stored.shape[1] * (2 if bits == 4 else 1)))
+
+
+def test_a_kernel_that_disagrees_with_the_reference_is_refused(monkeypatch):
+    stored, scale = official(32, 128, 8)
+    real = QuantizedLinear._kernel_matmul
+    monkeypatch.setattr(QuantizedLinear, "_kernel_matmul", lambda self, x: real(self, x) * 1.1)
+    with pytest.raises(KernelUnavailable, match="disagrees"):
+        QuantizedLinear.from_official(stored, scale, 8, dtype=torch.bfloat16, device="cpu")
+
+
+def test_unknown_kernel_is_a_clear_error():
+    stored, scale = official(32, 128, 8)
+    with pytest.raises(QuantizationError, match="kernel must be one of"):
+        QuantizedLinear.from_official(stored, scale, 8, dtype=torch.bfloat16, device="cpu", kernel="cutlass")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    stored, scale = official(32, 128, 8)
+    with pytest.raises(KernelUnavailable, match="CUDA devices"):
+        QuantizedLinear.from_official(stored, scale, 8, dtype=torch.bfloat16, device="cpu", kernel="triton")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shape", KERNEL_SHAPES + [(40, 64)])
+@pytest.mark.filterwarnings("ignore:native int4 kernel:RuntimeWarning")
 def test_official_state_round_trips_exactly(bits, shape):
     stored, scale = official(*shape, bits)
-    module = QuantizedLinear.from_official(stored, scale, bits, dtype=torch.bfloat16, device="cpu")
+    module = QuantizedLinear.from_official(stored, scale, bits, dtype=torch.bfloat16, device="cpu",
+                                           allow_fallback=True)  # (40, 64) int4: the reference path
     got_stored, got_scale = module.official_state()
     assert torch.equal(got_stored, stored) and torch.equal(got_scale, scale)
     assert module.weight.numel() == stored.numel()  # int4 stays 4-bit in every layout
@@ -260,9 +300,20 @@ def test_identity_decoding_reads_back_an_opaque_int4_layout():
 def test_cuda_module_matches_reference(bits, dtype, shape):
     stored, scale = official(*shape, bits)
     module = QuantizedLinear.from_official(stored, scale, bits, dtype=dtype, device="cuda")
-    if bits == 4 and dtype == torch.bfloat16 and shape[0] % 8 == 0 and shape[1] % 32 == 0:
-        assert module.kernel_name == "int4pack_mm_cuda"
-    for rows in (1, 3, 8):
+    assert module.kernel_name == f"triton_w{bits}a16"  # the Triton kernels take any shape
+    for rows in (1, 3, 8, 40, 100):
         assert_matches_reference(module, stored, scale, bits, torch.randn(rows, shape[1], device="cuda").to(dtype))
     got_stored, got_scale = module.official_state()
     assert torch.equal(got_stored.cpu(), stored) and torch.equal(got_scale.cpu(), scale)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_native_kernels_stay_selectable(bits):
+    stored, scale = official(64, 256, bits)
+    module = QuantizedLinear.from_official(stored, scale, bits, dtype=torch.bfloat16, device="cuda", kernel="native")
+    assert module.kernel_name == ("int8pack_mm" if bits == 8 else "int4pack_mm_cuda")
+    assert_matches_reference(module, stored, scale, bits, torch.randn(3, 256, device="cuda").bfloat16())
+    got_stored, _ = module.official_state()
+    assert torch.equal(got_stored.cpu(), stored)

@@ -127,3 +127,17 @@ def test_quantize_refuses_bad_input(tmp_path, quantized):
     _, out = quantized
     with pytest.raises(CheckpointError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "again", 4)
+
+
+def test_the_kernel_choice_reaches_every_layer_and_a_failing_kernel_stops_the_load(tiny_checkpoint, monkeypatch):
+    from serve_app.model.quant import KernelUnavailable
+
+    assert load_model(tiny_checkpoint, "int8", "cpu").kernels == {"int8pack_mm": 8}  # 2 layers x 4 linears
+    assert load_model(tiny_checkpoint, "int4", "cpu", quant_kernel="dequant").kernels == {"dequant": 8}
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)  # Triton cannot run on CPU then
+    with pytest.raises(KernelUnavailable, match="allow the kernel fallback"):
+        load_model(tiny_checkpoint, "int4", "cpu", quant_kernel="triton")
+    with pytest.warns(RuntimeWarning, match="dequantize"):
+        loaded = load_model(tiny_checkpoint, "int4", "cpu", quant_kernel="triton", allow_kernel_fallback=True)
+    assert loaded.kernels == {"dequant": 8}

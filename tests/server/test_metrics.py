@@ -73,6 +73,7 @@ def test_metrics_are_exported(cluster, traffic):
         "ray_chatglm2_prompt_tokens_total", "ray_chatglm2_time_to_first_token_seconds_count",
         "ray_chatglm2_time_to_first_token_seconds_bucket", "ray_chatglm2_inter_token_latency_seconds_count",
         "ray_chatglm2_queue_depth", "ray_chatglm2_running_sequences", "ray_chatglm2_kv_cache_usage_ratio",
+        "ray_chatglm2_memory_bytes",
     }
     samples: dict = {}
 
@@ -89,6 +90,8 @@ def test_metrics_are_exported(cluster, traffic):
     assert _total(samples, "ray_chatglm2_time_to_first_token_seconds_count") >= 2  # the rejected one has no token
     assert _total(samples, "ray_chatglm2_inter_token_latency_seconds_count") >= 1
     assert 0.0 <= _total(samples, "ray_chatglm2_kv_cache_usage_ratio") <= 1.0
+    assert _total(samples, "ray_chatglm2_memory_bytes", kind="weights") > 0  # fp32 pool: no quantized layers
+    assert _total(samples, "ray_chatglm2_memory_bytes", kind="kv_cache") > 0
     assert {s.labels["deployment"] for s in samples["ray_chatglm2_requests_total"]} == {MODEL}
 
 
@@ -159,4 +162,5 @@ def _stats():
 
     return EngineStats(running=1, waiting=2, free_slots=1, num_slots=2, max_seq_len=64, kv_tokens_in_use=32,
                        kv_capacity_tokens=128, kv_cache_bytes=0, cached_prefix_slots=0, total_requests=3,
-                       finished={}, steps=4)
+                       finished={}, steps=4, kernels={"int4pack_mm_cpu": 8},
+                       memory_bytes={"weights": 10, "resident": 20, "kv_cache": 5})
