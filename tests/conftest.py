@@ -32,3 +32,26 @@ def tiny_fp32(tiny_checkpoint):
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_checkpoint):
+    """(HTTP base URL, gRPC port) of configs/local.yaml served with the tiny checkpoint, shared by every module that
+    uses this fixture (one Ray start-up instead of one per module)."""
+    from tests.serving import demo_service
+
+    return demo_service(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_demo_service_at_the_end():
+    yield
+    from tests.serving import stop_demo_service
+
+    stop_demo_service()
+
+
+def pytest_collection_modifyitems(items):
+    # Modules on the shared demo service run one after another, so it starts once (a stable sort: the order within
+    # each group is kept).
+    items.sort(key=lambda item: "demo" not in item.fixturenames)

@@ -105,7 +105,7 @@ def ws_exchange(url: str, payload: str, headers: dict | None = None) -> tuple[li
 
 
 @contextlib.contextmanager
-def running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
+def _running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
     """Ray (logical num_cpus, other `ray.init` arguments as given) + Serve with `config` deployed on free ports, for
     one test module's fixture. Yields (HTTP base URL, gRPC port or None); shuts Serve and Ray down after, also when
     the deploy fails."""
@@ -120,6 +120,36 @@ def running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
+    """A cluster for one test module (see `_running`); the shared demo service, if up, is stopped first."""
+    stop_demo_service()
+    with _running(config, grpc=grpc, num_cpus=num_cpus, **ray_init) as urls:
+        yield urls
+
+
+class _Demo:
+    stack: contextlib.ExitStack | None = None
+    urls: tuple[str, int | None] | None = None
+
+
+def demo_service(checkpoint: Path) -> tuple[str, int]:
+    """configs/local.yaml (all three pools, gRPC on) served once for every module that needs nothing else: started
+    on first use, kept across modules (tests/conftest.py runs those modules together) and stopped by the next
+    `running()` or at the end of the session. Returns (HTTP base URL, gRPC port)."""
+    if _Demo.stack is None:
+        stack = contextlib.ExitStack()
+        _Demo.urls = stack.enter_context(_running(local_config(checkpoint), grpc=True, num_cpus=3))
+        _Demo.stack = stack
+    return _Demo.urls
+
+
+def stop_demo_service() -> None:
+    if _Demo.stack is not None:
+        stack, _Demo.stack, _Demo.urls = _Demo.stack, None, None
+        stack.close()
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -319,6 +349,7 @@ class LocalCluster:
 @contextlib.contextmanager
 def local_cluster():
     """A `LocalCluster` that is shut down after, also when starting it or a test fails."""
+    stop_demo_service()
     cluster = LocalCluster()
     try:
         yield cluster

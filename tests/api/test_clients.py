@@ -22,20 +22,17 @@ from websockets.sync.client import connect
 from serve_app.api.protos import chatglm2_pb2 as pb
 from serve_app.api.protos.chatglm2_pb2_grpc import ChatGLM2Stub
 from tests import serving
-from tests.serving import engine_stats, local_config, running
+from tests.serving import engine_stats
 
 pytestmark = pytest.mark.slow
-POOLS = ["chatglm2-6b", "chatglm2-6b-int8"]
+POOLS = ["chatglm2-6b", "chatglm2-6b-int8"]  # two of the demo service's three
 METADATA = (("application", "chatglm2"),)
 
 
 @pytest.fixture(scope="module")
-def ports(tiny_checkpoint):
-    """(HTTP port, gRPC port) of the app with two pools."""
-    config = local_config(tiny_checkpoint, pools=[{"model": POOLS[0], "precision": "fp32"},
-                                                  {"model": POOLS[1], "precision": "int8"}])
-    with running(config, grpc=True) as (base_url, grpc_port):
-        yield int(base_url.rsplit(":", 1)[1]), grpc_port
+def ports(demo):
+    """(HTTP port, gRPC port) of the demo service."""
+    return int(demo[0].rsplit(":", 1)[1]), demo[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import engine_stats, local_config, running, wait_for
+from tests.serving import engine_stats, wait_for
 
 pytestmark = pytest.mark.slow
 POOLS = ["chatglm2-6b", "chatglm2-6b-int8", "chatglm2-6b-int4"]
@@ -21,9 +21,8 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint):
-    with running(local_config(tiny_checkpoint), num_cpus=2) as (url, _):
-        yield url
+def base_url(demo):
+    return demo[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ import shutil
 import httpx
 import pytest
 
-from tests.serving import local_config, running
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # In CI (`make test` installs both) a missing browser is a failure, not a skip.
 if os.environ.get("CI"):
@@ -24,17 +22,14 @@ if os.environ.get("CI"):
 else:
     sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")]
-POOLS = ["chatglm2-6b", "chatglm2-6b-int8"]
+POOLS = ["chatglm2-6b", "chatglm2-6b-int8", "chatglm2-6b-int4"]  # the demo service's
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint):
-    config = local_config(tiny_checkpoint, pools=[{"model": POOLS[0], "precision": "fp32"},
-                                                  {"model": POOLS[1], "precision": "int8"}])
-    with running(config) as (url, _):
-        yield url
+def base_url(demo):
+    return demo[0]
 
 
 @pytest.fixture(scope="module")
