@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-import serve_app.engine.engine as engine_module
 from serve_app.engine import sequential
+from serve_app.engine.runner import ModelRunner
 from serve_app.engine.engine import Engine, EngineConfig, FreeSlots
 from serve_app.engine.errors import ContextLengthExceeded, EngineOverloaded, GenerationError, InvalidRequest
 from serve_app.engine.params import SamplingParams
@@ -58,20 +58,20 @@ def make_engine(tiny_fp32):
 
 
 class GatedModel:
-    """Wraps the model: each forward call waits for `gate`; the first call with `fail_rows` rows raises."""
+    """Wraps the model: each packed forward waits for `gate`; the first one of `fail_tokens` tokens raises."""
 
-    def __init__(self, model, fail_rows: int | None = None):
+    def __init__(self, model, fail_tokens: int | None = None):
         self.model = model
         self.gate = threading.Event()
         self.gate.set()
-        self.fail_rows = fail_rows
+        self.fail_tokens = fail_tokens
 
-    def __call__(self, input_ids, *args, **kwargs):
+    def forward_packed(self, plan, *args, **kwargs):
         self.gate.wait(timeout=10)
-        if input_ids.shape[0] == self.fail_rows:
-            self.fail_rows = None
+        if plan.num_tokens == self.fail_tokens:
+            self.fail_tokens = None
             raise RuntimeError("simulated device failure")
-        return self.model(input_ids, *args, **kwargs)
+        return self.model.forward_packed(plan, *args, **kwargs)
 
 
 def test_concurrent_greedy_equals_one_at_a_time(make_engine, tiny_fp32):
@@ -169,17 +169,21 @@ class PoisonedParams(SamplingParams):
 
 
 def test_an_error_in_one_request_leaves_the_others_intact(make_engine, tiny_fp32, monkeypatch):
-    real_choose_token = engine_module.choose_token
+    real_forward = ModelRunner._forward
     calls: dict[int, int] = {}
 
-    def choose_token(logits, params, generator):
-        if isinstance(params, PoisonedParams):
-            calls[id(params)] = calls.get(id(params), 0) + 1
-            if calls[id(params)] > 2:
-                logits = torch.full_like(logits, float("nan"))
-        return real_choose_token(logits, params, generator)
+    def forward(self, work):
+        """The poisoned request's logits row turns to NaN from its third token on; sampling must notice."""
+        logits, positions = real_forward(self, work)
+        logits = logits.clone()
+        for row, item in enumerate(w for w in work if w.params is not None):
+            if isinstance(item.params, PoisonedParams):
+                calls[id(item.params)] = calls.get(id(item.params), 0) + 1
+                if calls[id(item.params)] > 2:
+                    logits[row] = float("nan")
+        return logits, positions
 
-    monkeypatch.setattr(engine_module, "choose_token", choose_token)
+    monkeypatch.setattr(ModelRunner, "_forward", forward)
     engine = make_engine()
     prompts = [random_prompt(6 + 5 * i, 300 + i) for i in range(3)]
 
@@ -203,8 +207,8 @@ def test_an_error_in_one_request_leaves_the_others_intact(make_engine, tiny_fp32
 
 
 def test_a_failed_forward_fails_the_running_requests_and_the_engine_recovers(make_engine, tiny_fp32):
-    # The first decode step that batches both requests fails.
-    engine = make_engine(dataclasses.replace(tiny_fp32, model=GatedModel(tiny_fp32.model, fail_rows=2)))
+    # The first decode step that batches both requests (two tokens) fails.
+    engine = make_engine(dataclasses.replace(tiny_fp32, model=GatedModel(tiny_fp32.model, fail_tokens=2)))
     prompt = random_prompt(11, 4)
 
     async def main():
