@@ -144,6 +144,8 @@ class DecodeGraphs:
                  buckets: tuple[int, ...] = BUCKETS):
         if cache.scratch_slot is None:
             raise ValueError("decode graphs need a KV cache with a scratch slot for padding rows")
+        if attention.name != "flex":
+            raise ValueError("decode graphs need the flex attention backend (its inputs are fixed-shape tensors)")
         self.model, self.cache, self.attention, self.device = model, cache, attention, device
         self.capture = capture
         self.buckets = buckets_for(cache.num_slots, buckets)

@@ -298,3 +298,23 @@ def test_free_slots_prefer_the_longest_prefix_then_empty_then_least_recent():
     assert slots.take([1, 2, 3], use_prefix=True) == (0, 0)  # then the least recently cached one
     slots.put(0, a)
     assert slots.take(a, use_prefix=True) == (0, 39)  # the whole prompt cached: its last token still runs
+
+
+def test_greedy_ids_equal_the_no_cache_reference(make_engine, tiny_fp32):
+    """fp32 greedy through packed steps (chunked prefill, mixed batches) = recomputing the whole sequence each token
+    with plain causal attention, the path the old per-sequence engine was checked against."""
+    engine = make_engine(max_batch_size=3, prefill_chunk=8)
+    prompts = [random_prompt(n, 40 + n) for n in (5, 19, 12, 30)]
+
+    def reference(prompt: list[int], count: int) -> list[int]:
+        tokens = list(prompt)
+        for _ in range(count):
+            logits = tiny_fp32.model(torch.tensor([tokens]), torch.arange(len(tokens))[None], last_only=True)
+            tokens.append(int(logits[0, -1].argmax()))
+        return tokens[len(prompt) :]
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, greedy(10)) for p in prompts))
+
+    for (tokens, _), prompt in zip(asyncio.run(main()), prompts):
+        assert tokens == reference(prompt, 10)
