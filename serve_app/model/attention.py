@@ -146,9 +146,8 @@ class FlexSlotAttention:
     name = "flex"
 
     def __init__(self, compile: bool = False):
-        from torch.nn.attention.flex_attention import flex_attention
-
-        self._flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+        # Compiled as a whole (block mask included), so the per-step mask_mod closure is traced, not a new input.
+        self._decode = torch.compile(flex_decode) if compile else flex_decode
         self._fallback = SlotViewAttention()
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
@@ -156,11 +155,18 @@ class FlexSlotAttention:
             return self._fallback(q, layer_k, layer_v, plan)
         tokens, heads, dim = q.shape
         groups, slots, max_len, _ = layer_k.shape
-        block_mask = decode_block_mask(plan.decode_slots, plan.decode_lens, slots, max_len)
         keys = layer_k.view(1, groups, slots * max_len, dim)  # the cache as one sequence: no copy
         values = layer_v.view(1, groups, slots * max_len, dim)
-        out = self._flex(q[:, :, None].to(keys.dtype), keys, values, block_mask=block_mask, enable_gqa=True)
+        out = self._decode(q[:, :, None].to(keys.dtype), keys, values, plan.decode_slots, plan.decode_lens, max_len)
         return out.to(q.dtype).reshape(tokens, heads * dim)  # [N, heads, 1, D] -> [N, heads * D]
+
+
+def flex_decode(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lens: Tensor, max_len: int) -> Tensor:
+    """q [B, heads, 1, D]; keys/values [1, G, slots * max_len, D]; slots, lens [B] -> [B, heads, 1, D]."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = decode_block_mask(slots, lens, keys.shape[2] // max_len, max_len)
+    return flex_attention(q, keys, values, block_mask=block_mask, enable_gqa=True)
 
 
 def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, max_len: int):

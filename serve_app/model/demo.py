@@ -56,23 +56,25 @@ def _seed(name: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
-def random_tensors(config: ChatGLM2Config, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Official names and shapes, fp16. Scaled so activations stay O(1) and logits are spread out (no ties)."""
+def random_tensors(config: ChatGLM2Config, seed: int = 0, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Official names and shapes, fp16. Scaled so activations stay O(1) and logits are spread out (no ties).
+
+    Made on `device` (the same seed gives different values on different device types: their generators differ)."""
     for name, shape in expected_shapes(config).items():
-        generator = torch.Generator().manual_seed(_seed(name, seed))
+        generator = torch.Generator(device=device).manual_seed(_seed(name, seed))
         if name.endswith("inv_freq"):
             rot_dim = config.kv_channels // 2
-            tensor = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+            tensor = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
         elif name.endswith("layernorm.weight"):
-            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
         elif name.endswith(".bias"):
-            tensor = 0.1 * torch.randn(shape, generator=generator)
+            tensor = 0.1 * torch.randn(shape, generator=generator, device=device)
         elif "word_embeddings" in name:
-            tensor = torch.randn(shape, generator=generator)
+            tensor = torch.randn(shape, generator=generator, device=device)
         else:
             fan_in = shape[1]
             gain = 4.0 if "output_layer" in name else 1.0
-            tensor = torch.randn(shape, generator=generator) * (gain / math.sqrt(fan_in))
+            tensor = torch.randn(shape, generator=generator, device=device) * (gain / math.sqrt(fan_in))
         yield name, tensor.to(torch.float16)
 
 
@@ -105,3 +107,54 @@ def write_demo_checkpoint(
             safetensors=safetensors,
             max_shard_bytes=max_shard_bytes,
         )
+
+
+def random_model(
+    preset: str, precision: str = "auto", device: str = "auto", *, seed: int = 0, weights_device: str | None = None
+):
+    """A LoadedModel of `preset` with random weights made directly on the target device: no checkpoint, no tokenizer.
+
+    For benchmarks where no checkpoint can be written or read (a GPU machine with only torch). `weights_device`
+    makes the tensors elsewhere first (e.g. "cpu", so a CPU and a GPU model get identical weights). The config uses
+    the preset's nominal SentencePiece size, so padded_vocab_size is that of a demo checkpoint of the preset.
+    """
+    from torch import nn
+
+    from serve_app.model import quant
+    from serve_app.model.chatglm2 import ChatGLM2ForCausalLM
+    from serve_app.model.checkpoint import is_quantized_weight
+    from serve_app.model.loader import KERNEL_DTYPE, LoadedModel, resolve_device, resolve_precision
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    config = preset_config(preset, PRESETS[preset][1])
+    torch_device = resolve_device(device)
+    precision, dtype = resolve_precision(precision, config, torch_device)
+    bits = {"int8": 8, "int4": 4}.get(precision, 0)
+    side_dtype = torch.float16 if bits else dtype  # embedding and output layer, as load_model keeps them
+    with torch.device("meta"):
+        model = ChatGLM2ForCausalLM(config)
+    for name, tensor in random_tensors(config, seed, weights_device or torch_device):
+        if name.endswith("inv_freq"):
+            continue
+        layer, _, attr = name.rpartition(".")
+        parent, _, child = layer.rpartition(".")
+        tensor = tensor.to(torch_device)
+        if bits and is_quantized_weight(name):
+            q, scale = quant.quantize_rows(tensor, bits)
+            old = model.get_submodule(layer)
+            bias = old.bias if getattr(old, "bias", None) is not None and old.bias.device.type != "meta" else None
+            new = quant.QuantizedLinear.from_official(
+                quant.pack_int4(q) if bits == 4 else q, scale, bits, dtype=KERNEL_DTYPE, device=torch_device, bias=bias
+            )
+            setattr(model.get_submodule(parent), child, new)
+            continue
+        target = side_dtype if name.startswith(("transformer.embedding", "transformer.output_layer")) else dtype
+        module = model.get_submodule(layer)
+        value = tensor.to(target)
+        if isinstance(module, quant.QuantizedLinear):  # the qkv bias after its (already quantized) weight
+            module.bias = value.to(dtype)
+        else:
+            setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    model.eval()
+    return LoadedModel(model, config, Path(f"random-{preset}"), precision, dtype, torch_device)

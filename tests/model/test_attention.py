@@ -58,3 +58,15 @@ def test_plan_reads_token_positions_from_spans():
     assert decode.decode_slots.tolist() == [2, 0] and decode.decode_lens.tolist() == [6, 10]
     with pytest.raises(ValueError):
         plan_step([Span(0, 2, 0, 0)], [1], 16, "cpu")
+
+
+def test_random_model_equals_the_demo_checkpoint(tiny_fp32):
+    """Random weights made in memory (the benchmarks' --random-weights) are the demo checkpoint's weights."""
+    from serve_app.model.demo import random_model
+
+    loaded = random_model("tiny", "fp32", "cpu")
+    assert loaded.config.padded_vocab_size == tiny_fp32.config.padded_vocab_size
+    tokens = torch.tensor([ids(12, 5)])
+    torch.testing.assert_close(loaded.model(tokens, torch.arange(12)[None]),
+                               tiny_fp32.model(tokens, torch.arange(12)[None]), rtol=0, atol=0)
+    assert random_model("tiny", "int8", "cpu").precision == "int8"
