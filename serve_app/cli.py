@@ -323,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0 = "
                        "greedy); the official api.py defaults are 0.95 with --top-p 0.7")
     bench.add_argument("--top-p", type=float, default=1.0)
-    bench.add_argument("--attention", choices=("auto", "slot-view", "flex"), default="auto",
-                       help="engine attention backend (auto: flex on CUDA, slot views on CPU)")
+    bench.add_argument("--attention", choices=("auto", "slot-view", "flex", "gather"), default="auto",
+                       help="engine attention backend (auto: flex on CUDA, slot views on CPU; gather: the old "
+                       "formulation, for comparison)")
     bench.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay decode steps from CUDA graphs (default: on CUDA)")
     bench.add_argument("--bandwidth-gbs", type=float, default=None,

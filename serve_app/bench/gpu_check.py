@@ -6,6 +6,9 @@ modules only (a test runs it with ray, pydantic, fastapi, sentencepiece and frie
 `gpu_check.json` and `gpu_check.md` in the output directory as soon as it finishes, and a section that fails records
 its error and lets the next one run, so one failure does not cost the rest.
 
+Sections, most valuable first: environment, correctness, decode (per precision, with memory), throughput, attention
+(decode step per attention backend, graphs on and off).
+
 `--tiny-cpu` runs every section on CPU with the tiny preset and a few tokens: what the test suite runs here.
 """
 
@@ -163,8 +166,10 @@ def section_correctness(plan: Plan) -> tuple[dict, str]:
     return result, "\n".join(lines)
 
 
-def _decode_step_ms(loaded, batch: int, steps: int, prompt_len: int) -> float:
-    runner = ModelRunner(loaded, batch, prompt_len + steps + 2)
+def _decode_step_ms(loaded, batch: int, steps: int, prompt_len: int, attention: str = "auto",
+                    graphs: bool | None = None) -> float:
+    """Median decode step (ms) of `batch` rows after a `prompt_len` prefill, first step (capture) excluded."""
+    runner = ModelRunner(loaded, batch, prompt_len + steps + 2, attention=attention, graphs=graphs)
     greedy = SamplingParams()
     tokens = runner.step([Work(list(range(10, 10 + prompt_len)), slot, 0, greedy) for slot in range(batch)])
     timings = []
@@ -267,19 +272,47 @@ def section_throughput(plan: Plan) -> tuple[dict, str]:
     return result, "```\n" + "\n".join(text) + "\n```"
 
 
+def section_attention_ablation(plan: Plan) -> tuple[dict, str]:
+    """Decode step time per attention backend, with and without graphs: the measurement the GPU choice rests on."""
+    precision = plan.precisions[0]
+    loaded = random_model(plan.big, precision, plan.device)
+    variants = [("flex", None), ("flex", False), ("slot-view", False), ("gather", False)]
+    if plan.device != "cuda":
+        variants = [("slot-view", False), ("gather", False), ("flex", False)]  # no graphs, eager flex on CPU
+    prompt_len = 256 if plan.device == "cuda" else 16
+    batches = (1, 64) if plan.device == "cuda" else (1, 4)
+    result: dict = {"preset": plan.big, "precision": precision, "prompt_tokens": prompt_len, "step_ms": {}}
+    lines = ["| attention | graphs | " + " | ".join(f"step ms, batch {b}" for b in batches) + " |",
+             "|---|---|" + "---|" * len(batches)]
+    for attention, graphs in variants:
+        label = f"{attention}, graphs {'on' if graphs is None and plan.device == 'cuda' else 'off'}"
+        cells = []
+        for batch in batches:
+            try:
+                ms = _decode_step_ms(loaded, batch, plan.decode_steps, prompt_len, attention, graphs)
+                result["step_ms"][f"{label}, batch {batch}"] = ms
+                cells.append(f"{ms:.2f}")
+            except Exception as exc:
+                result["step_ms"][f"{label}, batch {batch}"] = f"{type(exc).__name__}: {exc}"
+                cells.append(f"FAILED: `{type(exc).__name__}: {str(exc)[:80]}`")
+        lines.append(f"| {attention} | {label.split('graphs ')[1]} | " + " | ".join(cells) + " |")
+    return result, "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_check_out"),
                         help="results directory (default: $OUT, else ./gpu_check_out)")
     parser.add_argument("--tiny-cpu", action="store_true", help="every section on CPU with the tiny preset")
-    parser.add_argument("--sections", default="environment,correctness,decode,throughput")
+    parser.add_argument("--sections", default="environment,correctness,decode,throughput,attention")
     args = parser.parse_args(argv)
     plan = CPU_PLAN if args.tiny_cpu else GPU_PLAN
     if plan.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --tiny-cpu")
     report = Report(args.out)
     sections = {"environment": section_environment, "correctness": section_correctness,
-                "decode": section_decode_and_memory, "throughput": section_throughput}
+                "decode": section_decode_and_memory, "throughput": section_throughput,
+                "attention": section_attention_ablation}
     for name in args.sections.split(","):
         run_section(report, name, lambda: sections[name](plan))
     failed = [name for name, result in report.sections.items() if "error" in result]

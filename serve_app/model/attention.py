@@ -4,7 +4,7 @@ A step packs every scheduled token into one row of N tokens: each sequence contr
 chunk or one decode token). The host knows every span's slot, first position and length, so nothing in here reads a
 tensor back from the device.
 
-Two backends, chosen by measurement (docs/design.md, "Attention"):
+Two backends, chosen by measurement (docs/design.md, "Attention"), and the old formulation as a baseline:
 
 - `SlotViewAttention` (eager; the CPU path): one grouped matmul per span against the span's own slot, taken as a
   view of the cache (no gather, no boolean mask; each sequence reads exactly its own keys). Query heads are grouped
@@ -14,6 +14,8 @@ Two backends, chosen by measurement (docs/design.md, "Attention"):
   of `slots * max_len` tokens and a block mask that points each decode row at its own slot's blocks up to its length,
   so the kernel skips every other block. Its inputs are tensors of fixed shape (slot and length per row), so a decode
   step can be captured in a CUDA graph. Prefill spans still go through the slot-view path.
+- `GatherAttention` (`--attention gather`): what the engine did before, gathering every decode row's slot up to the
+  longest row and calling SDPA with a boolean mask; kept so benchmarks can compare against it in one run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 FLEX_BLOCK = 128  # key block of the flex block mask; the cache's max_len is a multiple of it for this backend
@@ -161,6 +164,28 @@ class FlexSlotAttention:
         return out.to(q.dtype).reshape(tokens, heads * dim)  # [N, heads, 1, D] -> [N, heads * D]
 
 
+class GatherAttention:
+    """The formulation this module replaced, kept as a measured baseline (`--attention gather`): decode rows gather
+    their slots' keys up to the longest row with index_select and call SDPA with a boolean mask. Prefill spans go
+    through `SlotViewAttention`."""
+
+    name = "gather"
+
+    def __init__(self):
+        self._fallback = SlotViewAttention()
+
+    def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
+        if plan.decode_slots is None:
+            return self._fallback(q, layer_k, layer_v, plan)
+        span = max(s.kv_len for s in plan.spans)  # known on the host
+        keys = layer_k[:, :, :span].index_select(1, plan.decode_slots).transpose(0, 1).to(q.dtype)  # [B, G, S, D]
+        values = layer_v[:, :, :span].index_select(1, plan.decode_slots).transpose(0, 1).to(q.dtype)
+        mask = torch.arange(span, device=q.device)[None, :] < plan.decode_lens[:, None]  # [B, S]
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
+                                             enable_gqa=True)  # [B, heads, 1, D]
+        return out.reshape(q.shape[0], -1)
+
+
 def flex_decode(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lens: Tensor, max_len: int) -> Tensor:
     """q [B, heads, 1, D]; keys/values [1, G, slots * max_len, D]; slots, lens [B] -> [B, heads, 1, D]."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -195,7 +220,7 @@ def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, max_len: int)
     )
 
 
-BACKENDS = ("auto", "slot-view", "flex")
+BACKENDS = ("auto", "slot-view", "flex", "gather")
 
 
 def make_backend(name: str, device: torch.device):
@@ -206,4 +231,6 @@ def make_backend(name: str, device: torch.device):
         name = "flex" if device.type == "cuda" else "slot-view"
     if name == "flex":
         return FlexSlotAttention(compile=device.type == "cuda")
+    if name == "gather":
+        return GatherAttention()
     return SlotViewAttention()

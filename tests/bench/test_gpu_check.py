@@ -32,11 +32,12 @@ def test_gpu_check_runs_on_cpu_without_the_serving_stack(tmp_path):
                          text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert list(results) == ["environment", "correctness", "decode", "throughput"]
+    assert list(results) == ["environment", "correctness", "decode", "throughput", "attention"]
     assert not [name for name, section in results.items() if "error" in section]
     assert results["correctness"]["engine_concurrent_vs_alone"]["greedy"]["identical_sequences"] == 8
     assert set(results["decode"]["precisions"]) == {"fp32", "int8", "int4"}
     assert "## throughput" in (tmp_path / "out" / "gpu_check.md").read_text()
+    assert all(isinstance(ms, float) for ms in results["attention"]["step_ms"].values())
 
 
 def test_the_blocker_blocks(tmp_path):

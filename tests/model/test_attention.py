@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.model.attention import FlexSlotAttention, SlotViewAttention, Span, plan_step
+from serve_app.model.attention import FlexSlotAttention, GatherAttention, SlotViewAttention, Span, plan_step
 from serve_app.model.chatglm2 import KVCache
 
 
@@ -20,7 +20,8 @@ def full_logits(loaded, tokens: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("backend", [SlotViewAttention(), FlexSlotAttention()], ids=["slot-view", "flex"])
+@pytest.mark.parametrize("backend", [SlotViewAttention(), FlexSlotAttention(), GatherAttention()],
+                         ids=["slot-view", "flex", "gather"])
 def test_packed_step_equals_each_sequence_alone(tiny_fp32, backend):
     model, config = tiny_fp32.model, tiny_fp32.config
     a, b, c = ids(20, 1), ids(9, 2), ids(13, 3)
@@ -70,3 +71,17 @@ def test_random_model_equals_the_demo_checkpoint(tiny_fp32):
     torch.testing.assert_close(loaded.model(tokens, torch.arange(12)[None]),
                                tiny_fp32.model(tokens, torch.arange(12)[None]), rtol=0, atol=0)
     assert random_model("tiny", "int8", "cpu").precision == "int8"
+
+
+@pytest.mark.slow
+def test_compiled_flex_decode_equals_eager():
+    """The GPU path compiles flex_decode as a whole (block mask included); dynamo must trace it. Compiling for CPU
+    takes a minute or two here, hence slow."""
+    from serve_app.model.attention import flex_decode
+
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 1, 2, 4 * 256, 32, generator=generator)  # [1, G, slots * max_len, D] each
+    slots, lens = torch.tensor([2, 0, 3]), torch.tensor([5, 140, 256])
+    q = torch.randn(3, 8, 1, 32, generator=generator)
+    compiled = torch.compile(flex_decode)(q, keys, values, slots, lens, 256)
+    torch.testing.assert_close(compiled, flex_decode(q, keys, values, slots, lens, 256), rtol=1e-4, atol=1e-4)
