@@ -178,8 +178,9 @@ class GatherAttention:
         if plan.decode_slots is None:
             return self._fallback(q, layer_k, layer_v, plan)
         span = max(s.kv_len for s in plan.spans)  # known on the host
-        keys = layer_k[:, :, :span].index_select(1, plan.decode_slots).transpose(0, 1).to(q.dtype)  # [B, G, S, D]
-        values = layer_v[:, :, :span].index_select(1, plan.decode_slots).transpose(0, 1).to(q.dtype)
+        # [G, slots, len, D] viewed slot-major, gathered to a contiguous [B, G, span, D] as the old layout was.
+        keys = layer_k.transpose(0, 1)[:, :, :span].index_select(0, plan.decode_slots).to(q.dtype)
+        values = layer_v.transpose(0, 1)[:, :, :span].index_select(0, plan.decode_slots).to(q.dtype)
         mask = torch.arange(span, device=q.device)[None, :] < plan.decode_lens[:, None]  # [B, S]
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
                                              enable_gqa=True)  # [B, heads, 1, D]
