@@ -13,7 +13,8 @@ Two backends, chosen by measurement (docs/design.md, "Attention"), and the old f
 - `FlexSlotAttention` (the GPU decode path): `flex_attention` with the whole layer cache as one key/value sequence
   of `slots * max_len` tokens and a block mask that points each decode row at its own slot's blocks up to its length,
   so the kernel skips every other block. Its inputs are tensors of fixed shape (slot and length per row), so a decode
-  step can be captured in a CUDA graph. Prefill spans still go through the slot-view path.
+  step can be captured in a CUDA graph. In a mixed step the decode rows still go through flex and the prefill spans
+  through the slot-view path.
 - `GatherAttention` (`--attention gather`): what the engine did before, gathering every decode row's slot up to the
   longest row and calling SDPA with a boolean mask; kept so benchmarks can compare against it in one run.
 """
@@ -50,7 +51,8 @@ class StepPlan:
 
     input_ids, positions, write_index: [N] int64 (write_index = slot * max_len + position: where each token's K/V goes).
     logit_rows: [R] int64, the packed rows whose logits are wanted (usually each span's last token).
-    decode_slots, decode_lens: [N] int64, set when every span is one token (the flex backend's inputs).
+    decode_rows, decode_slots, decode_lens: [D] int64 for the one-token spans (the flex backend's inputs), None when
+    there are none; decode_rows is None too when every span is one token (then the decode rows are all rows).
     """
 
     spans: list[Span]
@@ -60,6 +62,7 @@ class StepPlan:
     logit_rows: Tensor
     decode_slots: Tensor | None = None
     decode_lens: Tensor | None = None
+    decode_rows: Tensor | None = None
     _masks: dict[int, Tensor] = field(default_factory=dict)
 
     @property
@@ -91,10 +94,9 @@ def plan_step(
     positions = [p for s in spans for p in range(s.position, s.kv_len)]
     write_index = [s.slot * max_len + p for s in spans for p in range(s.position, s.kv_len)]
     rows = logit_rows if logit_rows is not None else [s.start + s.length - 1 for s in spans]
-    decode = all(s.length == 1 for s in spans)
+    decode = [s for s in spans if s.length == 1]
     host = token_ids + positions + write_index + rows
-    if decode:
-        host += [s.slot for s in spans] + [s.kv_len for s in spans]
+    host += [s.slot for s in decode] + [s.kv_len for s in decode] + [s.start for s in decode]
     packed = torch.tensor(host, dtype=torch.int64)
     if torch.device(device).type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
@@ -103,8 +105,11 @@ def plan_step(
         raise ValueError(f"{len(token_ids)} token ids for spans covering {n} tokens")
     plan = StepPlan(spans, packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], packed[3 * n : 3 * n + r])
     if decode:
-        plan.decode_slots = packed[3 * n + r : 4 * n + r]
-        plan.decode_lens = packed[4 * n + r :]
+        d, base = len(decode), 3 * n + r
+        plan.decode_slots = packed[base : base + d]
+        plan.decode_lens = packed[base + d : base + 2 * d]
+        if d < len(spans):
+            plan.decode_rows = packed[base + 2 * d : base + 3 * d]
     return plan
 
 
@@ -113,16 +118,18 @@ class SlotViewAttention:
 
     name = "slot-view"
 
-    def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
+    def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan, skip_single: bool = False):
         """q [N, heads, D]; layer_k/v [kv_heads, slots, max_len, D] (the cache, already holding this step's keys).
 
-        Returns [N, heads * D]."""
+        Returns [N, heads * D]. With skip_single, one-token spans are left for the caller (their rows unset)."""
         tokens, heads, dim = q.shape
         groups = layer_k.shape[0]
         per_group = heads // groups
         scale = 1.0 / math.sqrt(dim)
         out = q.new_empty(tokens, heads * dim)
         for index, span in enumerate(plan.spans):
+            if skip_single and span.length == 1:
+                continue
             t, length = span.length, span.kv_len
             keys = layer_k[:, span.slot, :length].to(q.dtype)  # [G, L, D], a view when dtypes agree
             values = layer_v[:, span.slot, :length].to(q.dtype)
@@ -156,12 +163,17 @@ class FlexSlotAttention:
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
         if plan.decode_slots is None:
             return self._fallback(q, layer_k, layer_v, plan)
-        tokens, heads, dim = q.shape
-        groups, slots, max_len, _ = layer_k.shape
+        groups, slots, max_len, dim = layer_k.shape
         keys = layer_k.view(1, groups, slots * max_len, dim)  # the cache as one sequence: no copy
         values = layer_v.view(1, groups, slots * max_len, dim)
-        out = self._decode(q[:, :, None].to(keys.dtype), keys, values, plan.decode_slots, plan.decode_lens, max_len)
-        return out.to(q.dtype).reshape(tokens, heads * dim)  # [N, heads, 1, D] -> [N, heads * D]
+        rows = q if plan.decode_rows is None else q[plan.decode_rows]  # [D, heads, D]
+        out = self._decode(rows[:, :, None].to(keys.dtype), keys, values, plan.decode_slots, plan.decode_lens, max_len)
+        out = out.to(q.dtype).flatten(1)  # [D, heads, 1, D] -> [D, heads * D]
+        if plan.decode_rows is None:
+            return out
+        # A mixed step: prefill spans through slot views, then the decode rows' flex results in their places.
+        merged = self._fallback(q, layer_k, layer_v, plan, skip_single=True)
+        return merged.index_copy_(0, plan.decode_rows, out)
 
 
 class GatherAttention:
@@ -175,7 +187,7 @@ class GatherAttention:
         self._fallback = SlotViewAttention()
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
-        if plan.decode_slots is None:
+        if plan.decode_slots is None or plan.decode_rows is not None:
             return self._fallback(q, layer_k, layer_v, plan)
         span = max(s.kv_len for s in plan.spans)  # known on the host
         # [G, slots, len, D] viewed slot-major, gathered to a contiguous [B, G, span, D] as the old layout was.

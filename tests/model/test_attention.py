@@ -54,9 +54,13 @@ def test_plan_reads_token_positions_from_spans():
     plan = plan_step([Span(0, 3, 2, 5), Span(3, 1, 0, 9)], [7, 8, 9, 10], 16, "cpu")
     assert plan.positions.tolist() == [5, 6, 7, 9]
     assert plan.write_index.tolist() == [2 * 16 + 5, 2 * 16 + 6, 2 * 16 + 7, 9]
-    assert plan.logit_rows.tolist() == [2, 3] and plan.decode_slots is None
+    assert plan.logit_rows.tolist() == [2, 3]
+    assert (plan.decode_rows.tolist(), plan.decode_slots.tolist(), plan.decode_lens.tolist()) == ([3], [0], [10])
     decode = plan_step([Span(0, 1, 2, 5), Span(1, 1, 0, 9)], [1, 2], 16, "cpu")
     assert decode.decode_slots.tolist() == [2, 0] and decode.decode_lens.tolist() == [6, 10]
+    assert decode.decode_rows is None  # all rows
+    prefill = plan_step([Span(0, 2, 1, 0)], [1, 2], 16, "cpu")
+    assert prefill.decode_slots is None and prefill.decode_rows is None
     with pytest.raises(ValueError):
         plan_step([Span(0, 2, 0, 0)], [1], 16, "cpu")
 
