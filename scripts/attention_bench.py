@@ -53,7 +53,8 @@ def main() -> None:
         spans = [Span(i, 1, s, n - 1) for i, (s, n) in enumerate(zip(row_slots, lengths))]
         plan = plan_step(spans, [0] * rows, max_len, args.device)
         q = torch.randn(rows, heads, dim, generator=generator).to(args.device)
-        cells = [f"{best_ms(lambda b=b: b(q, cache_k, cache_v, plan), args.runs):.3f} ms" for b in backends]
+        cells = [f"{best_ms(lambda b=b, q=q, plan=plan: b(q, cache_k, cache_v, plan), args.runs):.3f} ms"
+                 for b in backends]
         print(f"| {rows} x {'up to ' if rows > 1 else ''}{context} | " + " | ".join(cells) + " |")
 
 

@@ -12,19 +12,26 @@ new one again with temperature 0.95 / top_p 0.7, then 2 requests one at a time (
 the engine at concurrency 1; the order alternates between rounds. Prints per-round output tok/s, medians, and
 whether greedy ids were identical.
 """
-import asyncio, sys, time, statistics
+import asyncio
+import statistics
+import sys
+import time
+
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, ".")
 import torch
+
 torch.set_num_threads(2)
-import serve_app, serve_app_old
-from serve_app.model.loader import load_model as load_new
-from serve_app_old.model.loader import load_model as load_old
-from serve_app.engine.engine import Engine as NewEngine, EngineConfig as NewConfig
-from serve_app_old.engine.engine import Engine as OldEngine, EngineConfig as OldConfig
-from serve_app.engine.params import SamplingParams as NewParams
+from serve_app_old.engine.engine import Engine as OldEngine
+from serve_app_old.engine.engine import EngineConfig as OldConfig
 from serve_app_old.engine.params import SamplingParams as OldParams
-from serve_app.engine.sequential import generate as gen_new
 from serve_app_old.engine.sequential import generate as gen_old
+from serve_app_old.model.loader import load_model as load_old
+
+from serve_app.engine.engine import Engine as NewEngine
+from serve_app.engine.engine import EngineConfig as NewConfig
+from serve_app.engine.params import SamplingParams as NewParams
+from serve_app.engine.sequential import generate as gen_new
+from serve_app.model.loader import load_model as load_new
 
 CK = sys.argv[2]; PROMPT, NEW, CONC = 128, 32, 16
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 3
@@ -77,7 +84,7 @@ for r in range(ROUNDS):
     print(r, {k: round(v[-1], 1) for k, v in results.items()}, "greedy ids old==new:", same[-1], flush=True)
 med = {k: statistics.median(v) for k, v in results.items()}
 print("median out tok/s:", {k: round(v, 1) for k, v in med.items()})
-print("speedup c16/seq: old %.2fx new %.2fx; top_p/greedy new c16: %.2f; new/old c16 %.2f, seq %.2f, c1 %.2f" % (
+print("speedup c16/seq: old {:.2f}x new {:.2f}x; top_p/greedy new c16: {:.2f}; new/old c16 {:.2f}, seq {:.2f}, c1 {:.2f}".format(
     med["old c16"] / med["old seq"], med["new c16"] / med["new seq"], med["new c16 top_p"] / med["new c16"],
     med["new c16"] / med["old c16"], med["new seq"] / med["old seq"], med["new c1"] / med["old c1"]))
 print("per-round ratios new/old c16:", [round(n / o, 2) for n, o in zip(results["new c16"], results["old c16"])])

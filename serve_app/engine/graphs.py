@@ -65,20 +65,18 @@ def cuda_graph_capture(pool=None) -> Capture:
 
 @dataclass
 class DecodeRows:
-    """One decode step on the host: per row its input token, slot, position, settings and noise seed."""
+    """One decode step on the host: per row its input token, slot and position (sampling settings travel apart)."""
 
     token_ids: list[int]
     slots: list[int]
     positions: list[int]  # position of the input token (its K/V is written there)
-    settings: list  # SamplingParams per row
-    seeds: list[int]
 
 
 class StaticDecode:
     """The static buffers of one bucket; `fill` copies a step's rows in and pads the rest."""
 
     def __init__(self, rows: int, cache: KVCache, device):
-        long = dict(dtype=torch.int64, device=device)
+        long = {"dtype": torch.int64, "device": device}
         self.rows = rows
         self.scratch = cache.scratch_slot
         self.max_len = cache.max_len

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from serve_app.engine.graphs import BUCKETS, Capture, DecodeGraphs, DecodeRows, cuda_graph_capture
 from serve_app.engine.params import SamplingParams
 from serve_app.engine.sampling import SamplingTensors, sample
@@ -73,10 +71,7 @@ class ModelRunner:
         )
         decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work)
         if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:
-            rows = DecodeRows(
-                [w.token_ids[0] for w in work], [w.slot for w in work], [w.position for w in work],
-                [w.params for w in work], [w.seed for w in work],
-            )
+            rows = DecodeRows([w.token_ids[0] for w in work], [w.slot for w in work], [w.position for w in work])
             ids = self.graphs.run(rows, settings).tolist()
         else:
             logits, sample_positions = self._forward(work)

@@ -28,7 +28,7 @@ def test_gpu_check_runs_on_cpu_without_the_serving_stack(tmp_path):
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
     env = os.environ | {"PYTHON": sys.executable, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}",
                         "OUT": str(tmp_path / "out")}
-    run = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--tiny-cpu"], env=env, capture_output=True,
+    run = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--tiny-cpu"], env=env, capture_output=True, check=False,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
@@ -43,5 +43,6 @@ def test_gpu_check_runs_on_cpu_without_the_serving_stack(tmp_path):
 def test_the_blocker_blocks(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     run = subprocess.run([sys.executable, "-c", "import pydantic"], env=os.environ | {"PYTHONPATH": str(tmp_path)},
+                         check=False,
                          capture_output=True, text=True)
     assert run.returncode != 0 and "not installed on the GPU machine" in run.stderr
