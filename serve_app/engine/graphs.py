@@ -24,7 +24,8 @@ from serve_app.model.chatglm2 import KVCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-Capture = Callable[[Callable[[], Tensor]], Callable[[], Tensor]]
+StepOutputs = tuple[Tensor, Tensor]  # ids [bucket], logits [bucket, vocab] (kept for resampling an overflow row)
+Capture = Callable[[Callable[[], StepOutputs]], Callable[[], StepOutputs]]
 
 
 def buckets_for(num_slots: int, buckets: tuple[int, ...] = BUCKETS) -> tuple[int, ...]:
@@ -43,7 +44,7 @@ def cuda_graph_capture(pool=None) -> Capture:
     """A `Capture` that records a CUDA graph after two warm-up runs on a side stream (compilation, allocations)."""
     pool = pool if pool is not None else torch.cuda.graph_pool_handle()
 
-    def capture(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    def capture(fn: Callable[[], StepOutputs]) -> Callable[[], StepOutputs]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -54,7 +55,7 @@ def cuda_graph_capture(pool=None) -> Capture:
         with torch.cuda.graph(graph, pool=pool):
             out = fn()
 
-        def replay() -> Tensor:
+        def replay() -> StepOutputs:
             graph.replay()
             return out
 
@@ -148,13 +149,14 @@ class DecodeGraphs:
         self.capture = capture
         self.buckets = buckets_for(cache.num_slots, buckets)
         self._static: dict[int, StaticDecode] = {}
-        self._replays: dict[tuple[int, bool, bool], Callable[[], Tensor]] = {}
+        self._replays: dict[tuple[int, bool, bool], Callable[[], StepOutputs]] = {}
 
     def bucket(self, rows: int) -> int | None:
         return bucket_for(rows, self.buckets)
 
-    def run(self, rows: DecodeRows, settings: SamplingTensors) -> Tensor:
-        """Ids [len(rows)] on the device (-1 where logits were not finite). The step must fit a bucket."""
+    def run(self, rows: DecodeRows, settings: SamplingTensors) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids [R], logits [R, vocab], positions of the chosen tokens [R]) on the device for the R rows; ids as
+        `sampling.sample` gives them. The step must fit a bucket."""
         bucket = self.bucket(len(rows.token_ids))
         if bucket is None:
             raise ValueError(f"{len(rows.token_ids)} rows exceed the largest bucket {self.buckets[-1]}")
@@ -165,12 +167,14 @@ class DecodeGraphs:
         key = (bucket, settings.any_sampled, settings.needs_sort)
         if key not in self._replays:
             self._replays[key] = self.capture(self._step_fn(static, settings.any_sampled, settings.needs_sort))
-        return self._replays[key]()[: len(rows.token_ids)]
+        ids, logits = self._replays[key]()
+        n = len(rows.token_ids)
+        return ids[:n], logits[:n], static.sample_positions[:n]
 
-    def _step_fn(self, static: StaticDecode, any_sampled: bool, needs_sort: bool) -> Callable[[], Tensor]:
-        def step() -> Tensor:
+    def _step_fn(self, static: StaticDecode, any_sampled: bool, needs_sort: bool) -> Callable[[], StepOutputs]:
+        def step() -> StepOutputs:
             with torch.inference_mode():
                 logits = self.model.forward_packed(static.plan(), self.cache, self.attention)  # [bucket, vocab]
-                return sample(logits, static.settings(any_sampled, needs_sort), static.sample_positions)
+                return sample(logits, static.settings(any_sampled, needs_sort), static.sample_positions), logits
 
         return step

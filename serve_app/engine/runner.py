@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from serve_app.engine.graphs import BUCKETS, Capture, DecodeGraphs, DecodeRows, cuda_graph_capture
 from serve_app.engine.params import SamplingParams
-from serve_app.engine.sampling import SamplingTensors, sample
+from serve_app.engine.sampling import SamplingTensors, resample_overflow, sample
 from serve_app.model.attention import FLEX_BLOCK, Span, make_backend, plan_step
 from serve_app.model.chatglm2 import KVCache
 from serve_app.model.loader import LoadedModel
@@ -72,10 +72,12 @@ class ModelRunner:
         decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work)
         if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:
             rows = DecodeRows([w.token_ids[0] for w in work], [w.slot for w in work], [w.position for w in work])
-            ids = self.graphs.run(rows, settings).tolist()
+            ids, logits, sample_positions = self.graphs.run(rows, settings)
+            ids = ids.tolist()
         else:
             logits, sample_positions = self._forward(work)
             ids = sample(logits, settings, sample_positions).tolist()  # the step's one device-to-host copy
+        ids = resample_overflow(ids, logits, settings, sample_positions)
         chosen = iter(ids)
         return [next(chosen) if w.params is not None else None for w in work]
 

@@ -51,6 +51,12 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+# Sorted candidates examined for top_p/top_k before falling back to a full sort: the nucleus of a real model's
+# distribution almost always closes well within this, and the noise is then hashed for these ids only.
+CANDIDATES = 1024
+OVERFLOW = -2  # a row whose nucleus did not close within the candidates: the caller samples it again in full
+
+
 _VOCAB_HASH: dict[tuple[int, str], Tensor] = {}
 
 
@@ -66,9 +72,13 @@ def row_keys(seed_lo: Tensor, seed_hi: Tensor, positions: Tensor) -> Tensor:
     return mix32(mix32(mix32(seed_hi) ^ seed_lo) ^ (positions & MASK32))
 
 
-def gumbel_noise(keys: Tensor, vocab: int) -> Tensor:
-    """keys [B] -> Gumbel(0, 1) noise [B, vocab] fp32, a pure function of (key, vocabulary index)."""
-    bits = mix32(keys[:, None] ^ _vocab_hash(vocab, keys.device)[None, :])  # [B, vocab]
+def gumbel_noise(keys: Tensor, vocab: int, ids: Tensor | None = None) -> Tensor:
+    """keys [B] -> Gumbel(0, 1) noise [B, vocab] fp32, a pure function of (key, vocabulary index).
+
+    With ids [B, K], only those entries' noise [B, K] (the same values the full [B, vocab] holds there)."""
+    table = _vocab_hash(vocab, keys.device)
+    hashed = table[None, :] if ids is None else table[ids]
+    bits = mix32(keys[:, None] ^ hashed)  # [B, vocab or K]
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # in (0, 1), never 0 or 1
     return -torch.log(-torch.log(uniform))
 
@@ -85,6 +95,11 @@ class SamplingTensors:
     seed_hi: Tensor  # int64, high 32 bits
     any_sampled: bool
     needs_sort: bool  # some row has top_p < 1 or top_k set
+
+    def select(self, rows: Tensor) -> SamplingTensors:
+        """The settings of some rows only."""
+        return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.greedy[rows],
+                               self.seed_lo[rows], self.seed_hi[rows], self.any_sampled, self.needs_sort)
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], vocab: int, device) -> SamplingTensors:
@@ -115,12 +130,15 @@ class SamplingTensors:
         )
 
 
-def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor) -> Tensor:
-    """sorted_logits [B, V] descending -> bool [B, V], True where a token falls outside top_k or the top_p nucleus.
+def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None) -> Tensor:
+    """sorted_logits [B, K] descending -> bool [B, K], True where a token falls outside top_k or the top_p nucleus.
 
-    A token is dropped when the mass before it already reaches top_p; the most likely token always stays (even for a
-    top_p that rounds to 0 in fp32)."""
-    probs = sorted_logits.softmax(-1)
+    K may be a prefix of the vocabulary: log_norm [B, 1] is then the logsumexp of the whole row. A token is dropped
+    when the mass before it already reaches top_p; the most likely token always stays (even for a top_p that rounds
+    to 0 in fp32)."""
+    if log_norm is None:
+        log_norm = sorted_logits.logsumexp(-1, keepdim=True)
+    probs = (sorted_logits - log_norm).exp()
     drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
     rank = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
     drop |= rank[None, :] >= top_k[:, None]
@@ -128,30 +146,50 @@ def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor) -> Tensor:
     return drop
 
 
-def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor) -> Tensor:
+def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candidates: int | None = CANDIDATES) -> Tensor:
     """logits [B, V] fp32, positions [B] (of the tokens being chosen) -> ids [B] int64 on the same device.
 
-    A row whose logits hold NaN/Inf gets -1 (the caller fails that request). No host synchronisation inside."""
+    A row whose logits hold NaN/Inf gets -1 (the caller fails that request). For top_p/top_k only the `candidates`
+    most likely tokens are examined (None: all); a row whose nucleus may reach past them gets OVERFLOW, and the
+    caller samples it again with candidates=None (`sample_rows`). No host synchronisation inside."""
     finite = torch.isfinite(logits).all(-1)  # [B]
     ids = logits.argmax(-1)  # greedy rows
     if settings.any_sampled:
+        vocab = logits.shape[-1]
         scaled = logits / settings.temperature[:, None]
-        noise = gumbel_noise(row_keys(settings.seed_lo, settings.seed_hi, positions), logits.shape[-1])
+        keys = row_keys(settings.seed_lo, settings.seed_hi, positions)
         if settings.needs_sort:
-            ordered, order = scaled.sort(-1, descending=True)  # [B, V]
-            drop = nucleus_drop(ordered, settings.top_p, settings.top_k)
-            scores = ordered.masked_fill(drop, float("-inf")) + noise.gather(-1, order)
+            k = vocab if candidates is None else min(candidates, vocab)
+            ordered, order = scaled.topk(k, dim=-1) if k < vocab else scaled.sort(-1, descending=True)  # [B, k]
+            drop = nucleus_drop(ordered, settings.top_p, settings.top_k, scaled.logsumexp(-1, keepdim=True))
+            scores = ordered.masked_fill(drop, float("-inf")) + gumbel_noise(keys, vocab, order)
             sampled = order.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
+            if k < vocab:  # the last candidate still kept, and top_k allows more: the nucleus may go further
+                overflow = ~drop[:, -1] & (settings.top_k > k)
+                sampled = torch.where(overflow, torch.full_like(sampled, OVERFLOW), sampled)
         else:
-            sampled = (scaled + noise).argmax(-1)
+            sampled = (scaled + gumbel_noise(keys, vocab)).argmax(-1)
         ids = torch.where(settings.greedy, ids, sampled)
     return torch.where(finite, ids, torch.full_like(ids, -1))
+
+
+def resample_overflow(ids: list[int], logits: Tensor, settings: SamplingTensors, positions: Tensor) -> list[int]:
+    """Replace OVERFLOW ids (rare: nuclei wider than CANDIDATES) by a full-vocabulary draw. ids came from `sample`."""
+    rows = [i for i, token in enumerate(ids) if token == OVERFLOW]
+    if not rows:
+        return ids
+    index = torch.tensor(rows, device=logits.device)
+    again = sample(logits[index], settings.select(index), positions[index], candidates=None).tolist()
+    ids = list(ids)
+    for row, token in zip(rows, again):
+        ids[row] = token
+    return ids
 
 
 def choose_token(logits: Tensor, params: SamplingParams, seed: int = 0, position: int = 0) -> int:
     """One row: logits [vocab] fp32 -> next token id, as `sample` would choose it. Raises NonFiniteLogitsError."""
     settings = SamplingTensors.build([params], [seed], logits.shape[-1], logits.device)
-    token = int(sample(logits[None], settings, torch.tensor([position], device=logits.device))[0])
+    token = int(sample(logits[None], settings, torch.tensor([position], device=logits.device), candidates=None)[0])
     if token < 0:
         raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
     return token

@@ -73,3 +73,20 @@ def test_noise_bits_are_the_same_on_every_device():
     assert all(torch.equal(bits[0], b) for b in bits)
     alone = row_keys(torch.tensor([9]), torch.tensor([0]), torch.tensor([11]))
     assert alone.item() == keys[0][1].item()
+
+
+def test_candidates_give_the_full_sorts_tokens_and_overflow_falls_back():
+    """top_p over the first K sorted candidates picks what the full sort picks; a nucleus wider than K comes back
+    as OVERFLOW and resample_overflow draws it over the whole vocabulary."""
+    from serve_app.engine.sampling import OVERFLOW, resample_overflow
+
+    peaked, flat = logits_for(4, 2) * 3, torch.zeros(4, VOCAB)
+    params = [SamplingParams(temperature=0.95, top_p=0.7)] * 4
+    seeds, positions = [1, 2, 3, 4], torch.tensor([5, 6, 7, 8])
+    settings = SamplingTensors.build(params, seeds, VOCAB, "cpu")
+    full = sample(peaked, settings, positions, candidates=None).tolist()
+    assert sample(peaked, settings, positions, candidates=20).tolist() == full
+    overflow = sample(flat, settings, positions, candidates=10).tolist()
+    assert overflow == [OVERFLOW] * 4
+    assert resample_overflow(overflow, flat, settings, positions) == sample(flat, settings, positions,
+                                                                            candidates=None).tolist()
