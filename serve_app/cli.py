@@ -82,12 +82,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_bench_model(args: argparse.Namespace):
+    """(LoadedModel, PromptVocab) from --checkpoint, or random weights of --preset made on the device."""
+    from serve_app.bench.engine import PromptVocab
+
+    if args.random_weights:
+        from serve_app.model.demo import PRESETS, random_model
+
+        loaded = random_model(args.preset, args.precision, args.device)
+        return loaded, PromptVocab.of_sp_vocab(PRESETS[args.preset][1])
+    from serve_app.model.loader import load_model
+    from serve_app.model.tokenizer import ChatGLM2Tokenizer
+
+    return load_model(args.checkpoint, args.precision, args.device), PromptVocab.of_tokenizer(
+        ChatGLM2Tokenizer(args.checkpoint))
+
+
+def _add_random_weight_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--random-weights", action="store_true",
+                        help="no checkpoint: random weights of --preset, made directly on the device")
+    parser.add_argument("--preset", choices=("tiny", "small", "6b"), default="small",
+                        help="model shapes for --random-weights")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from serve_app.bench.engine import BenchConfig, format_report, run_benchmark
-    from serve_app.model.loader import load_model
-    from serve_app.model.tokenizer import ChatGLM2Tokenizer
 
     try:
         concurrency = [int(level) for level in args.concurrency.split(",")]
@@ -97,8 +118,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("--concurrency levels, --requests and --max-new-tokens must be >= 1")
     if args.url:
         return _bench_http(args, concurrency)
-    if args.checkpoint is None:
-        raise ValueError("bench needs --checkpoint DIR (in-process) or --url URL (a running application)")
+    if args.checkpoint is None and not args.random_weights:
+        raise ValueError("bench needs --checkpoint DIR or --random-weights (in-process), or --url URL (a running "
+                         "application)")
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = BenchConfig(
@@ -110,9 +132,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compare_sequential=args.compare_sequential,
         prefix_turns=args.prefix_turns,
         seed=args.seed,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        attention=args.attention,
+        cuda_graphs=args.cuda_graphs,
+        bandwidth_gbs=args.bandwidth_gbs,
     )
-    loaded = load_model(args.checkpoint, args.precision, args.device)
-    result = run_benchmark(loaded, ChatGLM2Tokenizer(args.checkpoint), bench, lambda line: print(line, file=sys.stderr))
+    loaded, vocab = _load_bench_model(args)
+    result = run_benchmark(loaded, vocab, bench, lambda line: print(line, file=sys.stderr))
     print(format_report(result))
     if args.json:
         print(json.dumps(result))
@@ -146,8 +173,11 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
     from serve_app.bench.precision import run, table
 
     batches = [int(b) for b in args.batch.split(",")]
-    results = run(str(args.checkpoint), args.precisions.split(","), args.device, batches, args.steps,
-                  args.prompt_tokens)
+    if (args.checkpoint is None) == (not args.random_weights):
+        raise ValueError("bench-precision needs exactly one of --checkpoint DIR or --random-weights")
+    source = f"random:{args.preset}" if args.random_weights else str(args.checkpoint)
+    results = run(source, args.precisions.split(","), args.device, batches, args.steps, args.prompt_tokens,
+                  args.bandwidth_gbs)
     print(table(results, batches))
     if args.json:
         print(json.dumps(results))
@@ -287,11 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefix-turns", action="store_true", help="turn-2 TTFT with and without prefix caching")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    bench.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0 = "
+                       "greedy); the official api.py defaults are 0.95 with --top-p 0.7")
+    bench.add_argument("--top-p", type=float, default=1.0)
+    bench.add_argument("--attention", choices=("auto", "slot-view", "flex", "gather"), default="auto",
+                       help="engine attention backend (auto: flex on CUDA, slot views on CPU; gather: the old "
+                       "formulation, for comparison)")
+    bench.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay decode steps from CUDA graphs (default: on CUDA)")
+    bench.add_argument("--bandwidth-gbs", type=float, default=None,
+                       help="device memory bandwidth for the roofline column (default: from the GPU's name)")
+    _add_random_weight_args(bench)
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
     bench.set_defaults(func=cmd_bench)
 
     prec = commands.add_parser("bench-precision", help="decode speed and resident memory per precision")
-    prec.add_argument("--checkpoint", type=Path, required=True)
+    prec.add_argument("--checkpoint", type=Path, default=None)
+    _add_random_weight_args(prec)
+    prec.add_argument("--bandwidth-gbs", type=float, default=None, help="for the roofline column (GPU)")
     prec.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated, each in its own process")
     prec.add_argument("--device", default="auto")
     prec.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes")

@@ -35,3 +35,23 @@ def test_bench_precision_command(tiny_checkpoint):
     assert [r["precision"] for r in results] == ["fp32", "int4"]
     assert all(r["resident_bytes"] > 0 and set(r["decode"]) == {"1", "2"} for r in results)
     assert results[1]["weight_bytes"] < results[0]["weight_bytes"]
+
+
+def test_bench_with_random_weights_and_sampling():
+    """No checkpoint: random weights of a preset made on the device; sampled requests; memory beside the table."""
+    run = run_cli("bench", "--random-weights", "--preset", "tiny", "--concurrency", "1,2", "--requests", "2",
+               "--prompt-tokens", "8", "--max-new-tokens", "4", "--temperature", "0.95", "--top-p", "0.7",
+               "--threads", "1", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (result["temperature"], result["top_p"], result["checkpoint"]) == (0.95, 0.7, "random-tiny")
+    assert result["memory"]["rss_bytes"] > 0 and "memory: RSS" in run.stdout
+    assert all(r["output_tokens"] == 8 and r["roofline_tokens_per_s"] is None for r in result["results"])  # CPU
+
+
+def test_bench_precision_with_random_weights():
+    run = run_cli("bench-precision", "--random-weights", "--preset", "tiny", "--precisions", "fp32,int8", "--batch", "1",
+               "--steps", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [r["precision"] for r in results] == ["fp32", "int8"] and results[0]["roofline_step_ms"] is None

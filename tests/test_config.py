@@ -61,3 +61,12 @@ def test_build_app_refuses_bad_args_before_anything_deploys():
 
     with pytest.raises(ValidationError, match=r"pools\.0\.precision"):
         build_app({"checkpoint": "/x", "pools": [{"model": "a", "precision": "fp8"}]})
+
+
+def test_the_engine_config_names_the_attention_backends_the_model_has():
+    # The config is torch-free, so it keeps its own list of backend names; this keeps the two lists one list.
+    from serve_app.engine.config import ATTENTION_BACKENDS
+    from serve_app.model.attention import BACKENDS
+
+    assert ATTENTION_BACKENDS == BACKENDS
+    assert _error(engine={"attention": "paged"})["loc"][:2] == ("engine", "attention")

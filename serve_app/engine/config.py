@@ -8,10 +8,14 @@ its description and lower bound, which `__post_init__` enforces with a message t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 
 def _field(default, description: str, minimum: int | None = None):
     return field(default=default, metadata={"description": description, "minimum": minimum})
+
+
+ATTENTION_BACKENDS = ("auto", "slot-view", "flex", "gather")  # serve_app.model.attention.BACKENDS
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,13 @@ class EngineConfig:
     max_waiting: int = _field(64, "requests queued in the engine beyond its free slots before 503s", 0)
     prefill_chunk: int = _field(512, "prompt tokens prefilled per step, so long prompts do not stall decodes", 1)
     prefix_caching: bool = _field(True, "reuse the KV a finished sequence leaves in its slot (multi-turn chats)")
+    attention: Literal["auto", "slot-view", "flex", "gather"] = _field(
+        "auto", "attention over the slot cache (serve_app/model/attention.py); auto: flex on CUDA, slot-view on CPU")
+    cuda_graphs: bool | None = _field(None, "replay decode steps from captured CUDA graphs; default: on CUDA only")
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention!r}")
         for spec in fields(self):
             value, minimum = getattr(self, spec.name), spec.metadata.get("minimum")
             if minimum is not None and value is not None and value < minimum:

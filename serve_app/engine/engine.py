@@ -28,8 +28,6 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from serve_app.engine import sequential
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.errors import (
@@ -39,8 +37,8 @@ from serve_app.engine.errors import (
     InvalidRequest,
 )
 from serve_app.engine.params import SamplingParams, token_budget
-from serve_app.engine.sampling import choose_token, make_generator
-from serve_app.model.chatglm2 import KVCache
+from serve_app.engine.runner import ModelRunner, Work
+from serve_app.engine.sampling import NON_FINITE_MESSAGE, request_seed
 from serve_app.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -99,7 +97,7 @@ class Sequence:
     budget: int  # generated tokens allowed (generate.token_budget)
     stops: frozenset[int]
     emit: Callable[[TokenDelta | EngineError], None]  # thread-safe delivery to the request's consumer
-    generator: torch.Generator | None
+    seed: int  # 64-bit noise seed (sampling.request_seed): with the position, it fixes every sampled token
     status: Status = Status.WAITING
     slot: int = -1
     num_computed: int = 0  # leading tokens of prompt + output whose KV is in the slot
@@ -166,8 +164,10 @@ class FreeSlots:
 
 @dataclass
 class Batch:
-    prefills: list[tuple[Sequence, int]]  # (sequence, chunk length): one forward call each
-    decodes: list[Sequence]  # one forward call: one row per sequence, T=1
+    """One step's work, run as one packed forward: prefill chunks and decode tokens together."""
+
+    prefills: list[tuple[Sequence, int]]  # (sequence, chunk length)
+    decodes: list[Sequence]  # one token each
 
 
 class Scheduler:
@@ -222,15 +222,18 @@ class Engine:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's seq_length={model_config.seq_length}")
         slot_bytes = model_config.kv_bytes_per_token(loaded.dtype) * self.max_seq_len
         num_slots = config.max_batch_size
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else loaded.device.type == "cuda"
         if config.kv_cache_bytes is not None:
-            num_slots = min(num_slots, config.kv_cache_bytes // slot_bytes)
+            # With decode graphs, one more slot takes the padding rows' writes.
+            num_slots = min(num_slots, config.kv_cache_bytes // slot_bytes - int(graphs))
             if num_slots < 1:
                 raise ValueError(
                     f"kv_cache_bytes={config.kv_cache_bytes} cannot hold one sequence of max_seq_len="
                     f"{self.max_seq_len} tokens ({slot_bytes} bytes); raise kv_cache_bytes or lower max_seq_len"
                 )
-        # All KV memory is taken here, once: [layers, slots, kv_heads, max_seq_len, head_dim] for keys and values.
-        self.cache = KVCache(model_config, num_slots, self.max_seq_len, dtype=loaded.dtype, device=loaded.device)
+        # All KV memory is taken here, once: [layers, kv_heads, slots, max_seq_len, head_dim] for keys and values.
+        self.runner = ModelRunner(loaded, num_slots, self.max_seq_len, attention=config.attention, graphs=graphs)
+        self.cache = self.runner.cache
         self.scheduler = Scheduler(num_slots, config.prefill_chunk, config.prefix_caching)
         self._requests: dict[str, Sequence] = {}
         self._lock = threading.Lock()  # guards the scheduler, _requests and the counters
@@ -279,7 +282,7 @@ class Engine:
             budget=budget,
             stops=sequential.stop_ids(self.loaded, params),
             emit=emit,
-            generator=make_generator(params, "cpu"),  # per request: its seed fixes its tokens whatever the batch
+            seed=request_seed(params),  # per request: its seed fixes its tokens whatever the batch
         )
         self._submit(seq)
         try:
@@ -387,41 +390,35 @@ class Engine:
                 self._finish(seq, "abort")
             return self.scheduler.schedule()
 
-    def _run(self, batch: Batch) -> list[tuple[Sequence, int, torch.Tensor | None]]:
-        """Forward passes: (sequence, tokens computed, next-token logits [vocab] on CPU when a token is due)."""
-        model, device = self.loaded.model, self.loaded.device
-        results: list[tuple[Sequence, int, torch.Tensor | None]] = []
+    def _run(self, batch: Batch) -> list[tuple[Sequence, int, int | None]]:
+        """One packed forward and on-device sampling: (sequence, tokens computed, chosen id, -1 for NaN/Inf logits,
+        or None when no token is due)."""
+        work, computed = [], []
         for seq, chunk in batch.prefills:
             start = seq.num_computed
-            ids = torch.tensor([seq.prompt_ids[start : start + chunk]], device=device)  # [1, chunk]
-            positions = torch.arange(start, start + chunk, device=device)[None]  # [1, chunk]
-            slots = torch.tensor([seq.slot], device=device)
-            logits = model(ids, positions, self.cache, slots, last_only=True)  # [1, 1, vocab]
             done = start + chunk == len(seq.prompt_ids)
-            results.append((seq, chunk, logits[0, -1].cpu() if done else None))
-        if batch.decodes:
-            ids = torch.tensor([[seq.output_ids[-1]] for seq in batch.decodes], device=device)  # [B, 1]
-            positions = torch.tensor([[seq.num_computed] for seq in batch.decodes], device=device)  # [B, 1]
-            slots = torch.tensor([seq.slot for seq in batch.decodes], device=device)  # [B]
-            logits = model(ids, positions, self.cache, slots, last_only=True)[:, -1].cpu()  # [B, vocab]
-            results.extend((seq, 1, row) for seq, row in zip(batch.decodes, logits))
-        return results
+            work.append(Work(seq.prompt_ids[start : start + chunk], seq.slot, start, seq.params if done else None,
+                             seq.seed))
+            computed.append((seq, chunk))
+        for seq in batch.decodes:
+            work.append(Work([seq.output_ids[-1]], seq.slot, seq.num_computed, seq.params, seq.seed))
+            computed.append((seq, 1))
+        ids = self.runner.step(work)
+        return [(seq, n, token) for (seq, n), token in zip(computed, ids)]
 
-    def _postprocess(self, results: list[tuple[Sequence, int, torch.Tensor | None]]) -> None:
-        """Sample one token per due row with its request's own params and generator; deliver; finish sequences."""
+    def _postprocess(self, results: list[tuple[Sequence, int, int | None]]) -> None:
+        """Record each chosen token; deliver; finish sequences."""
         now = time.perf_counter()
         outcomes: list[tuple[Sequence, int | None, str | None, EngineError | None]] = []
-        for seq, computed, logits in results:
+        for seq, computed, token in results:
             seq.num_computed += computed
             if seq.num_computed == len(seq.prompt_ids):
                 seq.status = Status.DECODING
-            if logits is None or seq.abort_requested:
+            if token is None or seq.abort_requested:
                 outcomes.append((seq, None, "abort" if seq.abort_requested else None, None))
                 continue
-            try:
-                token = choose_token(logits, seq.params, seq.generator)
-            except RuntimeError as exc:  # NonFiniteLogitsError, or a distribution multinomial rejects
-                outcomes.append((seq, None, "error", GenerationError(str(exc))))
+            if token < 0:
+                outcomes.append((seq, None, "error", GenerationError(NON_FINITE_MESSAGE)))
                 continue
             if seq.first_token_at is None:
                 seq.first_token_at = now

@@ -1,54 +1,195 @@
-"""Next-token choice from logits: greedy, temperature and nucleus (top_p) sampling.
+"""Next-token choice for a whole batch on the model's device: greedy, temperature, top_k and nucleus (top_p).
 
-Pure functions over fp32 logits. Sampled choices draw from a per-request `torch.Generator`, so a request's seed fixes
-its tokens whatever else shares the batch.
+Every row carries its own settings as tensors (`SamplingTensors`), and only the chosen ids leave the device.
+
+Randomness is counter-based: a row's noise for vocabulary entry v is a hash of (seed, position, v) computed in
+integer tensor ops, turned into Gumbel noise; the sampled token is argmax(logits / temperature + noise) over the
+kept set (Gumbel-max, which draws exactly from softmax(logits / temperature) restricted to that set). So a
+request's seed fixes its tokens whatever else shares the batch, and the noise is bit-identical on CPU and GPU (the
+hash is integer arithmetic; only the final log may differ by an ulp between devices). Position here is the
+absolute position of the token being chosen (prompt length + tokens generated so far).
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 from serve_app.engine.params import SamplingParams
+
+MASK32 = 0xFFFFFFFF
 
 
 class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN or infinite logits; the request fails rather than emitting garbage."""
 
 
-def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """The request's own random stream (None when it decodes greedily): seeded from `params.seed`, else at random."""
-    if params.greedy:
-        return None
-    generator = torch.Generator(device=device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed % 2**64)  # any integer: manual_seed takes 64 bits
-    return generator
+NON_FINITE_MESSAGE = "the model produced NaN/Inf logits (numerical overflow); the request was stopped"
 
 
-def check_finite(logits: torch.Tensor) -> None:
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLogitsError("the model produced NaN/Inf logits (numerical overflow); the request was stopped")
+def request_seed(params: SamplingParams) -> int:
+    """The request's 64-bit noise seed: `params.seed` reduced mod 2**64 (any integer works), else a random one."""
+    return params.seed % 2**64 if params.seed is not None else random.getrandbits(64)
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches top_p (always at least one)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(descending=True)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    # Drop a token when the mass before it already reaches top_p.
-    drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-    drop_sorted[..., 0] = False  # the most likely token stays, even for a top_p that rounds to 0 in fp32
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def _mul32(x: Tensor, constant: int) -> Tensor:
+    """(x * constant) mod 2**32 for int64 x in [0, 2**32), without ever overflowing int64 (16-bit halves)."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & MASK32
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [vocab] fp32 -> next token id. Raises NonFiniteLogitsError on NaN/Inf."""
-    check_finite(logits)
-    if params.greedy:
-        return int(logits.argmax())
-    probs = top_p_filter(logits / params.temperature, params.top_p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash ("lowbias32", C. Wellons) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+# Sorted candidates examined for top_p/top_k before falling back to a full sort: the nucleus of a real model's
+# distribution almost always closes well within this, and the noise is then hashed for these ids only.
+CANDIDATES = 1024
+OVERFLOW = -2  # a row whose nucleus did not close within the candidates: the caller samples it again in full
+
+
+_VOCAB_HASH: dict[tuple[int, str], Tensor] = {}
+
+
+def _vocab_hash(vocab: int, device: torch.device) -> Tensor:
+    key = (vocab, str(device))
+    if key not in _VOCAB_HASH:
+        _VOCAB_HASH[key] = mix32(torch.arange(vocab, dtype=torch.int64, device=device) + 0x2545F491)
+    return _VOCAB_HASH[key]
+
+
+def row_keys(seed_lo: Tensor, seed_hi: Tensor, positions: Tensor) -> Tensor:
+    """[B] int64 in [0, 2**32): one key per row from its seed halves and the position of the token to choose."""
+    return mix32(mix32(mix32(seed_hi) ^ seed_lo) ^ (positions & MASK32))
+
+
+def gumbel_noise(keys: Tensor, vocab: int, ids: Tensor | None = None) -> Tensor:
+    """keys [B] -> Gumbel(0, 1) noise [B, vocab] fp32, a pure function of (key, vocabulary index).
+
+    With ids [B, K], only those entries' noise [B, K] (the same values the full [B, vocab] holds there)."""
+    table = _vocab_hash(vocab, keys.device)
+    hashed = table[None, :] if ids is None else table[ids]
+    bits = mix32(keys[:, None] ^ hashed)  # [B, vocab or K]
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(uniform))
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row settings on the device [B], plus what the host knows about the batch (which ops are needed)."""
+
+    temperature: Tensor  # fp32; 1 for greedy rows (they take the argmax and never use it)
+    top_p: Tensor  # fp32
+    top_k: Tensor  # int64; vocab size where off
+    greedy: Tensor  # bool
+    seed_lo: Tensor  # int64, low 32 bits of the seed
+    seed_hi: Tensor  # int64, high 32 bits
+    any_sampled: bool
+    needs_sort: bool  # some row has top_p < 1 or top_k set
+
+    def select(self, rows: Tensor) -> SamplingTensors:
+        """The settings of some rows only."""
+        return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.greedy[rows],
+                               self.seed_lo[rows], self.seed_hi[rows], self.any_sampled, self.needs_sort)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], vocab: int, device) -> SamplingTensors:
+        """One host-to-device copy per dtype for the whole batch."""
+        floats = torch.tensor([[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params]])
+        ints = torch.tensor(
+            [
+                [p.top_k if p.top_k else vocab for p in params],
+                [int(p.greedy) for p in params],
+                [s & MASK32 for s in seeds],
+                [s >> 32 for s in seeds],
+            ],
+            dtype=torch.int64,
+        )
+        if torch.device(device).type == "cuda":
+            floats = floats.pin_memory().to(device, non_blocking=True)
+            ints = ints.pin_memory().to(device, non_blocking=True)
+        sampled = [p for p in params if not p.greedy]
+        return cls(
+            temperature=floats[0],
+            top_p=floats[1],
+            top_k=ints[0],
+            greedy=ints[1].bool(),
+            seed_lo=ints[2],
+            seed_hi=ints[3],
+            any_sampled=bool(sampled),
+            needs_sort=any(p.top_p < 1.0 or p.top_k for p in sampled),
+        )
+
+
+def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None) -> Tensor:
+    """sorted_logits [B, K] descending -> bool [B, K], True where a token falls outside top_k or the top_p nucleus.
+
+    K may be a prefix of the vocabulary: log_norm [B, 1] is then the logsumexp of the whole row. A token is dropped
+    when the mass before it already reaches top_p; the most likely token always stays (even for a top_p that rounds
+    to 0 in fp32)."""
+    if log_norm is None:
+        log_norm = sorted_logits.logsumexp(-1, keepdim=True)
+    probs = (sorted_logits - log_norm).exp()
+    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+    rank = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
+    drop |= rank[None, :] >= top_k[:, None]
+    drop[:, 0] = False
+    return drop
+
+
+def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candidates: int | None = CANDIDATES) -> Tensor:
+    """logits [B, V] fp32, positions [B] (of the tokens being chosen) -> ids [B] int64 on the same device.
+
+    A row whose logits hold NaN/Inf gets -1 (the caller fails that request). For top_p/top_k only the `candidates`
+    most likely tokens are examined (None: all); a row whose nucleus may reach past them gets OVERFLOW, and the
+    caller samples it again with candidates=None (`sample_rows`). No host synchronisation inside."""
+    finite = torch.isfinite(logits).all(-1)  # [B]
+    ids = logits.argmax(-1)  # greedy rows
+    if settings.any_sampled:
+        vocab = logits.shape[-1]
+        scaled = logits / settings.temperature[:, None]
+        keys = row_keys(settings.seed_lo, settings.seed_hi, positions)
+        if settings.needs_sort:
+            k = vocab if candidates is None else min(candidates, vocab)
+            ordered, order = scaled.topk(k, dim=-1) if k < vocab else scaled.sort(-1, descending=True)  # [B, k]
+            drop = nucleus_drop(ordered, settings.top_p, settings.top_k, scaled.logsumexp(-1, keepdim=True))
+            scores = ordered.masked_fill(drop, float("-inf")) + gumbel_noise(keys, vocab, order)
+            sampled = order.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
+            if k < vocab:  # the last candidate still kept, and top_k allows more: the nucleus may go further
+                overflow = ~drop[:, -1] & (settings.top_k > k)
+                sampled = torch.where(overflow, torch.full_like(sampled, OVERFLOW), sampled)
+        else:
+            sampled = (scaled + gumbel_noise(keys, vocab)).argmax(-1)
+        ids = torch.where(settings.greedy, ids, sampled)
+    return torch.where(finite, ids, torch.full_like(ids, -1))
+
+
+def resample_overflow(ids: list[int], logits: Tensor, settings: SamplingTensors, positions: Tensor) -> list[int]:
+    """Replace OVERFLOW ids (rare: nuclei wider than CANDIDATES) by a full-vocabulary draw. ids came from `sample`."""
+    rows = [i for i, token in enumerate(ids) if token == OVERFLOW]
+    if not rows:
+        return ids
+    index = torch.tensor(rows, device=logits.device)
+    again = sample(logits[index], settings.select(index), positions[index], candidates=None).tolist()
+    ids = list(ids)
+    for row, token in zip(rows, again):
+        ids[row] = token
+    return ids
+
+
+def choose_token(logits: Tensor, params: SamplingParams, seed: int = 0, position: int = 0) -> int:
+    """One row: logits [vocab] fp32 -> next token id, as `sample` would choose it. Raises NonFiniteLogitsError."""
+    settings = SamplingTensors.build([params], [seed], logits.shape[-1], logits.device)
+    token = int(sample(logits[None], settings, torch.tensor([position], device=logits.device), candidates=None)[0])
+    if token < 0:
+        raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
+    return token

@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from serve_app.engine.params import SamplingParams, token_budget
-from serve_app.engine.sampling import choose_token, make_generator
-from serve_app.model.chatglm2 import KVCache
+from serve_app.engine.runner import ModelRunner, Work
+from serve_app.engine.sampling import NON_FINITE_MESSAGE, NonFiniteLogitsError, request_seed
 from serve_app.model.loader import LoadedModel
 
 
@@ -44,25 +42,21 @@ def generate(
     context_len = context_len or loaded.config.seq_length
     budget = token_budget(len(prompt_ids), params, context_len)
     stops = stop_ids(loaded, params)
-    device = loaded.device
-    cache = KVCache(loaded.config, 1, len(prompt_ids) + budget, dtype=loaded.dtype, device=device)
-    slots = torch.zeros(1, dtype=torch.long, device=device)
-    generator = make_generator(params, "cpu")
-
-    ids = torch.tensor([prompt_ids], device=device)
-    positions = torch.arange(len(prompt_ids), device=device)[None]
+    # Eager, one slot: the same model and sampling code as the engine, without its batching or decode graphs.
+    runner = ModelRunner(loaded, 1, len(prompt_ids) + budget, graphs=False)
+    seed = request_seed(params)
+    work = Work(list(prompt_ids), 0, 0, params, seed)
     generated: list[int] = []
     finish_reason = "length"
     while len(generated) < budget:
-        logits = loaded.model(ids, positions, cache, slots, last_only=True)[0, -1].cpu()
-        token = choose_token(logits, params, generator)
+        (token,) = runner.step([work])
+        if token < 0:
+            raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
         generated.append(token)
         if on_token is not None:
             on_token(token)
         if token in stops:
             finish_reason = "stop"
             break
-        position = len(prompt_ids) + len(generated) - 1
-        ids = torch.tensor([[token]], device=device)
-        positions = torch.tensor([[position]], device=device)
+        work = Work([token], 0, len(prompt_ids) + len(generated) - 1, params, seed)
     return GenerationOutput(list(prompt_ids), generated, finish_reason)

@@ -3,7 +3,8 @@
 The model computes what the official code computes (pre-norm blocks, fused QKV with bias, multi-query attention with
 `multi_query_group_num` key/value heads, rotary embedding on the first half of each head with interleaved pairs,
 SwiGLU MLP whose first half is the gate). It reads and writes a slot-addressed `KVCache`: every running sequence owns
-one slot, and one forward call can mix slots of different lengths, which is what continuous batching needs.
+one slot, and one packed forward (`forward_packed`) runs the decode tokens and prefill chunks of any number of slots
+together, which is what continuous batching needs. Attention itself lives in serve_app.model.attention.
 
 serve_app.model.loader builds it from a checkpoint directory.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve_app.model.attention import SlotViewAttention, Span, StepPlan, plan_step
 from serve_app.model.checkpoint import ChatGLM2Config
 
 
@@ -40,12 +42,12 @@ def rotary_tables(config: ChatGLM2Config, max_len: int, device, dtype) -> tuple[
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, head_dim]; cos/sin [B, T, head_dim // 4]. Rotates adjacent pairs of the first half."""
+    """x [..., heads, head_dim]; cos/sin [..., head_dim // 4]. Rotates adjacent pairs of the first half."""
     rot_dim = cos.shape[-1] * 2
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    pairs = x_rot.unflatten(-1, (-1, 2))  # [B, T, heads, rot_dim/2, 2]
+    pairs = x_rot.unflatten(-1, (-1, 2))  # [..., heads, rot_dim/2, 2]
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
     return torch.cat((rotated, x_pass), dim=-1)
 
@@ -53,15 +55,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys (after rotation) and values for `num_slots` sequences of up to `max_len` tokens each.
 
-    k, v: [num_layers, num_slots, kv_heads, max_len, head_dim]. Memory is allocated once, up front.
+    k, v: [num_layers, kv_heads, slots, max_len, head_dim]; a layer's [kv_heads, slots * max_len, head_dim] is one
+    contiguous view, which the flex backend reads as a single key sequence. With `scratch`, one more slot past
+    `num_slots` takes the writes of padding rows (CUDA-graph buckets) so they never touch a real sequence.
+    Memory is allocated once, up front.
     """
 
-    def __init__(self, config: ChatGLM2Config, num_slots: int, max_len: int, *, dtype, device):
-        shape = (config.num_layers, num_slots, config.kv_heads, max_len, config.kv_channels)
+    def __init__(self, config: ChatGLM2Config, num_slots: int, max_len: int, *, dtype, device, scratch: bool = False):
+        shape = (config.num_layers, config.kv_heads, num_slots + int(scratch), max_len, config.kv_channels)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots = num_slots
         self.max_len = max_len
+        self.scratch_slot = num_slots if scratch else None
 
     @property
     def nbytes(self) -> int:
@@ -78,31 +84,30 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, config.qkv_rows, bias=config.add_qkv_bias)
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None, slots) -> torch.Tensor:
-        batch, length, _ = x.shape
-        qkv = self.query_key_value(x)  # [B, T, (heads + 2 * kv_heads) * head_dim]
+    def _qkv(self, x, cos, sin):
+        qkv = self.query_key_value(x)  # [..., (heads + 2 * kv_heads) * head_dim]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        q = apply_rotary(q.unflatten(-1, (self.heads, self.head_dim)), cos, sin)  # [B, T, heads, D]
-        k = apply_rotary(k.unflatten(-1, (self.kv_heads, self.head_dim)), cos, sin)  # [B, T, kv_heads, D]
-        v = v.unflatten(-1, (self.kv_heads, self.head_dim))
+        q = apply_rotary(q.unflatten(-1, (self.heads, self.head_dim)), cos, sin)  # [..., heads, D]
+        k = apply_rotary(k.unflatten(-1, (self.kv_heads, self.head_dim)), cos, sin)  # [..., kv_heads, D]
+        return q, k, v.unflatten(-1, (self.kv_heads, self.head_dim))
 
-        if cache is None:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv_heads, T, D]
-            key_positions = positions  # [B, T]
-        else:
-            layer_k, layer_v = cache.k[self.layer_number], cache.v[self.layer_number]
-            rows = slots[:, None].expand(batch, length)
-            layer_k[rows, :, positions] = k.to(layer_k.dtype)
-            layer_v[rows, :, positions] = v.to(layer_v.dtype)
-            span = int(positions.max()) + 1
-            # Narrow to the used span before gathering the batch's slots: far cheaper than advanced indexing.
-            keys = layer_k[:, :, :span].index_select(0, slots).to(q.dtype)  # [B, kv_heads, span, D]
-            values = layer_v[:, :, :span].index_select(0, slots).to(q.dtype)
-            key_positions = torch.arange(span, device=x.device).expand(batch, span)
-        # A query sees every key at or before its own position; the rest of a slot is stale or empty.
-        mask = key_positions[:, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+    def forward(self, x, cos, sin, plan: StepPlan, cache: KVCache, attention) -> torch.Tensor:
+        """x [N, hidden] packed tokens; writes their K/V into the cache, then attends through `attention`."""
+        q, k, v = self._qkv(x, cos, sin)  # q [N, heads, D], k/v [N, kv_heads, D]
+        layer_k, layer_v = cache.k[self.layer_number], cache.v[self.layer_number]  # [G, slots, max_len, D]
+        flat_k = layer_k.view(self.kv_heads, -1, self.head_dim)  # [G, slots * max_len, D]
+        flat_v = layer_v.view(self.kv_heads, -1, self.head_dim)
+        flat_k.index_copy_(1, plan.write_index, k.transpose(0, 1).to(flat_k.dtype))
+        flat_v.index_copy_(1, plan.write_index, v.transpose(0, 1).to(flat_v.dtype))
+        return self.dense(attention(q, layer_k, layer_v, plan))  # [N, hidden]
+
+    def forward_full(self, x, cos, sin) -> torch.Tensor:
+        """x [B, T, hidden] whole sequences, no cache: plain causal attention (the reference path)."""
+        q, k, v = self._qkv(x, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )  # [B, heads, T, D]
         return self.dense(out.transpose(1, 2).flatten(2))  # [B, T, hidden]
 
 
@@ -125,8 +130,12 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, positions, cache, slots):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, positions, cache, slots)
+    def forward(self, x, cos, sin, plan: StepPlan, cache: KVCache, attention):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, plan, cache, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_full(self, x, cos, sin):
+        x = x + self.self_attention.forward_full(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,6 +178,27 @@ class ChatGLM2ForCausalLM(nn.Module):
             self._rope = rotary_tables(self.config, length, device, self.compute_dtype)
         return self._rope
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.encoder.final_layernorm(x)
+        head = self.transformer.output_layer
+        return F.linear(x.to(head.weight.dtype), head.weight).float()
+
+    @torch.inference_mode()
+    def forward_packed(self, plan: StepPlan, cache: KVCache, attention=None) -> torch.Tensor:
+        """One forward over a packed step: plan.input_ids [N] hold every span's tokens (see attention.plan_step).
+
+        Writes the tokens' K/V into their slots and returns fp32 logits [R, padded_vocab] for plan.logit_rows.
+        Reads nothing back from the device: lengths and positions were known on the host when the plan was built.
+        """
+        t = self.transformer
+        attention = attention or _SLOT_VIEWS
+        cos, sin = self.rope(cache.max_len)  # tables as long as the cache, so no position needs reading here
+        cos, sin = cos[plan.positions], sin[plan.positions]  # [N, D/4]
+        x = t.embedding.word_embeddings(plan.input_ids).to(self.compute_dtype)  # [N, hidden]
+        for layer in t.encoder.layers:
+            x = layer(x, cos, sin, plan, cache, attention)
+        return self._logits(x[plan.logit_rows])  # [R, vocab]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -179,15 +209,26 @@ class ChatGLM2ForCausalLM(nn.Module):
         *,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """input_ids, positions [B, T]; slots [B] (with a cache). Returns fp32 logits [B, T or 1, padded_vocab]."""
-        t = self.transformer
-        cos, sin = self.rope(int(positions.max()) + 1)
-        cos, sin = cos[positions], sin[positions]  # [B, T, D/4]
-        x = t.embedding.word_embeddings(input_ids).to(self.compute_dtype)  # [B, T, hidden]
-        for layer in t.encoder.layers:
-            x = layer(x, cos, sin, positions, cache, slots)
-        if last_only:
-            x = x[:, -1:]
-        x = t.encoder.final_layernorm(x)
-        head = t.output_layer
-        return F.linear(x.to(head.weight.dtype), head.weight).float()
+        """input_ids, positions [B, T] (each row consecutive positions); slots [B] with a cache.
+
+        Returns fp32 logits [B, T or 1, padded_vocab]. Without a cache every row is a whole sequence from position
+        0 (the reference path). With one, the rows become spans of a packed step; this convenience reads positions
+        and slots back to the host, which the engine avoids by calling `forward_packed` with a plan it built.
+        """
+        batch, length = input_ids.shape
+        if cache is None:
+            cos, sin = self.rope(int(positions.max()) + 1)  # the reference path may read positions
+            cos, sin = cos[positions], sin[positions]  # [B, T, D/4]
+            x = self.transformer.embedding.word_embeddings(input_ids).to(self.compute_dtype)  # [B, T, hidden]
+            for layer in self.transformer.encoder.layers:
+                x = layer.forward_full(x, cos, sin)
+            return self._logits(x[:, -1:] if last_only else x)
+        starts, slot_ids = positions[:, 0].tolist(), slots.tolist()
+        spans = [Span(b * length, length, slot_ids[b], starts[b]) for b in range(batch)]
+        rows = [s.start + length - 1 for s in spans] if last_only else list(range(batch * length))
+        plan = plan_step(spans, input_ids.reshape(-1).tolist(), cache.max_len, input_ids.device, rows)
+        logits = self.forward_packed(plan, cache)
+        return logits.view(batch, 1 if last_only else length, -1)
+
+
+_SLOT_VIEWS = SlotViewAttention()

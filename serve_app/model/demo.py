@@ -56,23 +56,25 @@ def _seed(name: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
-def random_tensors(config: ChatGLM2Config, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Official names and shapes, fp16. Scaled so activations stay O(1) and logits are spread out (no ties)."""
+def random_tensors(config: ChatGLM2Config, seed: int = 0, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Official names and shapes, fp16. Scaled so activations stay O(1) and logits are spread out (no ties).
+
+    Made on `device` (the same seed gives different values on different device types: their generators differ)."""
     for name, shape in expected_shapes(config).items():
-        generator = torch.Generator().manual_seed(_seed(name, seed))
+        generator = torch.Generator(device=device).manual_seed(_seed(name, seed))
         if name.endswith("inv_freq"):
             rot_dim = config.kv_channels // 2
-            tensor = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+            tensor = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
         elif name.endswith("layernorm.weight"):
-            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
         elif name.endswith(".bias"):
-            tensor = 0.1 * torch.randn(shape, generator=generator)
+            tensor = 0.1 * torch.randn(shape, generator=generator, device=device)
         elif "word_embeddings" in name:
-            tensor = torch.randn(shape, generator=generator)
+            tensor = torch.randn(shape, generator=generator, device=device)
         else:
             fan_in = shape[1]
             gain = 4.0 if "output_layer" in name else 1.0
-            tensor = torch.randn(shape, generator=generator) * (gain / math.sqrt(fan_in))
+            tensor = torch.randn(shape, generator=generator, device=device) * (gain / math.sqrt(fan_in))
         yield name, tensor.to(torch.float16)
 
 
@@ -105,3 +107,21 @@ def write_demo_checkpoint(
             safetensors=safetensors,
             max_shard_bytes=max_shard_bytes,
         )
+
+
+def random_model(
+    preset: str, precision: str = "auto", device: str = "auto", *, seed: int = 0, weights_device: str | None = None
+):
+    """A LoadedModel of `preset` with random weights made directly on the target device: no checkpoint, no tokenizer.
+
+    For benchmarks where no checkpoint can be written or read (a GPU machine with only torch). `weights_device`
+    makes the tensors elsewhere first (e.g. "cpu", so a CPU and a GPU model get identical weights). The config uses
+    the preset's nominal SentencePiece size, so padded_vocab_size is that of a demo checkpoint of the preset.
+    """
+    from serve_app.model.loader import build_model, resolve_device
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    config = preset_config(preset, PRESETS[preset][1])
+    tensors = random_tensors(config, seed, weights_device or resolve_device(device))
+    return build_model(config, tensors, Path(f"random-{preset}"), precision, device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,23 @@ def load_model(
     """
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)
+    return build_model(config, iter_tensors(checkpoint), checkpoint, precision, device, quant_kernel=quant_kernel,
+                       allow_kernel_fallback=allow_kernel_fallback)
+
+
+def build_model(
+    config: ChatGLM2Config,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source: Path,
+    precision: str = "auto",
+    device: str = "auto",
+    *,
+    quant_kernel: str = "auto",
+    allow_kernel_fallback: bool = False,
+) -> LoadedModel:
+    """The model of `config` from (name, tensor) pairs in checkpoint order (a checkpoint's, or random ones), installed
+    one at a time on `device` at `precision`; `source` names where they came from in errors and in the result."""
+    checkpoint = source
     torch_device = resolve_device(device)
     precision, dtype = resolve_precision(precision, config, torch_device)
     bits = {"int8": 8, "int4": 4}.get(precision, 0)
@@ -168,7 +186,7 @@ def load_model(
         )
         setattr(model.get_submodule(parent_name), child, new)
 
-    for name, tensor in iter_tensors(checkpoint):
+    for name, tensor in tensors:
         if name.endswith("rotary_pos_emb.inv_freq"):
             continue  # derivable from the config
         layer = name.rpartition(".")[0]

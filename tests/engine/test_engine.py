@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-import serve_app.engine.engine as engine_module
 from serve_app.engine import sequential
 from serve_app.engine.engine import Engine, EngineConfig, FreeSlots
 from serve_app.engine.errors import ContextLengthExceeded, EngineOverloaded, GenerationError, InvalidRequest
 from serve_app.engine.params import SamplingParams
+from serve_app.engine.runner import ModelRunner
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
@@ -58,23 +58,23 @@ def make_engine(tiny_fp32):
 
 
 class GatedModel:
-    """Wraps the model: each forward call waits for `gate`; the first call with `fail_rows` rows raises."""
+    """Wraps the model: each packed forward waits for `gate`; the first one of `fail_tokens` tokens raises."""
 
-    def __init__(self, model, fail_rows: int | None = None):
+    def __init__(self, model, fail_tokens: int | None = None):
         self.model = model
         self.gate = threading.Event()
         self.gate.set()
-        self.fail_rows = fail_rows
+        self.fail_tokens = fail_tokens
 
     def __getattr__(self, name):  # parameters(), buffers() ...: the wrapped model's
         return getattr(self.model, name)
 
-    def __call__(self, input_ids, *args, **kwargs):
+    def forward_packed(self, plan, *args, **kwargs):
         self.gate.wait(timeout=10)
-        if input_ids.shape[0] == self.fail_rows:
-            self.fail_rows = None
+        if plan.num_tokens == self.fail_tokens:
+            self.fail_tokens = None
             raise RuntimeError("simulated device failure")
-        return self.model(input_ids, *args, **kwargs)
+        return self.model.forward_packed(plan, *args, **kwargs)
 
 
 def test_concurrent_greedy_equals_one_at_a_time(make_engine, tiny_fp32):
@@ -172,17 +172,21 @@ class PoisonedParams(SamplingParams):
 
 
 def test_an_error_in_one_request_leaves_the_others_intact(make_engine, tiny_fp32, monkeypatch):
-    real_choose_token = engine_module.choose_token
+    real_forward = ModelRunner._forward
     calls: dict[int, int] = {}
 
-    def choose_token(logits, params, generator):
-        if isinstance(params, PoisonedParams):
-            calls[id(params)] = calls.get(id(params), 0) + 1
-            if calls[id(params)] > 2:
-                logits = torch.full_like(logits, float("nan"))
-        return real_choose_token(logits, params, generator)
+    def forward(self, work):
+        """The poisoned request's logits row turns to NaN from its third token on; sampling must notice."""
+        logits, positions = real_forward(self, work)
+        logits = logits.clone()
+        for row, item in enumerate(w for w in work if w.params is not None):
+            if isinstance(item.params, PoisonedParams):
+                calls[id(item.params)] = calls.get(id(item.params), 0) + 1
+                if calls[id(item.params)] > 2:
+                    logits[row] = float("nan")
+        return logits, positions
 
-    monkeypatch.setattr(engine_module, "choose_token", choose_token)
+    monkeypatch.setattr(ModelRunner, "_forward", forward)
     engine = make_engine()
     prompts = [random_prompt(6 + 5 * i, 300 + i) for i in range(3)]
 
@@ -206,8 +210,8 @@ def test_an_error_in_one_request_leaves_the_others_intact(make_engine, tiny_fp32
 
 
 def test_a_failed_forward_fails_the_running_requests_and_the_engine_recovers(make_engine, tiny_fp32):
-    # The first decode step that batches both requests fails.
-    engine = make_engine(dataclasses.replace(tiny_fp32, model=GatedModel(tiny_fp32.model, fail_rows=2)))
+    # The first decode step that batches both requests (two tokens) fails.
+    engine = make_engine(dataclasses.replace(tiny_fp32, model=GatedModel(tiny_fp32.model, fail_tokens=2)))
     prompt = random_prompt(11, 4)
 
     async def main():
@@ -308,3 +312,23 @@ def test_stats_report_the_kernels_and_the_memory_held(make_engine, tiny_checkpoi
     assert stats.memory_bytes["weights"] > 0 and stats.memory_bytes["resident"] > 0  # CPU: RSS from /proc
     int4 = make_engine(load_model(tiny_checkpoint, "int4", "cpu"), max_batch_size=1, max_seq_len=64)
     assert int4.stats().kernels == {"int4pack_mm_cpu": 8}  # 2 layers x 4 linears
+
+
+def test_greedy_ids_equal_the_no_cache_reference(make_engine, tiny_fp32):
+    """fp32 greedy through packed steps (chunked prefill, mixed batches) = recomputing the whole sequence each token
+    with plain causal attention, the path the old per-sequence engine was checked against."""
+    engine = make_engine(max_batch_size=3, prefill_chunk=8)
+    prompts = [random_prompt(n, 40 + n) for n in (5, 19, 12, 30)]
+
+    def reference(prompt: list[int], count: int) -> list[int]:
+        tokens = list(prompt)
+        for _ in range(count):
+            logits = tiny_fp32.model(torch.tensor([tokens]), torch.arange(len(tokens))[None], last_only=True)
+            tokens.append(int(logits[0, -1].argmax()))
+        return tokens[len(prompt) :]
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, greedy(10)) for p in prompts))
+
+    for (tokens, _), prompt in zip(asyncio.run(main()), prompts):
+        assert tokens == reference(prompt, 10)

@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from serve_app.engine.errors import ContextLengthExceeded
 from serve_app.engine.params import SamplingParams
-from serve_app.engine.sampling import NonFiniteLogitsError, choose_token, make_generator, top_p_filter
+from serve_app.engine.sampling import NonFiniteLogitsError, choose_token, nucleus_drop, request_seed
 from serve_app.engine.sequential import generate
 from serve_app.model.checkpoint import iter_tensors, read_config, write_checkpoint
 from tests.serving import run_cli
@@ -85,11 +85,10 @@ def test_multi_turn_history_changes_the_prompt(tiny_tokenizer):
     assert second[:2] == first[:2]
 
 
-def test_top_p_keeps_the_nucleus():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = torch.isfinite(top_p_filter(logits, 0.7))
-    assert kept.tolist() == [True, True, False, False]
-    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1
+def test_top_p_and_top_k_keep_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))  # sorted, descending
+    drop = nucleus_drop(logits, torch.tensor([0.7, 0.01, 1.0]), torch.tensor([4, 4, 3]))
+    assert (~drop).tolist() == [[True, True, False, False], [True, False, False, False], [True, True, True, False]]
 
 
 @given(logits=arrays(np.float32, st.integers(1, 64), elements=st.floats(-(2.0**100), 2.0**100, width=32)),
@@ -102,7 +101,7 @@ def test_any_finite_logits_and_allowed_params_give_a_token(logits, temperature, 
     tiny temperatures and top_p values that vanish in fp32 once turned into NaN probabilities and a 500."""
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     logits = torch.from_numpy(logits)
-    token = choose_token(logits, params, make_generator(params))
+    token = choose_token(logits, params, request_seed(params))
     assert 0 <= token < logits.numel()
     assert logits[token] > float("-inf")
     if params.greedy or top_p < 1e-6:  # greedy, or a nucleus that holds only the most likely token

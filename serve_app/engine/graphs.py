@@ -1,0 +1,180 @@
+"""Decode steps replayed from captured graphs, one per batch-size bucket (after vLLM and SGLang).
+
+A decode step has the same shapes every time for a given number of rows, so it can be captured once per bucket
+(1, 2, 4, ... 128 rows) and replayed with new inputs copied into static buffers. A step of B rows runs in the
+smallest bucket >= B; the extra rows are padding: they decode token 0 at position 0 of the cache's scratch slot
+(which no sequence owns) and their ids are dropped.
+
+`capture` turns a function of the static buffers into a replay function. On CUDA it records a CUDA graph
+(`cuda_graph_capture`); tests inject a capture that simply calls the function again, which exercises every piece of
+bookkeeping here (bucket choice, padding, copy-in, slicing the result) on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from serve_app.engine.sampling import SamplingTensors, sample
+from serve_app.model.attention import StepPlan
+from serve_app.model.chatglm2 import KVCache
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+StepOutputs = tuple[Tensor, Tensor]  # ids [bucket], logits [bucket, vocab] (kept for resampling an overflow row)
+Capture = Callable[[Callable[[], StepOutputs]], Callable[[], StepOutputs]]
+
+
+def buckets_for(num_slots: int, buckets: tuple[int, ...] = BUCKETS) -> tuple[int, ...]:
+    """The buckets worth capturing for `num_slots` rows at most: those below it and the first that holds it all."""
+    below = tuple(b for b in buckets if b < num_slots)
+    above = [b for b in buckets if b >= num_slots]
+    return below + tuple(above[:1])
+
+
+def bucket_for(rows: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket that holds `rows`, or None (the step then runs eagerly)."""
+    return next((b for b in buckets if b >= rows), None)
+
+
+def cuda_graph_capture(pool=None) -> Capture:
+    """A `Capture` that records a CUDA graph after two warm-up runs on a side stream (compilation, allocations)."""
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+
+    def capture(fn: Callable[[], StepOutputs]) -> Callable[[], StepOutputs]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+
+        def replay() -> StepOutputs:
+            graph.replay()
+            return out
+
+        return replay
+
+    return capture
+
+
+@dataclass
+class DecodeRows:
+    """One decode step on the host: per row its input token, slot and position (sampling settings travel apart)."""
+
+    token_ids: list[int]
+    slots: list[int]
+    positions: list[int]  # position of the input token (its K/V is written there)
+
+
+class StaticDecode:
+    """The static buffers of one bucket; `fill` copies a step's rows in and pads the rest."""
+
+    def __init__(self, rows: int, cache: KVCache, device):
+        long = {"dtype": torch.int64, "device": device}
+        self.rows = rows
+        self.scratch = cache.scratch_slot
+        self.max_len = cache.max_len
+        self.input_ids = torch.zeros(rows, **long)
+        self.positions = torch.zeros(rows, **long)
+        self.write_index = torch.full((rows,), self.scratch * self.max_len, **long)
+        self.slots = torch.full((rows,), self.scratch, **long)
+        self.lens = torch.ones(rows, **long)
+        self.logit_rows = torch.arange(rows, **long)
+        self.temperature = torch.ones(rows, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self.top_k = torch.ones(rows, **long)
+        self.greedy = torch.ones(rows, dtype=torch.bool, device=device)
+        self.seed_lo = torch.zeros(rows, **long)
+        self.seed_hi = torch.zeros(rows, **long)
+        self.sample_positions = torch.ones(rows, **long)
+
+    def plan(self) -> StepPlan:
+        return StepPlan([], self.input_ids, self.positions, self.write_index, self.logit_rows, self.slots, self.lens)
+
+    def settings(self, any_sampled: bool, needs_sort: bool) -> SamplingTensors:
+        return SamplingTensors(self.temperature, self.top_p, self.top_k, self.greedy, self.seed_lo, self.seed_hi,
+                               any_sampled, needs_sort)
+
+    def fill(self, rows: DecodeRows, settings: SamplingTensors) -> None:
+        """Copy the step in (one host tensor, one copy) and reset the padding rows."""
+        n, pad = len(rows.token_ids), self.rows - len(rows.token_ids)
+        scratch_write = self.scratch * self.max_len
+        host = torch.tensor(
+            [
+                rows.token_ids + [0] * pad,
+                rows.positions + [0] * pad,
+                [s * self.max_len + p for s, p in zip(rows.slots, rows.positions)] + [scratch_write] * pad,
+                rows.slots + [self.scratch] * pad,
+                [p + 1 for p in rows.positions] + [1] * pad,
+                [p + 1 for p in rows.positions] + [1] * pad,
+            ],
+            dtype=torch.int64,
+        )
+        if self.input_ids.device.type == "cuda":
+            host = host.pin_memory()
+        host = host.to(self.input_ids.device, non_blocking=True)
+        for buffer, values in zip(
+            (self.input_ids, self.positions, self.write_index, self.slots, self.lens, self.sample_positions), host
+        ):
+            buffer.copy_(values)
+        for buffer, values, fill in (
+            (self.temperature, settings.temperature, 1.0),
+            (self.top_p, settings.top_p, 1.0),
+            (self.top_k, settings.top_k, 1),
+            (self.greedy, settings.greedy, True),
+            (self.seed_lo, settings.seed_lo, 0),
+            (self.seed_hi, settings.seed_hi, 0),
+        ):
+            buffer[:n].copy_(values)
+            buffer[n:].fill_(fill)
+
+
+class DecodeGraphs:
+    """Captures the decode step (forward + sampling) lazily per (bucket, sampling variant) and replays it."""
+
+    def __init__(self, model, cache: KVCache, attention, device, capture: Capture,
+                 buckets: tuple[int, ...] = BUCKETS):
+        if cache.scratch_slot is None:
+            raise ValueError("decode graphs need a KV cache with a scratch slot for padding rows")
+        if attention.name != "flex":
+            raise ValueError("decode graphs need the flex attention backend (its inputs are fixed-shape tensors)")
+        self.model, self.cache, self.attention, self.device = model, cache, attention, device
+        self.capture = capture
+        self.buckets = buckets_for(cache.num_slots, buckets)
+        self._static: dict[int, StaticDecode] = {}
+        self._replays: dict[tuple[int, bool, bool], Callable[[], StepOutputs]] = {}
+
+    def bucket(self, rows: int) -> int | None:
+        return bucket_for(rows, self.buckets)
+
+    def run(self, rows: DecodeRows, settings: SamplingTensors) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids [R], logits [R, vocab], positions of the chosen tokens [R]) on the device for the R rows; ids as
+        `sampling.sample` gives them. The step must fit a bucket."""
+        bucket = self.bucket(len(rows.token_ids))
+        if bucket is None:
+            raise ValueError(f"{len(rows.token_ids)} rows exceed the largest bucket {self.buckets[-1]}")
+        static = self._static.get(bucket)
+        if static is None:
+            static = self._static[bucket] = StaticDecode(bucket, self.cache, self.device)
+        static.fill(rows, settings)
+        key = (bucket, settings.any_sampled, settings.needs_sort)
+        if key not in self._replays:
+            self._replays[key] = self.capture(self._step_fn(static, settings.any_sampled, settings.needs_sort))
+        ids, logits = self._replays[key]()
+        n = len(rows.token_ids)
+        return ids[:n], logits[:n], static.sample_positions[:n]
+
+    def _step_fn(self, static: StaticDecode, any_sampled: bool, needs_sort: bool) -> Callable[[], StepOutputs]:
+        def step() -> StepOutputs:
+            with torch.inference_mode():
+                logits = self.model.forward_packed(static.plan(), self.cache, self.attention)  # [bucket, vocab]
+                return sample(logits, static.settings(any_sampled, needs_sort), static.sample_positions), logits
+
+        return step

@@ -1,0 +1,96 @@
+"""One engine step on the model's device: every scheduled sequence's tokens in one packed forward, then sampling of
+the whole batch there; only the chosen ids come back to the host (one synchronisation per step).
+
+Decode-only steps replay a captured graph when the runner has them (CUDA, a bucket that fits); everything else,
+and everything on CPU, runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_app.engine.graphs import BUCKETS, Capture, DecodeGraphs, DecodeRows, cuda_graph_capture
+from serve_app.engine.params import SamplingParams
+from serve_app.engine.sampling import SamplingTensors, resample_overflow, sample
+from serve_app.model.attention import FLEX_BLOCK, Span, make_backend, plan_step
+from serve_app.model.chatglm2 import KVCache
+from serve_app.model.loader import LoadedModel
+
+
+@dataclass
+class Work:
+    """One sequence's share of a step: its next tokens, where they go, and how to choose the token after them."""
+
+    token_ids: list[int]  # a prefill chunk, or the last generated token
+    slot: int
+    position: int  # position of token_ids[0]
+    params: SamplingParams | None  # None when no token is due (a prefill chunk that does not end the prompt)
+    seed: int = 0
+
+
+class ModelRunner:
+    """Runs steps for the engine (and the one-at-a-time baseline) against one KV cache.
+
+    `graphs`: capture decode steps per batch bucket. None = on CUDA only. `capture` replaces the CUDA graph recorder
+    (tests pass one that re-runs the function, to check the bucket bookkeeping on CPU).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_slots: int,
+        max_seq_len: int,
+        *,
+        attention: str = "auto",
+        graphs: bool | None = None,
+        capture: Capture | None = None,
+        buckets: tuple[int, ...] = BUCKETS,
+    ):
+        self.loaded = loaded
+        self.device = loaded.device
+        self.attention = make_backend(attention, self.device)
+        use_graphs = graphs if graphs is not None else self.device.type == "cuda"
+        # The flex backend reads whole key blocks, so its slots are a whole number of blocks long.
+        slot_len = -(-max_seq_len // FLEX_BLOCK) * FLEX_BLOCK if self.attention.name == "flex" else max_seq_len
+        self.cache = KVCache(
+            loaded.config, num_slots, slot_len, dtype=loaded.dtype, device=self.device, scratch=use_graphs
+        )
+        self.graphs = None
+        if use_graphs:
+            capture = capture or cuda_graph_capture()
+            self.graphs = DecodeGraphs(loaded.model, self.cache, self.attention, self.device, capture, buckets)
+
+    def step(self, work: list[Work]) -> list[int | None]:
+        """Per work item: the chosen id, -1 when its logits were NaN/Inf, None when no token was due."""
+        due = [w for w in work if w.params is not None]
+        if not due:
+            self._forward(work)
+            return [None] * len(work)
+        settings = SamplingTensors.build(
+            [w.params for w in due], [w.seed for w in due], self.loaded.config.padded_vocab_size, self.device
+        )
+        decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work)
+        if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:
+            rows = DecodeRows([w.token_ids[0] for w in work], [w.slot for w in work], [w.position for w in work])
+            ids, logits, sample_positions = self.graphs.run(rows, settings)
+            ids = ids.tolist()
+        else:
+            logits, sample_positions = self._forward(work)
+            ids = sample(logits, settings, sample_positions).tolist()  # the step's one device-to-host copy
+        ids = resample_overflow(ids, logits, settings, sample_positions)
+        chosen = iter(ids)
+        return [next(chosen) if w.params is not None else None for w in work]
+
+    def _forward(self, work: list[Work]):
+        """Eager packed forward: (logits [R, vocab] of the rows with a token due, their next positions [R])."""
+        spans, tokens, rows, start = [], [], [], 0
+        for w in work:
+            spans.append(Span(start, len(w.token_ids), w.slot, w.position))
+            tokens += w.token_ids
+            start += len(w.token_ids)
+            if w.params is not None:
+                rows.append(start - 1)
+        plan = plan_step(spans, tokens, self.cache.max_len, self.device, rows)
+        logits = self.loaded.model.forward_packed(plan, self.cache, self.attention)
+        # A due row's token goes at its span's kv_len: one past the last position just run.
+        return logits, plan.positions[plan.logit_rows] + 1

@@ -1,0 +1,57 @@
+"""Decode graphs' bookkeeping on CPU: bucket choice, padding rows that only touch the scratch slot, static-buffer
+copy-in, and results equal to the eager step. The capture is injected (it re-runs the function) because CUDA graphs
+cannot run here; on a GPU the same code records and replays torch.cuda.CUDAGraph (scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve_app.engine.graphs import bucket_for, buckets_for
+from serve_app.engine.params import SamplingParams
+from serve_app.engine.runner import ModelRunner, Work
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def test_buckets():
+    assert buckets_for(16) == (1, 2, 4, 8, 16)
+    assert buckets_for(5) == (1, 2, 4, 8)
+    assert buckets_for(500) == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert [bucket_for(n, buckets_for(100)) for n in (1, 3, 9, 64, 65, 100)] == [1, 4, 16, 64, 128, 128]
+    assert bucket_for(129, buckets_for(500)) is None
+
+
+def test_graph_replay_equals_the_eager_step(tiny_fp32):
+    captured = []
+
+    def capture(fn):
+        captured.append(fn)
+        return fn
+
+    graphed = ModelRunner(tiny_fp32, 5, 64, attention="flex", graphs=True, capture=capture)
+    eager = ModelRunner(tiny_fp32, 5, 64, attention="slot-view", graphs=False)
+    prompts = [torch.randint(3, 1000, (4 + 3 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(5)]
+    params = [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.7), SamplingParams(),
+              SamplingParams(temperature=1.2, top_k=7), SamplingParams(temperature=0.7)]
+    prefill = [Work(p, slot, 0, params[slot], seed=slot) for slot, p in enumerate(prompts)]
+    last = graphed.step(prefill)
+    assert last == eager.step(prefill)  # mixed prefill runs eagerly in both
+    positions = [len(p) for p in prompts]
+    for step, active in enumerate([[0, 2, 4], [0, 1, 2, 3, 4], [0, 2, 4], [3]]):
+        work = [Work([last[s]], s, positions[s], params[s], seed=s) for s in active]
+        got, expected = graphed.step(work), eager.step(work)
+        assert got == expected, step
+        for s, token in zip(active, got):
+            last[s], positions[s] = token, positions[s] + 1
+    # Buckets 4 (sampled rows), 8 (sampled, with top_p/top_k) and 1 (sampled, top_k): one capture per variant.
+    assert len(captured) == 3
+    scratch = graphed.cache.scratch_slot
+    assert graphed.cache.k[:, :, scratch, 0].abs().sum() > 0  # padding rows wrote there, and only there
+    assert graphed.cache.k[:, :, scratch, 1:].abs().sum() == 0
+
+
+def test_graphs_need_the_flex_backend(tiny_fp32):
+    with pytest.raises(ValueError, match="flex"):
+        ModelRunner(tiny_fp32, 2, 64, attention="slot-view", graphs=True, capture=lambda fn: fn)

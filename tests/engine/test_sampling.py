@@ -1,0 +1,92 @@
+"""Batched on-device sampling: per-row settings, counter-based noise that makes a seed's tokens independent of the
+batch around it, and draws that follow the distribution they claim."""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.engine.params import SamplingParams
+from serve_app.engine.sampling import SamplingTensors, gumbel_noise, mix32, row_keys, sample
+
+VOCAB = 50
+
+
+def logits_for(rows: int, seed: int) -> torch.Tensor:
+    return 2 * torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed))
+
+
+def draw(logits, params, seeds, positions, device="cpu"):
+    settings = SamplingTensors.build(params, seeds, VOCAB, device)
+    return sample(logits.to(device), settings, torch.tensor(positions, device=device)).tolist()
+
+
+def test_a_rows_token_depends_only_on_its_own_logits_seed_and_position():
+    logits = logits_for(6, 0)
+    params = [SamplingParams(temperature=0.9, top_p=0.7), SamplingParams(), SamplingParams(temperature=1.3),
+              SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.0, top_p=0.95, top_k=10),
+              SamplingParams(temperature=0.95, top_p=0.7)]
+    seeds, positions = [11, 0, 12, 13, 14, 15], [7, 3, 9, 100, 5, 7]
+    together = draw(logits, params, seeds, positions)
+    alone = [draw(logits[i : i + 1], [params[i]], [seeds[i]], [positions[i]])[0] for i in range(6)]
+    reordered = draw(logits.flip(0), params[::-1], seeds[::-1], positions[::-1])[::-1]
+    assert together == alone == reordered
+    assert together[1] == int(logits[1].argmax())  # the greedy row
+
+
+def test_seed_and_position_drive_the_noise():
+    keys = row_keys(torch.tensor([1, 1, 2]), torch.tensor([0, 0, 0]), torch.tensor([5, 6, 5]))
+    noise = gumbel_noise(keys, 1000)
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert torch.equal(gumbel_noise(keys[:1], 1000)[0], noise[0])
+    # Integer hash: every value stays in [0, 2**32) (no int64 overflow on any device).
+    x = mix32(torch.tensor([0, 1, 2**32 - 1, 123456789]))
+    assert bool(((x >= 0) & (x < 2**32)).all())
+
+
+def test_sampled_frequencies_follow_the_kept_distribution():
+    """Gumbel-max over 4000 positions matches softmax(logits / T) restricted to the top_p nucleus."""
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1] + [1e-9] * (VOCAB - 4)))
+    params = SamplingParams(temperature=1.0, top_p=0.85)  # nucleus: the first three tokens
+    n = 4000
+    tokens = draw(logits.expand(n, -1), [params] * n, [42] * n, list(range(n)))
+    counts = torch.bincount(torch.tensor(tokens), minlength=VOCAB).float() / n
+    expected = torch.tensor([0.4, 0.3, 0.2]) / 0.9
+    assert counts[3:].sum() == 0
+    assert (counts[:3] - expected).abs().max() < 0.03  # ~4 standard deviations at n=4000
+
+
+def test_non_finite_rows_come_back_as_minus_one():
+    logits = logits_for(3, 1)
+    logits[1, 4] = float("nan")
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(), SamplingParams(temperature=0.5, top_p=0.5)]
+    ids = draw(logits, params, [1, 2, 3], [0, 0, 0])
+    assert ids[1] == -1 and ids[0] >= 0 and ids[2] >= 0
+
+
+def test_noise_bits_are_the_same_on_every_device():
+    """The hash is integer arithmetic: the same (seed, position) gives the same bits wherever it runs. On a CUDA
+    machine this compares CPU and GPU; here it compares two CPU computations of differently shaped batches."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    keys = [row_keys(torch.tensor([7, 9], device=d), torch.tensor([3, 0], device=d), torch.tensor([10, 11], device=d))
+            for d in devices]
+    bits = [mix32(k[:, None] ^ torch.arange(VOCAB, device=k.device)[None]).cpu() for k in keys]
+    assert all(torch.equal(bits[0], b) for b in bits)
+    alone = row_keys(torch.tensor([9]), torch.tensor([0]), torch.tensor([11]))
+    assert alone.item() == keys[0][1].item()
+
+
+def test_candidates_give_the_full_sorts_tokens_and_overflow_falls_back():
+    """top_p over the first K sorted candidates picks what the full sort picks; a nucleus wider than K comes back
+    as OVERFLOW and resample_overflow draws it over the whole vocabulary."""
+    from serve_app.engine.sampling import OVERFLOW, resample_overflow
+
+    peaked, flat = logits_for(4, 2) * 3, torch.zeros(4, VOCAB)
+    params = [SamplingParams(temperature=0.95, top_p=0.7)] * 4
+    seeds, positions = [1, 2, 3, 4], torch.tensor([5, 6, 7, 8])
+    settings = SamplingTensors.build(params, seeds, VOCAB, "cpu")
+    full = sample(peaked, settings, positions, candidates=None).tolist()
+    assert sample(peaked, settings, positions, candidates=20).tolist() == full
+    overflow = sample(flat, settings, positions, candidates=10).tolist()
+    assert overflow == [OVERFLOW] * 4
+    assert resample_overflow(overflow, flat, settings, positions) == sample(flat, settings, positions,
+                                                                            candidates=None).tolist()
