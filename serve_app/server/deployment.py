@@ -3,7 +3,7 @@
 A replica loads the tokenizer and the model at its pool's precision, runs a continuous-batching `Engine`, and turns
 text requests into streamed text deltas. Errors that belong to the request (context too long, overloaded, numeric
 failure) come back as a final `TextDelta` with `error` set, so the ingress can answer with the right status code.
-The pool also
+Deltas that are ready together are sent together (server/coalescing.py, `stream_coalesce_ms`). The pool also
 tokenizes and detokenizes for clients that count tokens (the front end has no tokenizer).
 """
 
@@ -20,6 +20,7 @@ from serve_app.config import AppArgs, PoolArgs
 from serve_app.engine.engine import Engine
 from serve_app.engine.errors import EngineError
 from serve_app.model.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer, TokenizerError
+from serve_app.server.coalescing import coalesce
 from serve_app.server.messages import ErrorInfo, TextDelta, TextRequest, Tokens, Usage
 from serve_app.server.metrics import PoolMetrics, RequestTrace
 
@@ -79,6 +80,7 @@ class ChatGLM2Server:
             torch.set_num_threads(args.torch_threads)
         ensure_checkpoint(checkpoint, args.demo_preset_of(pool))
         self.name, self.log_prompts = pool.model, args.log_prompts
+        self.coalesce_s = args.stream_coalesce_ms / 1000
         self.tokenizer = ChatGLM2Tokenizer(checkpoint)
         self.loaded = load_model(checkpoint, pool.precision, args.device)
         self.engine = Engine(self.loaded, args.engine_of(pool))
@@ -123,7 +125,7 @@ class ChatGLM2Server:
         trace = self.metrics.start_request(request.request_id)
         reply = []
         try:
-            async for delta in self._generate(request, trace):
+            async for delta in coalesce(self._generate(request, trace), self.coalesce_s):
                 trace.emitted(delta)
                 if self.log_prompts:
                     reply.append(delta.text)
