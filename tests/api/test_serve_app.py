@@ -259,8 +259,33 @@ def test_http_load_tester(base_url, tmp_path):
     assert [(r["model"], r["concurrency"]) for r in results] == [(POOLS[0], 1), (POOLS[0], 3), (POOLS[2], 1),
                                                                  (POOLS[2], 3)]
     assert all(r["requests"] == 3 and r["output_tokens"] == 18 and r["ttft_p50_s"] > 0 for r in results)
+    # The prompts sent were exactly --prompt-tokens long, by the server's own count.
+    assert all(r["prompt_tokens_sent"] == r["prompt_tokens_usage"] == 8 for r in results)
+    assert "prompt tokens sent 8, usage 8; output tokens asked 6, usage 6" in run.stdout
     assert "3/3 requests" in run.stderr  # the progress display
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compares_in_process_with_served(base_url, tiny_checkpoint):
+    """`bench --checkpoint --url`: the same requests both ways, alternating rounds, and the ratio."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "bench", "--checkpoint", str(tiny_checkpoint), "--url", base_url,
+         "--models", POOLS[0], "--concurrency", "1,2", "--requests", "2", "--prompt-tokens", "8",
+         "--max-new-tokens", "4", "--rounds", "2", "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [(r["round"], r["concurrency"], r["mode"]) for r in result["rows"]] == [
+        (1, 1, "engine"), (1, 1, "http"), (1, 2, "engine"), (1, 2, "http"),
+        (2, 1, "http"), (2, 1, "engine"), (2, 2, "http"), (2, 2, "engine")]
+    assert all(r["output_tokens"] == 8 for r in result["rows"])
+    assert [(r["round"], r["concurrency"]) for r in result["ratios"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["throughput_ratio"] > 0 for r in result["ratios"])
+    assert "median over rounds, concurrency 2" in run.stdout
 
 
 def test_soak_script_runs_clean(base_url):
