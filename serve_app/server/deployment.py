@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 from ray import serve
@@ -125,11 +126,14 @@ class ChatGLM2Server:
         trace = self.metrics.start_request(request.request_id)
         reply = []
         try:
-            async for delta in coalesce(self._generate(request, trace), self.coalesce_s):
-                trace.emitted(delta)
-                if self.log_prompts:
-                    reply.append(delta.text)
-                yield delta
+            # aclosing: when Serve cancels this generator (the client went away), the engine stops at once, not when
+            # the garbage collector gets to the inner generators.
+            async with aclosing(coalesce(self._generate(request, trace), self.coalesce_s)) as deltas:
+                async for delta in deltas:
+                    trace.emitted(delta)
+                    if self.log_prompts:
+                        reply.append(delta.text)
+                    yield delta
         finally:  # also when the ingress cancels the stream
             fields = trace.log_fields()
             if self.log_prompts:
