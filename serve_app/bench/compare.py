@@ -1,7 +1,7 @@
 """`chatglm2-serve bench --checkpoint DIR --url URL`: the same requests in-process and through a running application.
 
-The prompts are token ids from the served pool's own `/tokenize` (exactly `--prompt-tokens` each); the in-process
-engine gets the same ids, the served pool's context (`max_model_len`), `--max-batch-size` slots, and generates the
+The prompts are token ids from the served pool's own `/tokenize` (exactly `--prompt-tokens` each), new ones for
+every round and level so that neither side's prefix cache holds them; the in-process engine gets the same ids, the served pool's context (`max_model_len`), `--max-batch-size` slots, and generates the
 same `--max-new-tokens` greedily with `ignore_eos`. The two sides run one after the other, never together, and
 alternate over `--rounds` (in-process first in odd rounds, served first in even ones) so that drifting load on a
 shared machine falls on both. The report gives each side's table, the served/in-process ratio of output tokens/s
@@ -55,30 +55,35 @@ def run_comparison(config: CompareConfig, progress=lambda line: print(line, file
 
     async def both() -> dict:
         async with http_client(max(config.concurrency)) as client:
-            prompts, max_model_len = await tokenized_prompts(client, url, config.model, config.requests,
-                                                             config.prompt_tokens, config.seed)
+            async def prompts(seed: int) -> tuple[list[list[int]], int]:
+                return await tokenized_prompts(client, url, config.model, config.requests, config.prompt_tokens, seed)
+
+            # Fresh prompts for every (round, level), the same on both sides: a prompt seen before would hit the
+            # prefix cache of one side only, and time to first token would compare cached with uncached work.
+            warmup, max_model_len = await prompts(config.seed)
+            levels = [(round_, level) for round_ in range(config.rounds) for level in config.concurrency]
+            sets = {key: (await prompts(config.seed + 1 + i))[0] for i, key in enumerate(levels)}
             engine = Engine(loaded, EngineConfig(config.max_batch_size, max_model_len,
                                                  max_waiting=config.requests))
             # Warm-up on both sides: the first forward passes and the first connections are slower.
             warm = SamplingParams(max_new_tokens=2, ignore_eos=True)
-            await run_engine_load(engine, prompts[:2], warm, 2)
-            await run_level(client, url, config.model, prompts[:2], 2, config.max_new_tokens)
+            await run_engine_load(engine, warmup[:2], warm, 2)
+            await run_level(client, url, config.model, warmup[2:4], 2, config.max_new_tokens)
             rows = []
-            for round_ in range(config.rounds):
-                for level in config.concurrency:
-                    sides = ("engine", "http") if round_ % 2 == 0 else ("http", "engine")
-                    for side in sides:
-                        if side == "engine":
-                            records, wall = await run_engine_load(engine, prompts, params, level)
-                            row = {"model": config.model, **asdict(summarize("engine", level, records, wall))}
-                        else:
-                            served, wall = await run_level(client, url, config.model, prompts, level,
-                                                           config.max_new_tokens)
-                            row = level_result(config.model, level, served, wall, config.prompt_tokens,
-                                               config.max_new_tokens)
-                        rows.append({"round": round_ + 1, **row})
-                        progress(f"round {round_ + 1}, concurrency {level}, {side}: "
-                                 f"{row['output_tokens_per_s']:.1f} output tok/s")
+            for round_, level in levels:
+                sides = ("engine", "http") if round_ % 2 == 0 else ("http", "engine")
+                for side in sides:
+                    if side == "engine":
+                        records, wall = await run_engine_load(engine, sets[round_, level], params, level)
+                        row = {"model": config.model, **asdict(summarize("engine", level, records, wall))}
+                    else:
+                        served, wall = await run_level(client, url, config.model, sets[round_, level], level,
+                                                       config.max_new_tokens)
+                        row = level_result(config.model, level, served, wall, config.prompt_tokens,
+                                           config.max_new_tokens)
+                    rows.append({"round": round_ + 1, **row})
+                    progress(f"round {round_ + 1}, concurrency {level}, {side}: "
+                             f"{row['output_tokens_per_s']:.1f} output tok/s")
             await engine.shutdown()
             return {"max_model_len": max_model_len, "rows": rows}
 

@@ -150,8 +150,10 @@ def run_http_benchmark(url: str, models: list[str], concurrency: list[int], requ
     async def sweep(model: str) -> list[dict]:
         results = []
         async with http_client(max(concurrency)) as client:
-            prompts, _ = await tokenized_prompts(client, url, model, requests, prompt_tokens, seed)
-            for level in concurrency:
+            for index, level in enumerate(concurrency):
+                # New prompts per level: a prompt seen before would be served from the prefix cache.
+                prompts, _ = await tokenized_prompts(client, url, model, requests, prompt_tokens, seed + index)
+
                 def progress(done: int, level=level) -> None:
                     print(f"\r{model} concurrency {level}: {done}/{requests} requests", end="", file=sys.stderr,
                           flush=True)
