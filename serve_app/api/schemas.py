@@ -378,10 +378,14 @@ class CompletionChunk(BaseModel):
 # --- tokens (vLLM's /tokenize and /detokenize) -----------------------------------------------------------------------
 
 
+# The OpenAPI document lists the pools as the values of `model`; "" is none of them.
+PoolName = Annotated[Text, Field(min_length=1)]
+
+
 class TokenizeCompletionRequest(_Strict):
     """POST /tokenize with a prompt: its ids as /v1/completions counts them."""
 
-    model: Text | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
+    model: PoolName | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
     prompt: Text
     add_special_tokens: Bool = Field(default=True, description="start with the [gMASK] sop prefix")
 
@@ -389,7 +393,7 @@ class TokenizeCompletionRequest(_Strict):
 class TokenizeChatRequest(_Strict):
     """POST /tokenize with messages: the prompt ids /v1/chat/completions would run (prefix included)."""
 
-    model: Text | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
+    model: PoolName | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
     messages: list[ChatMessage] = Field(min_length=1)
 
 
@@ -409,7 +413,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(_Strict):
-    model: Text | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
+    model: PoolName | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
     tokens: list[TokenId] = Field(description="token ids; special ids decode to nothing")
 
 
