@@ -116,6 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
     if min(concurrency) < 1 or args.requests < 1 or args.max_new_tokens < 1:
         raise ValueError("--concurrency levels, --requests and --max-new-tokens must be >= 1")
+    if args.url and args.checkpoint:
+        return _bench_compare(args, concurrency)
     if args.url:
         return _bench_http(args, concurrency)
     if args.checkpoint is None and not args.random_weights:
@@ -158,6 +160,27 @@ def _bench_http(args: argparse.Namespace, concurrency: list[int]) -> int:
         print(f"plot written to {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps({"url": args.url, "results": results}))
+    return 0
+
+
+def _bench_compare(args: argparse.Namespace, concurrency: list[int]) -> int:
+    import torch
+
+    from serve_app.bench.compare import CompareConfig, format_comparison, run_comparison
+    from serve_app.bench.http import models_of
+
+    models = [m for m in (args.models or "").split(",") if m] or models_of(args.url.rstrip("/"))[:1]
+    if len(models) != 1:
+        raise ValueError("with --checkpoint and --url, --models names the one pool to compare with")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = CompareConfig(str(args.checkpoint), args.url, models[0], args.precision, args.device, concurrency,
+                           args.requests, args.prompt_tokens, args.max_new_tokens, args.max_batch_size,
+                           args.rounds, args.seed)
+    result = run_comparison(config)
+    print(format_comparison(result))
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 
@@ -305,8 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="in-process throughput benchmark: batching engine vs one at a time")
     _add_model_args(bench, checkpoint_required=False)
-    bench.add_argument("--url", default=None, help="load-test a running application over HTTP instead")
-    bench.add_argument("--models", default=None, help="with --url: comma-separated pools (default: all)")
+    bench.add_argument("--url", default=None, help="load-test a running application over HTTP instead; with "
+                       "--checkpoint too, run the same requests both ways and print the ratio")
+    bench.add_argument("--models", default=None, help="with --url: comma-separated pools (default: all; with "
+                       "--checkpoint: the one pool to compare, default the first)")
+    bench.add_argument("--rounds", type=int, default=1, help="with --checkpoint and --url: alternating rounds")
     bench.add_argument("--plot", default=None, help="with --url: write a PNG plot of the sweep here")
     bench.add_argument("--concurrency", default="1,4,16", help="comma-separated requests in flight, e.g. 1,4,16")
     bench.add_argument("--requests", type=int, default=32, help="requests per concurrency level")

@@ -2,7 +2,8 @@
 
 Routes: the official api.py (`POST /`, alias `POST /chatglm`), the seeds' streaming API (`POST /chat`, `POST /stream`
 as Server-Sent Events), the OpenAI API (`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`) and
-`GET /health`; WebSocket and the web page (api/websocket.py) and gRPC (api/grpc.py) are mixed in. Every handler
+`GET /health`, vLLM's `POST /tokenize` and `POST /detokenize` (answered by a pool: the ingress has no tokenizer);
+WebSocket and the web page (api/websocket.py) and gRPC (api/grpc.py) are mixed in. Every handler
 builds its pool request with `RequestBuilder` and reaches the pool through `PoolClient`. Every error is OpenAI-style
 JSON with a 4xx/5xx status (api/errors.py); errors that happen before the first token are reported as a status code
 even on streaming routes, later ones as a final stream event. Responses are built from the models in api/schemas.py,
@@ -38,6 +39,8 @@ from serve_app.api.schemas import (
     CompletionChunk,
     CompletionChunkChoice,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
     ModelCard,
@@ -46,6 +49,8 @@ from serve_app.api.schemas import (
     StreamChatResponse,
     StreamDeltaEvent,
     StreamErrorEvent,
+    TokenizeRequest,
+    TokenizeResponse,
     UsageInfo,
 )
 from serve_app.api.security import SecuritySettings
@@ -228,6 +233,21 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         if include_usage and stream.usage:
             yield _usage(stream.usage)
         yield sse("[DONE]")
+
+    # --- tokens (vLLM's routes, for clients that count tokens) ----------------------------------------------------
+
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}} | GENERATION_ERRORS)
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        """The prompt ids of a completion (`prompt`) or chat completion (`messages`), as `usage` counts them."""
+        special_tokens = getattr(body, "add_special_tokens", True)
+        tokens = await self.client.tokenize(body.model, self.requests.tokenize(body), special_tokens)
+        return TokenizeResponse(count=len(tokens.ids), max_model_len=tokens.max_model_len,
+                                tokens=tokens.ids).model_dump()
+
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}} | GENERATION_ERRORS)
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        tokens = await self.client.detokenize(body.model, body.tokens)
+        return DetokenizeResponse(prompt=tokens.text).model_dump()
 
     @app.get("/health", responses={200: {"model": Health}})
     async def health(self) -> dict:

@@ -4,6 +4,7 @@
     stream = await client.open(model, request)    # route, start, wait for the first delta (errors raise APIError)
     async for piece in stream.pieces(): ...        # text as it comes; an error delta raises APIError
     answer = await client.collect(model, request)  # the whole answer
+    tokens = await client.tokenize(model, request)  # the prompt ids a generation of `request` would run
 
 Errors before the first token raise `APIError` from `open`, so every protocol can still answer with a status; later
 ones raise from the iteration, and each protocol ends its stream its own way. Leaving a stream early (a client that
@@ -22,7 +23,7 @@ from ray.serve.exceptions import BackPressureError
 from serve_app.api.errors import APIError, internal_error
 from serve_app.api.routing import Router
 from serve_app.config import AppArgs
-from serve_app.server.messages import TextDelta, TextRequest, Usage
+from serve_app.server.messages import TextDelta, TextRequest, Tokens, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -99,6 +100,7 @@ class Answer:
 
 class PoolClient:
     def __init__(self, handles: dict, args: AppArgs):
+        self.handles = handles
         # Cached once: `options(stream=True)` per request would rebuild the handle's state.
         self.streams = {name: handle.options(stream=True) for name, handle in handles.items()}
         self.router = Router(handles, args.pool_names, args.default_pool, args.routing)
@@ -135,3 +137,24 @@ class PoolClient:
         stream = await self.open(model, request)
         text = "".join([piece async for piece in stream.pieces()])
         return Answer(stream.pool, text, stream.finish_reason, stream.usage)
+
+    async def tokenize(self, model: str | None, request: TextRequest, special_tokens: bool = True) -> Tokens:
+        """The prompt ids the pool would run for `request` (a raw prompt without [gMASK] sop if not
+        `special_tokens`). Errors raise APIError."""
+        return await self._call(model, "tokenize", request, special_tokens)
+
+    async def detokenize(self, model: str | None, ids: list[int]) -> Tokens:
+        """The text of `ids` in the pool's tokenizer. Errors raise APIError."""
+        return await self._call(model, "detokenize", ids)
+
+    async def _call(self, model: str | None, method: str, *args) -> Tokens:
+        pool = self.router.resolve(model)
+        try:
+            result: Tokens = await getattr(self.handles[pool], method).remote(*args)
+        except BackPressureError as exc:
+            raise APIError("overloaded", f"pool {pool} is overloaded; retry shortly") from exc
+        except RayActorError as exc:
+            raise APIError("replica_failed", REPLICA_FAILED) from exc
+        if result.error:
+            raise APIError.from_info(result.error)
+        return result

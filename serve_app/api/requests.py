@@ -10,6 +10,8 @@ from serve_app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     StreamChatRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     split_messages,
 )
 from serve_app.config import AppArgs
@@ -38,6 +40,9 @@ class RequestBuilder:
     def check_prompt(self, text: str, param: str) -> None:
         if not text.strip():
             raise APIError("invalid_request", f"{param} is empty", param=param)
+        self.check_length(text, param)
+
+    def check_length(self, text: str, param: str) -> None:
         if len(text) > self.args.max_prompt_chars:
             raise APIError("context_length_exceeded",
                            f"{param} is longer than {self.args.max_prompt_chars} characters", param=param)
@@ -75,14 +80,30 @@ class RequestBuilder:
             history=history,
             system=system,
             stop=body.stop or [],
+            context_strict=True,
         )
 
     def completion(self, body: CompletionRequest) -> TextRequest:
-        self.check_prompt(body.prompt, "prompt")
+        """A text prompt gets the [gMASK] sop prefix; token ids are the model's whole input, as given."""
+        ids = body.prompt if isinstance(body.prompt, list) else None
+        if ids is None:
+            self.check_prompt(body.prompt, "prompt")
         return TextRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
                                seed=body.seed, ignore_eos=body.ignore_eos),
-            raw_prompt=body.prompt,
+            raw_prompt=None if ids is not None else body.prompt,
+            prompt_ids=ids,
             stop=body.stop or [],
+            context_strict=True,
         )
+
+    def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TextRequest:
+        """The request whose prompt ids /tokenize reports: the chat completion or completion it describes."""
+        if isinstance(body, TokenizeChatRequest):
+            system, history, query = split_messages(body.messages)
+            self.check_length(query, "messages")
+            return TextRequest(request_id=uuid.uuid4().hex, params=SamplingParams(), query=query, history=history,
+                               system=system)
+        self.check_length(body.prompt, "prompt")
+        return TextRequest(request_id=uuid.uuid4().hex, params=SamplingParams(), raw_prompt=body.prompt)

@@ -15,8 +15,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     Strict,
+    Tag,
     WithJsonSchema,
 )
 
@@ -66,22 +68,39 @@ MaxTokens = Annotated[int, Strict(), Field(ge=1, description="cap on generated t
 NOT_BLANK = {"pattern": r"\S"}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _one_prompt(value):
-    if isinstance(value, list):
+    """A prompt, a list of one prompt, token ids, or a list of one list of token ids -> the one prompt."""
+    if isinstance(value, list) and not (value and _is_number(value[0])):  # not token ids: a list of prompts
         if len(value) != 1:
             raise ValueError("exactly one prompt per request")
         return value[0]
     return value
 
 
+def _prompt_kind(value) -> str:
+    return "prompt-token-ids" if isinstance(value, list) else "prompt-text"
+
+
 def _stop_list(value):
     return [] if value is None else [value] if isinstance(value, str) else value
 
 
+TokenId = Annotated[int, Strict(), Field(ge=0), BeforeValidator(_integral)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+_TOKEN_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 # OpenAI fields that take a string or a list: one type for validation (clear errors), the union in the schema.
-OnePrompt = Annotated[Text, BeforeValidator(_one_prompt), WithJsonSchema({"anyOf": [
-    {"type": "string", **NOT_BLANK}, {"type": "array", "items": {"type": "string", **NOT_BLANK}, "minItems": 1,
-                                       "maxItems": 1}]})]
+# A prompt is text or token ids (the whole model input, [gMASK] sop included, as vLLM takes them); the discriminator
+# validates only the branch the value's JSON type chose, so an error names the problem, not every branch's.
+OnePrompt = Annotated[
+    Annotated[Text, Tag("prompt-text")] | Annotated[TokenIds, Tag("prompt-token-ids")], Discriminator(_prompt_kind),
+    BeforeValidator(_one_prompt), WithJsonSchema({"anyOf": [
+        {"type": "string", **NOT_BLANK}, {"type": "array", "items": {"type": "string", **NOT_BLANK}, "minItems": 1,
+                                           "maxItems": 1},
+        _TOKEN_IDS_SCHEMA, {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1, "maxItems": 1}]})]
 Stop = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]  # the length check before the Unicode check
 Stops = Annotated[list[Stop], Field(max_length=4), BeforeValidator(_stop_list),
                   WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}, {
@@ -250,7 +269,7 @@ class ChatCompletionRequest(_OpenAICommon):
 
 
 class CompletionRequest(_OpenAICommon):
-    prompt: OnePrompt = Field(description="the text to continue (a list must hold exactly one)")
+    prompt: OnePrompt = Field(description="the text to continue, or its token ids (a list must hold exactly one)")
     echo: OnlyFalse = False
 
 
@@ -360,6 +379,52 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChunkChoice]
     usage: UsageInfo | None = None
+
+
+# --- tokens (vLLM's /tokenize and /detokenize) -----------------------------------------------------------------------
+
+
+# The OpenAPI document lists the pools as the values of `model`; "" is none of them.
+PoolName = Annotated[Text, Field(min_length=1)]
+
+
+class TokenizeCompletionRequest(_Strict):
+    """POST /tokenize with a prompt: its ids as /v1/completions counts them."""
+
+    model: PoolName | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
+    prompt: Text
+    add_special_tokens: Bool = Field(default=True, description="start with the [gMASK] sop prefix")
+
+
+class TokenizeChatRequest(_Strict):
+    """POST /tokenize with messages: the prompt ids /v1/chat/completions would run (prefix included)."""
+
+    model: PoolName | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _tokenize_kind(value) -> str:
+    return "with-messages" if isinstance(value, dict) and "messages" in value else "with-prompt"
+
+
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag("with-prompt")] | Annotated[TokenizeChatRequest, Tag("with-messages")],
+    Discriminator(_tokenize_kind)]
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="number of tokens")
+    max_model_len: int = Field(description="the pool's context: prompt plus completion tokens")
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Strict):
+    model: PoolName | None = Field(default=None, description="pool whose tokenizer to use; default: the default model")
+    tokens: list[TokenId] = Field(description="token ids; special ids decode to nothing")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="the text of the tokens")
 
 
 def split_messages(messages: list[ChatMessage]) -> tuple[str | None, History, str]:

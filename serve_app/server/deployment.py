@@ -3,6 +3,8 @@
 A replica loads the tokenizer and the model at its pool's precision, runs a continuous-batching `Engine`, and turns
 text requests into streamed text deltas. Errors that belong to the request (context too long, overloaded, numeric
 failure) come back as a final `TextDelta` with `error` set, so the ingress can answer with the right status code.
+Deltas that are ready together are sent together (server/coalescing.py, `stream_coalesce_ms`). The pool also
+tokenizes and detokenizes for clients that count tokens (the front end has no tokenizer).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 from ray import serve
@@ -19,7 +22,8 @@ from serve_app.config import AppArgs, PoolArgs
 from serve_app.engine.engine import Engine
 from serve_app.engine.errors import EngineError
 from serve_app.model.tokenizer import ChatGLM2Tokenizer, IncrementalDetokenizer, TokenizerError
-from serve_app.server.messages import ErrorInfo, TextDelta, TextRequest, Usage
+from serve_app.server.coalescing import coalesce
+from serve_app.server.messages import ErrorInfo, TextDelta, TextRequest, Tokens, Usage
 from serve_app.server.metrics import PoolMetrics, RequestTrace
 
 logger = logging.getLogger("ray.serve")
@@ -79,6 +83,7 @@ class ChatGLM2Server:
             torch.set_num_threads(args.torch_threads)
         ensure_checkpoint(checkpoint, args.demo_preset_of(pool))
         self.name, self.log_prompts = pool.model, args.log_prompts
+        self.coalesce_s = args.stream_coalesce_ms / 1000
         self.tokenizer = ChatGLM2Tokenizer(checkpoint)
         device = resolve_device(args.device)
         share = (gpu_share.ray_gpu_share() or 1.0) if device.type == "cuda" else None
@@ -107,10 +112,31 @@ class ChatGLM2Server:
             f"{self.memory_plan.memory_fraction:.3f})" if self.memory_plan else "",
         )
 
-    def _prompt_ids(self, request: TextRequest) -> list[int]:
+    def _prompt_ids(self, request: TextRequest, special_tokens: bool = True) -> list[int]:
+        """The model input of `request`; `special_tokens=False` leaves the [gMASK] sop prefix off a raw prompt."""
+        if request.prompt_ids is not None:
+            return self._checked_ids(request.prompt_ids)
         if request.raw_prompt is not None:
-            return self.tokenizer.prefix_ids() + self.tokenizer.encode(request.raw_prompt)
+            prefix = self.tokenizer.prefix_ids() if special_tokens else []
+            return prefix + self.tokenizer.encode(request.raw_prompt)
         return self.tokenizer.build_chat_input(request.query or "", request.history, request.system)
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise TokenizerError(f"token id {bad} is not in this model's vocabulary [0, {vocab})")
+        return list(ids)
+
+    def _context_error(self, request: TextRequest, prompt_len: int) -> ErrorInfo | None:
+        """OpenAI's check (with `context_strict`): prompt plus max_tokens must fit the context, else an error."""
+        wanted, context = request.params.max_new_tokens, self.engine.max_seq_len
+        if not request.context_strict or wanted is None or prompt_len + wanted <= context:
+            return None
+        return ErrorInfo("context_length_exceeded", (
+            f"This model's maximum context length is {context} tokens. However, you requested {prompt_len + wanted} "
+            f"tokens ({prompt_len} in the prompt, {wanted} in the completion). Please reduce the length of the "
+            "prompt or completion."))
 
     async def generate(self, request: TextRequest) -> AsyncIterator[TextDelta]:
         """Stream the reply as text deltas; the last delta carries finish_reason and usage, or an error.
@@ -120,11 +146,14 @@ class ChatGLM2Server:
         trace = self.metrics.start_request(request.request_id)
         reply = []
         try:
-            async for delta in self._generate(request, trace):
-                trace.emitted(delta)
-                if self.log_prompts:
-                    reply.append(delta.text)
-                yield delta
+            # aclosing: when Serve cancels this generator (the client went away), the engine stops at once, not when
+            # the garbage collector gets to the inner generators.
+            async with aclosing(coalesce(self._generate(request, trace), self.coalesce_s)) as deltas:
+                async for delta in deltas:
+                    trace.emitted(delta)
+                    if self.log_prompts:
+                        reply.append(delta.text)
+                    yield delta
         finally:  # also when the ingress cancels the stream
             fields = trace.log_fields()
             if self.log_prompts:
@@ -142,6 +171,9 @@ class ChatGLM2Server:
             yield TextDelta(error=ErrorInfo("internal_error", "internal error while building the prompt"))
             return
         trace.prompt(len(prompt_ids))
+        if error := self._context_error(request, len(prompt_ids)):
+            yield TextDelta(error=error)
+            return
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringMatcher(request.stop)
         completion_tokens = 0
@@ -165,6 +197,22 @@ class ChatGLM2Server:
         except Exception:  # a bug must fail this request clearly, not the replica
             logger.exception("request %s failed", request.request_id)
             yield TextDelta(error=ErrorInfo("internal_error", "internal error while generating"))
+
+    async def tokenize(self, request: TextRequest, special_tokens: bool = True) -> Tokens:
+        """The ids a generation of `request` would run (chat turns always carry the prefix), and their count."""
+        try:
+            ids = self._prompt_ids(request, special_tokens)
+        except TokenizerError as exc:
+            return Tokens(error=ErrorInfo("invalid_request", str(exc)))
+        return Tokens(ids=ids, max_model_len=self.engine.max_seq_len)
+
+    async def detokenize(self, ids: list[int]) -> Tokens:
+        """The text of `ids`, special ids left out (as replies are decoded)."""
+        try:
+            ids = self._checked_ids(ids)
+        except TokenizerError as exc:
+            return Tokens(error=ErrorInfo("invalid_request", str(exc)))
+        return Tokens(ids=ids, text=self.tokenizer.decode(ids), max_model_len=self.engine.max_seq_len)
 
     async def engine_stats(self) -> dict:
         """Live load of this replica's engine (the ingress routes on it)."""

@@ -15,7 +15,11 @@ from serve_app.engine.params import SamplingParams
 
 @dataclass
 class TextRequest:
-    """What the ingress asks of a pool: a chat turn (query + history) or a raw completion prompt."""
+    """What the ingress asks of a pool: a chat turn (query + history), a raw completion prompt, or prompt token ids.
+
+    `context_strict` asks for OpenAI's semantics: a prompt plus `params.max_new_tokens` past the pool's context is a
+    `context_length_exceeded` error. Without it (the official api.py) the reply is capped by the context instead.
+    """
 
     request_id: str
     params: SamplingParams
@@ -23,7 +27,9 @@ class TextRequest:
     history: list[tuple[str, str]] = field(default_factory=list)
     system: str | None = None
     raw_prompt: str | None = None  # /v1/completions: no chat template, just the [gMASK] sop prefix
+    prompt_ids: list[int] | None = None  # /v1/completions with token ids: the model's whole input, as given
     stop: list[str] = field(default_factory=list)
+    context_strict: bool = False
 
 
 @dataclass
@@ -60,4 +66,14 @@ class TextDelta:
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass
+class Tokens:
+    """A pool's answer to tokenize / detokenize: the ids and their text, and the pool's context in tokens."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    max_model_len: int = 0
     error: ErrorInfo | None = None

@@ -73,13 +73,13 @@ def test_http_api_fuzzed_from_its_openapi_document(base_url, tmp_path):
     )
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     summary = json.loads(report.read_text())
-    assert summary["operations"] | {"skip_reasons": []} == {"total": 8, "selected": 8, "tested": 8, "errored": 0,
+    assert summary["operations"] | {"skip_reasons": []} == {"total": 10, "selected": 10, "tested": 10, "errored": 0,
                                                             "skipped": 0, "skip_reasons": []}
-    assert summary["test_cases"]["generated"] >= 8 * FUZZ_EXAMPLES
+    assert summary["test_cases"]["generated"] >= 10 * FUZZ_EXAMPLES
     # Each operation also got requests it accepted: the fuzzing reached the model, not only the validators.
     accepted = {operation: sum(phase["accepted"] for phase in rates.values())
                 for operation, rates in summary["valid_rates"].items()}
-    assert len(accepted) == 8 and all(accepted.values()), accepted
+    assert len(accepted) == 10 and all(accepted.values()), accepted
 
 
 # ---- HTTP and SSE: explicit bad input on every route ------------------------------------------------------------

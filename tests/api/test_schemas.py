@@ -91,13 +91,23 @@ def test_non_finite_numbers_are_refused(field, literal):
     (StreamChatRequest, {"query": "hi", "model": 7}, "model", "valid string"),
     (CompletionRequest, {"prompt": ["a", "b"]}, "prompt", "exactly one prompt per request"),
     (CompletionRequest, {"prompt": []}, "prompt", "exactly one prompt per request"),
-    (CompletionRequest, {"prompt": [1]}, "prompt", "valid string"),
+    (CompletionRequest, {"prompt": [True]}, "prompt", "valid string"),
+    (CompletionRequest, {"prompt": [1, "a"]}, "prompt.1", "valid integer"),  # token ids: every item an id
+    (CompletionRequest, {"prompt": [5, -1]}, "prompt.1", "greater than or equal to 0"),
+    (CompletionRequest, {"prompt": [[1], [2]]}, "prompt", "exactly one prompt per request"),
+    (CompletionRequest, {"prompt": [[]]}, "prompt", "at least 1 item"),
     (CompletionRequest, {"prompt": "x", "echo": 0}, "echo", "valid boolean"),
     (CompletionRequest, {"prompt": "x", "echo": True}, "echo", "only false is supported"),
 ])
 def test_seed_api_and_completion_bodies(model, body, param, says):
     error = refused(model, body)
     assert error.param == param and says in error.message
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("hi", "hi"), (["hi"], "hi"), ([64790, 64792, 5], [64790, 64792, 5]), ([[7, 8]], [7, 8]), ([3.0], [3])])
+def test_a_completion_prompt_is_text_or_token_ids(prompt, expected):
+    assert CompletionRequest.model_validate({"prompt": prompt}).prompt == expected
 
 
 def test_a_body_that_is_not_an_object_has_no_param():

@@ -85,6 +85,73 @@ def test_completions_endpoint(client):
     assert out.usage.completion_tokens == 8
 
 
+def tokenize(base_url, **body) -> dict:
+    reply = httpx.post(f"{base_url}/tokenize", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_completions_take_token_ids(client, base_url):
+    """A prompt given as token ids is the model's whole input: the same ids as the text give the same answer."""
+    text = "[Round 1]\n\n问：你好\n\n答："
+    ids = tokenize(base_url, model=POOLS[1], prompt=text)["tokens"]
+    by_text = client.completions.create(model=POOLS[1], prompt=text, max_tokens=8, temperature=0)
+    by_ids = client.completions.create(model=POOLS[1], prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == len(ids)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    chunks = list(client.completions.create(model=POOLS[1], prompt=[ids], max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == by_text.choices[0].text
+    assert chunks[-1].usage.prompt_tokens == len(ids) and chunks[-1].usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError) as outside:
+        client.completions.create(model=POOLS[1], prompt=[*ids, 10**6], max_tokens=2)
+    assert outside.value.body["code"] == "invalid_request" and "vocabulary" in outside.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as negative:
+        client.completions.create(model=POOLS[1], prompt=[-1], max_tokens=2)
+    assert negative.value.body["param"] == "prompt.0"
+
+
+def test_tokenize_counts_what_usage_counts_and_detokenize_inverts_it(client, base_url):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]
+    chat = client.chat.completions.create(model=POOLS[0], messages=conversation, **GREEDY)
+    counted = tokenize(base_url, model=POOLS[0], messages=conversation)
+    assert counted["count"] == len(counted["tokens"]) == chat.usage.prompt_tokens
+    assert counted["max_model_len"] == 2048  # configs/local.yaml's engine.max_seq_len
+    bare = tokenize(base_url, prompt="hello world", add_special_tokens=False)
+    full = tokenize(base_url, prompt="hello world")
+    assert full["tokens"][2:] == bare["tokens"] and full["count"] == bare["count"] + 2  # [gMASK] sop first
+    back = httpx.post(f"{base_url}/detokenize", json={"model": POOLS[2], "tokens": full["tokens"]}, timeout=60)
+    assert back.status_code == 200 and back.json() == {"prompt": "hello world"}
+    unknown = httpx.post(f"{base_url}/tokenize", json={"model": "gpt-4", "prompt": "x"}, timeout=60)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    outside = httpx.post(f"{base_url}/detokenize", json={"tokens": [10**6]}, timeout=60)
+    assert outside.status_code == 400 and outside.json()["error"]["code"] == "invalid_request"
+
+
+def test_openai_routes_refuse_what_the_context_cannot_hold_and_api_py_caps_it(client, base_url):
+    """OpenAI: prompt + max_tokens past the context is a 400 context_length_exceeded, before any token, streaming or
+    not. The official api.py keeps its meaning: max_length counts prompt + reply and is capped by the context."""
+    def chat_tokens(repeats: int) -> int:
+        return tokenize(base_url, messages=messages("问题 " * repeats))["count"]
+
+    per_repeat = chat_tokens(101) - chat_tokens(100)
+    repeats = 100 + (2044 - chat_tokens(100)) // per_repeat  # a prompt a few tokens short of the 2048 context
+    prompt_tokens = chat_tokens(repeats)
+    assert 2048 - 64 < prompt_tokens < 2048
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=POOLS[0], messages=messages("问题 " * repeats), max_tokens=64,
+                                           temperature=0, stream=stream)
+        assert refused.value.body["code"] == "context_length_exceeded"
+        assert f"{prompt_tokens} in the prompt, 64 in the completion" in refused.value.body["message"]
+    capped = httpx.post(f"{base_url}/", json={"prompt": "问题 " * repeats, "max_length": 4096, "temperature": 0},
+                        timeout=120)
+    assert capped.status_code == 200, capped.text
+    fits = client.chat.completions.create(model=POOLS[0], messages=messages("问题 " * repeats),
+                                          max_tokens=2048 - prompt_tokens, temperature=0)
+    assert fits.usage.prompt_tokens == prompt_tokens
+
+
 def test_official_api_py(base_url):
     body = {"prompt": "你好", "history": [["hi", "hello"]], "max_length": 64, "top_p": 0.7, "temperature": 0.95}
     reply = httpx.post(f"{base_url}/", json=body, timeout=60)
@@ -191,8 +258,33 @@ def test_http_load_tester(base_url, tmp_path):
     assert [(r["model"], r["concurrency"]) for r in results] == [(POOLS[0], 1), (POOLS[0], 3), (POOLS[2], 1),
                                                                  (POOLS[2], 3)]
     assert all(r["requests"] == 3 and r["output_tokens"] == 18 and r["ttft_p50_s"] > 0 for r in results)
+    # The prompts sent were exactly --prompt-tokens long, by the server's own count.
+    assert all(r["prompt_tokens_sent"] == r["prompt_tokens_usage"] == 8 for r in results)
+    assert "prompt tokens sent 8, usage 8; output tokens asked 6, usage 6" in run.stdout
     assert "3/3 requests" in run.stderr  # the progress display
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compares_in_process_with_served(base_url, tiny_checkpoint):
+    """`bench --checkpoint --url`: the same requests both ways, alternating rounds, and the ratio."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "bench", "--checkpoint", str(tiny_checkpoint), "--url", base_url,
+         "--models", POOLS[0], "--concurrency", "1,2", "--requests", "2", "--prompt-tokens", "8",
+         "--max-new-tokens", "4", "--rounds", "2", "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [(r["round"], r["concurrency"], r["mode"]) for r in result["rows"]] == [
+        (1, 1, "engine"), (1, 1, "http"), (1, 2, "engine"), (1, 2, "http"),
+        (2, 1, "http"), (2, 1, "engine"), (2, 2, "http"), (2, 2, "engine")]
+    assert all(r["output_tokens"] == 8 for r in result["rows"])
+    assert [(r["round"], r["concurrency"]) for r in result["ratios"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["throughput_ratio"] > 0 for r in result["ratios"])
+    assert "median over rounds, concurrency 2" in run.stdout
 
 
 def test_soak_script_runs_clean(base_url):

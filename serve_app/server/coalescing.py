@@ -1,0 +1,91 @@
+"""Stream coalescing: text deltas that are ready together travel together from a pool to the ingress.
+
+Every item a pool yields is one message replica -> ingress (and the ingress's SSE chunk one more, ingress -> proxy).
+When the pool produces deltas faster than that path carries them (a fast GPU; a busy ingress), they wait in the
+pool's queue and `coalesce` sends all that are waiting as one. It waits up to `window_s` for more after the first of
+a batch, so a delta is delayed by at most `window_s`.
+
+What clients receive does not change: the merged deltas concatenate to the same text, the final delta keeps its
+finish_reason and usage, and an error still comes last, after the text before it. The first delta is sent the moment
+it is ready (time to first token is never traded for fewer messages), and so is the final one. Closing the coalesced
+stream (a client that went away) closes the source at once, which is what stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from serve_app.server.messages import TextDelta
+
+_END = object()  # the source is exhausted
+
+
+def merge(deltas: list[TextDelta]) -> TextDelta:
+    """Text deltas (none but the last may be final or an error) as one: their text, the last one's ending."""
+    last = deltas[-1]
+    if len(deltas) == 1:
+        return last
+    return TextDelta("".join(delta.text for delta in deltas), last.finish_reason, last.usage, last.error)
+
+
+def _ends(delta: TextDelta) -> bool:
+    return bool(delta.finish_reason or delta.error)
+
+
+async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIterator[TextDelta]:
+    """`source`'s deltas, each sent at once or merged with the ones that follow it within `window_s`.
+
+    With `window_s <= 0` the source passes through untouched. An exception raised by the source is raised here
+    after the deltas that came before it.
+    """
+    if window_s <= 0:
+        async for delta in source:
+            yield delta
+        return
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for delta in source:
+                ready.put_nowait(delta)
+        except Exception as exc:  # noqa: BLE001 (handed to the consumer, in order)
+            ready.put_nowait(exc)
+        finally:
+            ready.put_nowait(_END)
+
+    pumping = loop.create_task(pump())
+    first, held = True, None
+    try:
+        while True:
+            item, held = (held, None) if held is not None else (await ready.get(), None)
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            batch = [item]
+            deadline = loop.time() + window_s
+            # Gather more unless this is the first delta or the last one; stop at an ending, an error or the deadline.
+            while not first and not _ends(batch[-1]):
+                try:
+                    nxt = ready.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(ready.get(), remaining)
+                    except TimeoutError:
+                        break
+                if nxt is _END or isinstance(nxt, Exception) or nxt.error:
+                    held = nxt  # sent after this batch's text, as it came
+                    break
+                batch.append(nxt)
+            first = False
+            yield merge(batch)
+    finally:
+        pumping.cancel()  # closes `source`: the engine stops generating for a client that went away
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping
