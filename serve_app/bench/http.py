@@ -176,7 +176,7 @@ def token_counts(rows: list[dict]) -> str:
     chunks = ", ".join(f"{r['text_chunks_per_request']:.1f}" for r in rows)
     return (f"per request: prompt tokens sent {row['prompt_tokens_sent']}, usage {row['prompt_tokens_usage']:.0f}; "
             f"output tokens asked {row['output_tokens_asked']}, usage {row['output_tokens_usage']:.0f}; "
-            f"SSE text chunks {chunks} (by concurrency level)")
+            f"SSE text chunks {chunks} (per run, in order)")
 
 
 def format_http_report(results: list[dict]) -> str:

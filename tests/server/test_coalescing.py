@@ -69,7 +69,7 @@ def test_the_first_delta_is_sent_before_the_source_goes_on():
         return out
 
     out = run(consume())
-    assert [d.text for d in out][0] == "first" and "".join(d.text for d in out) == "firstsecond"
+    assert out[0].text == "first" and "".join(d.text for d in out) == "firstsecond"
     assert out[-1].finish_reason == "stop"
 
 
