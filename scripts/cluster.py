@@ -18,7 +18,6 @@ root: `python scripts/cluster.py affinity` / `python scripts/cluster.py node-los
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -32,30 +31,19 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.serving import free_port, local_cluster, local_config, wait_for  # the one way to start a cluster
+from serve_app.bench.stats import percentile
+from serve_app.client import openai_chunks
+from tests.serving import (  # the one way to start a cluster
+    app_status,
+    free_port,
+    local_cluster,
+    local_config,
+    replicas,
+    wait_for,
+)
 
 APP = "chatglm2"
 ROUTER = "serve_app.server.router.ConversationAffinityRouter"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-def app_status() -> str:
-    from ray import serve
-
-    app = serve.status().applications.get(APP)
-    if app is not None and app.status == "DEPLOY_FAILED":
-        raise RuntimeError(f"deploy failed: {app.message}")
-    return app.status if app else "MISSING"
-
-
-def running_replicas(pool: str) -> int:
-    from ray import serve
-
-    return serve.status().applications[APP].deployments[pool].replica_states.get("RUNNING", 0)
 
 
 def start(args, pools: list[dict], deployments: list[dict]):
@@ -76,7 +64,7 @@ def start(args, pools: list[dict], deployments: list[dict]):
         config["applications"][0]["deployments"] = [ingress, *deployments]
         started = time.monotonic()
         cluster.serve_run(config)
-        wait_for(lambda: app_status() == "RUNNING", 600, "the application to be RUNNING", 2.0)
+        wait_for(lambda: app_status(APP) == "RUNNING", 600, "the application to be RUNNING", 2.0)
         print(f"cluster up, app RUNNING after {time.monotonic() - started:.0f} s of deploying", file=sys.stderr)
         return cluster_cm, cluster, head, worker, f"http://127.0.0.1:{port}"
     except BaseException:
@@ -105,10 +93,7 @@ def turn_two(client: httpx.Client, url: str, pool: str, first: str, answer_token
     sent, ttft, usage = time.monotonic(), None, None
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in openai_chunks(response.iter_lines()):
             if chunk.get("usage"):
                 usage = chunk["usage"]
             elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
@@ -150,8 +135,8 @@ def affinity(args) -> None:
         miss = [r["ttft"] * 1000 for r in rows if r["cached"] == 0]
         print(f"| {label} | {statistics.mean(r['prompt'] for r in rows):.0f} "
               f"| {statistics.mean(r['cached'] for r in rows):.0f} | {len(hit)}/{len(rows)} "
-              f"| {percentile(ttfts, 0.5):.0f} | {statistics.mean(ttfts):.0f} | {percentile(ttfts, 0.9):.0f} "
-              f"| {percentile(hit, 0.5):.0f} | {percentile(miss, 0.5):.0f} |")
+              f"| {percentile(ttfts, 50):.0f} | {statistics.mean(ttfts):.0f} | {percentile(ttfts, 90):.0f} "
+              f"| {percentile(hit, 50):.0f} | {percentile(miss, 50):.0f} |")
     print(f"\n(load average of the machine at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())})")
 
 
@@ -229,7 +214,7 @@ def node_loss(args) -> None:
             now = time.monotonic() - killed
             if node_dead is None and not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == worker.node_id):
                 node_dead = now
-            if node_dead is not None and replaced is None and running_replicas(pool_name) == 2:
+            if node_dead is not None and replaced is None and replicas(APP, pool_name) == 2:
                 replaced = now
             if replaced is not None and now > replaced + 5 and all(s.get("ended") for s in streams):
                 break

@@ -44,7 +44,6 @@ def deploy(config: dict, http_port: int, timeout_s: float = 180.0, grpc_port: in
     """Start Serve on `http_port` and deploy `config` (what `serve run config.yaml` does), then wait for RUNNING.
 
     With `grpc_port`, the config's gRPC proxy (grpc_options) is started too, on that port."""
-    from ray import serve
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
@@ -55,11 +54,14 @@ def deploy(config: dict, http_port: int, timeout_s: float = 180.0, grpc_port: in
         grpc_options = config["grpc_options"] = {**config.get("grpc_options", {}), "port": grpc_port}
     client = serve_start(http_options=config["http_options"], grpc_options=grpc_options)
     client.deploy_apps(ServeDeploySchema.model_validate(config))
-    wait_for(lambda: _app_status(serve, config) == "RUNNING", timeout_s, "the application to be RUNNING")
+    wait_for(lambda: app_status(config["applications"][0]["name"]) == "RUNNING", timeout_s,
+             "the application to be RUNNING")
 
 
-def _app_status(serve, config) -> str:
-    name = config["applications"][0]["name"]
+def app_status(name: str = "chatglm2") -> str:
+    """The application's Serve status; raises at once when its deploy failed."""
+    from ray import serve
+
     app = serve.status().applications.get(name)
     if app is not None and app.status == "DEPLOY_FAILED":
         raise RuntimeError(f"deploy failed: {app.message}")

@@ -10,7 +10,6 @@ pool replicas and the worker's proxy with it; the node-loss test runs last.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 
@@ -18,7 +17,18 @@ import httpx
 import pytest
 import yaml
 
-from tests.serving import ROOT, ClusterNode, LocalCluster, free_port, local_cluster, local_config, wait_for
+from serve_app.client import openai_event
+from tests.serving import (
+    ROOT,
+    ClusterNode,
+    LocalCluster,
+    app_status,
+    free_port,
+    local_cluster,
+    local_config,
+    replicas,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 APP = "chatglm2"
@@ -75,23 +85,8 @@ def cluster(tiny_checkpoint):
         worker = cluster.add_worker("worker", num_cpus=4, num_gpus=NODE_GPUS, http_port=free_port())
         http_port = free_port()
         cluster.serve_run(cluster_config(tiny_checkpoint, http_port))
-        wait_for(lambda: app_status() == "RUNNING", 300, "the application to be RUNNING on the cluster", 2.0)
+        wait_for(lambda: app_status(APP) == "RUNNING", 300, "the application to be RUNNING on the cluster", 2.0)
         yield Deployed(cluster, head, worker, f"http://127.0.0.1:{http_port}")
-
-
-def app_status() -> str:
-    from ray import serve
-
-    app = serve.status().applications.get(APP)
-    if app is not None and app.status == "DEPLOY_FAILED":
-        raise RuntimeError(f"deploy failed: {app.message}")
-    return app.status if app else "MISSING"
-
-
-def running_replicas(pool: str) -> int:
-    from ray import serve
-
-    return serve.status().applications[APP].deployments[pool].replica_states.get("RUNNING", 0)
 
 
 def stats_by_replica(pool: str, replicas: int = 2, rounds: int = 20) -> dict[str, dict]:
@@ -166,12 +161,6 @@ def test_affinity_sends_the_second_turn_to_the_replica_with_the_first(cluster):
     assert set(after) == set(before) and all(after[rid] > before[rid] for rid in after), (before, after)
 
 
-def sse_events(line: str):
-    if not line.startswith("data: "):
-        return None
-    return line[6:] if line[6:] == "[DONE]" else json.loads(line[6:])
-
-
 def test_losing_a_worker_node_fails_only_its_streams_and_the_pools_recover(cluster):
     """Runs last: the worker node does not come back."""
     max_tokens = 1000
@@ -187,7 +176,7 @@ def test_losing_a_worker_node_fails_only_its_streams_and_the_pools_recover(clust
             with httpx.stream("POST", f"{stream['url']}/v1/chat/completions", json=body, timeout=180) as r:
                 stream["status"] = r.status_code
                 for line in r.iter_lines():
-                    event = sse_events(line)
+                    event = openai_event(line)
                     if event is not None:
                         stream["events"].append(event)
                         if len(stream["events"]) == 3:
@@ -230,11 +219,11 @@ def test_losing_a_worker_node_fails_only_its_streams_and_the_pools_recover(clust
     for i in range(4):
         assert chat(cluster.url, DEFAULT, [{"role": "user", "content": f"after {i}"}])["usage"]["completion_tokens"]
     # ... and the lost replicas come back on the head, the capacity that is left.
-    wait_for(lambda: running_replicas(DEFAULT) == 2 and running_replicas(AFFINITY) == 2, 300,
+    wait_for(lambda: replicas(APP, DEFAULT) == 2 and replicas(APP, AFFINITY) == 2, 300,
              "both pools to be back at 2 running replicas", 2.0)
     for pool in (DEFAULT, AFFINITY):
         placed = stats_by_replica(pool)
         assert {s["node_id"] for s in placed.values()} == {cluster.head.node_id}, placed
-    assert app_status() == "RUNNING"
+    assert app_status(APP) == "RUNNING"
     for pool in (DEFAULT, AFFINITY):
         assert chat(cluster.url, pool, [{"role": "user", "content": "back"}])["usage"]["completion_tokens"]
