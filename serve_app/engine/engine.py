@@ -79,6 +79,7 @@ class EngineStats:
     finished: dict[str, int]  # finish reason -> count
     steps: int
     kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel (LoadedModel.kernels)
+    dense_kernels: dict[str, int] = field(default_factory=dict)  # other linears per path (LoadedModel.dense_kernels)
     memory_bytes: dict[str, int] = field(default_factory=dict)  # LoadedModel.memory_bytes() plus "kv_cache"
 
 
@@ -344,6 +345,7 @@ class Engine:
                 finished=dict(self._finished),
                 steps=self._steps,
                 kernels=dict(self.loaded.kernels),
+                dense_kernels=dict(self.loaded.dense_kernels),
                 memory_bytes=memory,
             )
 

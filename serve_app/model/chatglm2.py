@@ -17,6 +17,7 @@ from torch import nn
 
 from serve_app.model.attention import SlotViewAttention, Span, StepPlan, plan_step
 from serve_app.model.checkpoint import ChatGLM2Config
+from serve_app.model.cpu_linear import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -181,7 +182,7 @@ class ChatGLM2ForCausalLM(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transformer.encoder.final_layernorm(x)
         head = self.transformer.output_layer
-        return F.linear(x.to(head.weight.dtype), head.weight).float()
+        return head(x.to(head.dtype if isinstance(head, PackedLinear) else head.weight.dtype)).float()
 
     @torch.inference_mode()
     def forward_packed(self, plan: StepPlan, cache: KVCache, attention=None) -> torch.Tensor:

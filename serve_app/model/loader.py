@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from serve_app.model import quant
+from serve_app.model.cpu_linear import pack_linears
 from serve_app.model.chatglm2 import ChatGLM2ForCausalLM
 from serve_app.model.checkpoint import (
     ChatGLM2Config,
@@ -48,6 +49,7 @@ class LoadedModel:
     dtype: torch.dtype  # activation dtype
     device: torch.device
     kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel name; empty when not quantized
+    dense_kernels: dict[str, int] = field(default_factory=dict)  # unquantized linears per path (cpu_linear.pack_linears)
 
     def weight_bytes(self) -> int:
         """Bytes held by parameters and buffers (quantized weights at their packed size)."""
@@ -132,18 +134,20 @@ def load_model(
     *,
     quant_kernel: str = "auto",
     allow_kernel_fallback: bool = False,
+    pack_cpu_linears: bool = True,
 ) -> LoadedModel:
     """Build ChatGLM2 from an official checkpoint directory without holding two copies of its weights.
 
     quant_kernel (auto | triton | native | dequant) picks the quantized layers' kernel (serve_app.model.quant); a
     layer whose kernel cannot run or fails its load-time check raises quant.KernelUnavailable unless
-    allow_kernel_fallback. Raises CheckpointError for a missing file, a wrong model_type, a missing or unexpected
+    allow_kernel_fallback. On CPU the other linears get oneDNN's packed GEMM (serve_app.model.cpu_linear) unless
+    pack_cpu_linears is False. Raises CheckpointError for a missing file, a wrong model_type, a missing or unexpected
     tensor, or a shape that disagrees with config.json.
     """
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)
     return build_model(config, iter_tensors(checkpoint), checkpoint, precision, device, quant_kernel=quant_kernel,
-                       allow_kernel_fallback=allow_kernel_fallback)
+                       allow_kernel_fallback=allow_kernel_fallback, pack_cpu_linears=pack_cpu_linears)
 
 
 def build_model(
@@ -155,6 +159,7 @@ def build_model(
     *,
     quant_kernel: str = "auto",
     allow_kernel_fallback: bool = False,
+    pack_cpu_linears: bool = True,
 ) -> LoadedModel:
     """The model of `config` from (name, tensor) pairs in checkpoint order (a checkpoint's, or random ones), installed
     one at a time on `device` at `precision`; `source` names where they came from in errors and in the result."""
@@ -236,6 +241,8 @@ def build_model(
     if missing:
         raise CheckpointError(f"{checkpoint} lacks tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     model.eval()
+    dense = pack_linears(model) if torch_device.type == "cpu" and pack_cpu_linears else {}
     trim_allocator(torch_device)
     kernels = Counter(m.kernel_name for m in model.modules() if isinstance(m, quant.QuantizedLinear))
-    return LoadedModel(model, config, checkpoint, precision, dtype, torch_device, dict(sorted(kernels.items())))
+    return LoadedModel(model, config, checkpoint, precision, dtype, torch_device, dict(sorted(kernels.items())),
+                       {path: n for path, n in dense.items() if n})

@@ -105,8 +105,10 @@ class ChatGLM2Server:
         self.metrics.start_refresh()  # now if Serve runs __init__ on the replica's loop, else on the first request
         stats = self.engine.stats()
         logger.info(
-            "pool %s ready: %s on %s, kernels %s, %.1f MB of weights, KV cache %.1f MB (%d slots of %d tokens)%s",
+            "pool %s ready: %s on %s, kernels %s, dense linears %s, %.1f MB of weights, KV cache %.1f MB (%d slots of "
+            "%d tokens)%s",
             pool.model, self.loaded.precision, self.loaded.device, self.loaded.kernels or "none (not quantized)",
+            self.loaded.dense_kernels or "aten",
             self.loaded.weight_bytes() / 1e6, stats.kv_cache_bytes / 1e6, stats.num_slots, stats.max_seq_len,
             f", GPU share {share} ({self.memory_plan.budget_bytes / 2**30:.1f} GiB, allocator fraction "
             f"{self.memory_plan.memory_fraction:.3f})" if self.memory_plan else "",
