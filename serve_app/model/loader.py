@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serve_app.model import quant
+from serve_app.model import compute, quant
 from serve_app.model.cpu_linear import pack_linears
 from serve_app.model.chatglm2 import ChatGLM2ForCausalLM
 from serve_app.model.checkpoint import (
@@ -150,6 +150,7 @@ def load_model(
                        allow_kernel_fallback=allow_kernel_fallback, pack_cpu_linears=pack_cpu_linears)
 
 
+@compute.confined  # see serve_app.model.compute: the thread that loads is the thread that computes
 def build_model(
     config: ChatGLM2Config,
     tensors: Iterable[tuple[str, torch.Tensor]],
