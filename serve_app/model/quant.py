@@ -459,9 +459,9 @@ class QuantizedLinear(nn.Module):
     def _kernel_matmul(self, x2d: Tensor) -> Tensor:
         """x2d [rows, in] in self.dtype -> [rows, out] via the chosen kernel."""
         if self.kernel_name.startswith("triton"):
-            from serve_app.model.quant_triton import weight_only_matmul
+            import serve_app.model.quant_triton  # noqa: F401  (registers torch.ops.chatglm2.weight_only_matmul)
 
-            return weight_only_matmul(x2d, self.weight, self.weight_scale, self.bits)
+            return torch.ops.chatglm2.weight_only_matmul(x2d, self.weight, self.weight_scale, self.bits)
         if self.kernel_name == "int8pack_mm":
             x2d = _aligned(x2d) if x2d.is_cpu else x2d.contiguous()
             return torch._weight_int8pack_mm(x2d, self.weight, self.kernel_scale)

@@ -13,6 +13,10 @@ well (SPLIT_K programs per output tile, their fp32 partial sums added afterwards
 to keep every SM streaming. Larger batches run as a plain tiled GEMM. `choose_config` is the one place the tile
 sizes come from. The kernels also run on CPU tensors under TRITON_INTERPRET=1 (how the tests check them against
 the dequantize reference); importing this module needs the triton package, which the caller checks first.
+
+The model calls them as the custom op `torch.ops.chatglm2.weight_only_matmul` (registered here, with a fake
+implementation for shapes), so torch.compile and export see one opaque op instead of breaking the graph at a
+Python kernel launch.
 """
 
 from __future__ import annotations
@@ -169,3 +173,14 @@ def weight_only_matmul(x: Tensor, weight: Tensor, scale: Tensor, bits: int, conf
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out[0] if config.split_k == 1 else out.sum(0).to(x.dtype)
+
+
+@torch.library.custom_op("chatglm2::weight_only_matmul", mutates_args=())
+def weight_only_matmul_op(x: Tensor, weight: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """`weight_only_matmul` as a torch op (tile sizes from `choose_config`)."""
+    return weight_only_matmul(x, weight, scale, bits)
+
+
+@weight_only_matmul_op.register_fake
+def _(x: Tensor, weight: Tensor, scale: Tensor, bits: int) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])

@@ -95,3 +95,15 @@ def test_quantized_linear_runs_the_triton_kernel(bits):
     y = module(x)
     reference = torch.nn.functional.linear(x.float(), dequantize(stored, scale, bits), bias)
     torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_kernel_is_one_opaque_op_to_torch_compile(bits):
+    # The op's fake implementation and its schema hold (opcheck), and a compiled graph keeps the op whole
+    # (fullgraph=True raises on a graph break) and computes what the eager call computes.
+    stored, scale = official(48, 128, bits)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4)).half()
+    op = torch.ops.chatglm2.weight_only_matmul
+    torch.library.opcheck(op, (x, stored, scale, bits))
+    compiled = torch.compile(lambda x: op(x, stored, scale, bits) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), 2 * weight_only_matmul(x, stored, scale, bits))
