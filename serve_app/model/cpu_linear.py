@@ -6,8 +6,11 @@ sgemm, which is slow at the row counts a decode step has: on the 2-core dev box,
 batch 16 takes half the time packed and batch 1 a third less (docs/benchmarks.md, "CPU linears"). Results differ from
 MKL's in the last bits (fp32 sums in another order), as any other BLAS would.
 
-Only fp32, and bf16 where oneDNN has bf16 kernels for this CPU; other dtypes (the fp16 output layer of quantized
-models) keep `nn.Linear`. Quantized layers are serve_app.model.quant's.
+fp32 linears are packed as they are, and bf16 ones where oneDNN has bf16 kernels for this CPU. fp16 linears (the
+output layer of quantized models, fp16 as officially) have no fast CPU GEMM at all: `F.linear` in fp16 runs one GEMV
+per row (6B output layer: 22 ms at 1 row, 144 ms at 8, 311 ms at 16), so where oneDNN has bf16 kernels they are
+packed as bf16 (27, 32 and 42 ms; same bytes, 3 fewer mantissa bits: logits move by ~1e-2 where quantization moves
+them far more) and otherwise left as they are, with a warning. Quantized layers are serve_app.model.quant's.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ class PackedLinear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        if x.dtype == self.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        # An fp16 linear packed as bf16: fp16 in, fp16 out, as the module it replaced.
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed_weight, self.bias, "none", [], "")
+        return y.to(x.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         """The plain [out, in] weight, reordered back (for tests and inspection, not for compute)."""
@@ -63,25 +70,31 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module) -> dict[str, int]:
     """Replace every CPU `nn.Linear` whose dtype oneDNN handles by a `PackedLinear`, in place.
 
-    Returns the count of dense linears per path ("onednn-packed", and "aten" for those left as they were), and
-    warns when a dtype that could have been packed was not (a build without oneDNN, a CPU without its bf16 kernels).
+    Returns the count of dense linears per path: "onednn-packed" (packed in their own dtype), "onednn-packed-bf16"
+    (fp16 ones packed as bf16) and "aten" (left as they were), and warns about the last (a build without oneDNN, a
+    CPU without oneDNN's bf16 kernels).
     """
-    counts = {"onednn-packed": 0, "aten": 0}
+    counts = {"onednn-packed": 0, "onednn-packed-bf16": 0, "aten": 0}
     unpacked: set[torch.dtype] = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child.weight.device.type != "cpu":
                 continue
-            if packable(child.weight.dtype):
+            dtype = child.weight.dtype
+            if packable(dtype):
                 setattr(parent, name, PackedLinear.from_linear(child))
                 counts["onednn-packed"] += 1
+            elif dtype == torch.float16 and packable(torch.bfloat16):
+                bias = None if child.bias is None else child.bias.to(torch.bfloat16)
+                setattr(parent, name, PackedLinear(child.weight.to(torch.bfloat16), bias))
+                counts["onednn-packed-bf16"] += 1
             else:
                 counts["aten"] += 1
-                unpacked.add(child.weight.dtype)
-    slow = unpacked & {torch.float32, torch.bfloat16}
+                unpacked.add(dtype)
+    slow = unpacked & {torch.float32, torch.bfloat16, torch.float16}
     if slow:
         logger.warning(
             "dense %s linears run through F.linear, not oneDNN's packed GEMM (oneDNN available: %s): expect CPU "
-            "decode steps 1.5-2x slower", ", ".join(sorted(str(d) for d in slow)), torch.backends.mkldnn.is_available()
+            "decode steps 1.5-2x slower (fp16: 5-7x slower at 8-16 rows)", ", ".join(sorted(str(d) for d in slow)), torch.backends.mkldnn.is_available()
         )
     return counts

@@ -41,19 +41,42 @@ def test_packed_linear_in_bf16():
     torch.testing.assert_close(PackedLinear.from_linear(linear)(x), linear(x).detach(), rtol=2e-2, atol=2e-2)
 
 
-def test_pack_linears_replaces_fp32_linears_and_leaves_fp16_ones():
-    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)), nn.Linear(8, 8).half(), nn.ReLU())
-    counts = pack_linears(model)
-    assert counts == {"onednn-packed": 2, "aten": 1}
+def test_pack_linears_packs_fp32_linears_as_they_are(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)), nn.ReLU())
+    assert pack_linears(model) == {"onednn-packed": 2, "onednn-packed-bf16": 0, "aten": 0}
     assert isinstance(model[0], PackedLinear) and isinstance(model[1][0], PackedLinear)
-    assert type(model[2]) is nn.Linear  # fp16 has no oneDNN GEMM here: F.linear as before
+    assert model[0].dtype == torch.float32
+
+
+def test_fp16_linears_are_packed_as_bf16_where_onednn_has_bf16_and_left_alone_elsewhere(monkeypatch, caplog):
+    linear = nn.Linear(64, 32).half()
+    x = torch.randn(5, 64, dtype=torch.float16)
+    reference = linear(x).float().detach()
+    for bf16 in (True, False):
+        monkeypatch.setattr(cpu_linear, "packable", lambda dtype, bf16=bf16: dtype == torch.float32 or (bf16 and dtype == torch.bfloat16))
+        if bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            continue  # this CPU cannot run the packed bf16 path
+        model = nn.Sequential(linear)
+        with caplog.at_level(logging.WARNING, logger=cpu_linear.__name__):
+            counts = pack_linears(model)
+        if bf16:
+            assert counts == {"onednn-packed": 0, "onednn-packed-bf16": 1, "aten": 0}
+            assert model[0].dtype == torch.bfloat16
+            out = model[0](x)
+            assert out.dtype == torch.float16  # fp16 in, fp16 out, as the module it replaced
+            out = out.float()
+            torch.testing.assert_close(out, reference, rtol=3e-2, atol=3e-2)
+        else:
+            assert counts == {"onednn-packed": 0, "onednn-packed-bf16": 0, "aten": 1}
+            assert type(model[0]) is nn.Linear
+            assert "float16 linears run through F.linear" in caplog.text
 
 
 def test_a_linear_that_could_not_be_packed_is_reported(monkeypatch, caplog):
     monkeypatch.setattr(cpu_linear, "packable", lambda dtype: False)
     model = nn.Sequential(nn.Linear(8, 8))
     with caplog.at_level(logging.WARNING, logger=cpu_linear.__name__):
-        assert pack_linears(model) == {"onednn-packed": 0, "aten": 1}
+        assert pack_linears(model) == {"onednn-packed": 0, "onednn-packed-bf16": 0, "aten": 1}
     assert "not oneDNN's packed GEMM" in caplog.text
 
 
@@ -73,8 +96,9 @@ def test_the_loader_packs_cpu_linears_unless_told_not_to(tiny_checkpoint):
     )
 
 
-def test_quantized_models_pack_only_their_float_linears(tiny_checkpoint):
+def test_quantized_models_pack_their_fp16_output_layer_as_bf16_where_they_can(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint, "int8", "cpu")
-    # The block linears are quantized; the output layer stays fp16 as officially, which oneDNN has no GEMM for here.
-    assert "onednn-packed" not in loaded.dense_kernels
-    assert loaded.dense_kernels == {"aten": 1}
+    # The block linears are quantized; the output layer is fp16 as officially, packed as bf16 where oneDNN can.
+    expected = "onednn-packed-bf16" if cpu_linear.packable(torch.bfloat16) else "aten"
+    assert loaded.dense_kernels == {expected: 1}
+    assert loaded.weight_bytes() == load_model(tiny_checkpoint, "int8", "cpu", pack_cpu_linears=False).weight_bytes()
