@@ -30,6 +30,10 @@ class EngineConfig:
         "auto", "attention over the slot cache (serve_app/model/attention.py); auto: flex on CUDA, slot-view on CPU")
     cuda_graphs: bool | None = _field(None, "replay decode steps from captured CUDA graphs; default: on CUDA only")
 
+    def context_len(self, model_seq_length: int) -> int:
+        """The engine's context cap for a model: max_seq_len, else min(the model's seq_length, 8192)."""
+        return self.max_seq_len or min(model_seq_length, 8192)
+
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention!r}")

@@ -95,7 +95,7 @@ class ChatGLM2Server:
         if share is not None:
             self.memory_plan = gpu_share.plan_replica(
                 self.loaded, share=share, max_batch_size=engine_config.max_batch_size,
-                max_seq_len=engine_config.max_seq_len or min(self.loaded.config.seq_length, 8192),  # Engine's default
+                max_seq_len=engine_config.context_len(self.loaded.config.seq_length),
                 prefill_chunk=engine_config.prefill_chunk, kv_cache_bytes=engine_config.kv_cache_bytes,
                 context_bytes=args.cuda_context_bytes,
             )
