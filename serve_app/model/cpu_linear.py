@@ -3,8 +3,9 @@
 This is what torch.compile's freezing pass does to linears on CPU (`mkldnn._reorder_linear_weight` +
 `mkldnn._linear_pointwise`), without compiling anything. `F.linear` on the plain [out, in] weight goes to MKL's
 sgemm, which is slow at the row counts a decode step has: on the 2-core dev box, the small preset's decode step at
-batch 16 takes half the time packed and batch 1 a third less (docs/benchmarks.md, "CPU linears"). Results differ from
-MKL's in the last bits (fp32 sums in another order), as any other BLAS would.
+batch 16 takes half the time packed, batch 1 up to a quarter less (docs/benchmarks.md, "CPU decode: packed linears and
+one compute thread"). Results differ from MKL's in the last bits (fp32 sums in another order), as any other BLAS's
+would.
 
 fp32 linears are packed as they are, and bf16 ones where oneDNN has bf16 kernels for this CPU. fp16 linears (the
 output layer of quantized models, fp16 as officially) have no fast CPU GEMM at all: `F.linear` in fp16 runs one GEMV
@@ -95,6 +96,7 @@ def pack_linears(model: nn.Module) -> dict[str, int]:
     if slow:
         logger.warning(
             "dense %s linears run through F.linear, not oneDNN's packed GEMM (oneDNN available: %s): expect CPU "
-            "decode steps 1.5-2x slower (fp16: 5-7x slower at 8-16 rows)", ", ".join(sorted(str(d) for d in slow)), torch.backends.mkldnn.is_available()
+            "decode steps 1.5-2x slower (fp16: 5-7x slower at 8-16 rows)",
+            ", ".join(sorted(str(d) for d in slow)), torch.backends.mkldnn.is_available(),
         )
     return counts

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from serve_app.model import compute, quant
-from serve_app.model.cpu_linear import pack_linears
 from serve_app.model.chatglm2 import ChatGLM2ForCausalLM
 from serve_app.model.checkpoint import (
     ChatGLM2Config,
@@ -30,6 +29,7 @@ from serve_app.model.checkpoint import (
     iter_tensors,
     read_config,
 )
+from serve_app.model.cpu_linear import pack_linears
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -53,7 +53,10 @@ def test_fp16_linears_are_packed_as_bf16_where_onednn_has_bf16_and_left_alone_el
     x = torch.randn(5, 64, dtype=torch.float16)
     reference = linear(x).float().detach()
     for bf16 in (True, False):
-        monkeypatch.setattr(cpu_linear, "packable", lambda dtype, bf16=bf16: dtype == torch.float32 or (bf16 and dtype == torch.bfloat16))
+        def packable(dtype, bf16=bf16):
+            return dtype == torch.float32 or (bf16 and dtype == torch.bfloat16)
+
+        monkeypatch.setattr(cpu_linear, "packable", packable)
         if bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             continue  # this CPU cannot run the packed bf16 path
         model = nn.Sequential(linear)
