@@ -62,6 +62,23 @@ def choose_config(m: int, n: int, k: int, bits: int, num_sms: int) -> TileConfig
 
 
 @triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """a [M, K] @ b^T for b [N, K], accumulated in fp32. DOT_FP32: through fp32 operands (see weight_only_matmul)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)))
+    return tl.dot(a, tl.trans(b))
+
+
+@triton.jit
+def _store_scaled(acc, scale_ptr, y_ptr, pid_k, offs_m, offs_n, M, N, stride_ys, stride_ym):
+    """The epilogue of both kernels: acc [BM, BN] times the per-row scale, stored to split pid_k's slice of y."""
+    scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)  # [BN]
+    acc = acc * scale[None, :]
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _w8a16_kernel(
     x_ptr, w_ptr, scale_ptr, y_ptr,
     M, N, K,
@@ -82,14 +99,8 @@ def _w8a16_kernel(
                     mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0)  # int8 [BN, BK]
         # |q| <= 127 is exact in fp16 and bf16; through fp32 because the interpreter cannot cast ints to bf16
         w = w.to(tl.float32).to(x.dtype)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)  # [BN]
-    acc = acc * scale[None, :]
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        acc += _dot(x, w, DOT_FP32)
+    _store_scaled(acc, scale_ptr, y_ptr, pid_k, offs_m, offs_n, M, N, stride_ys, stride_ym)
 
 
 @triton.jit
@@ -119,16 +130,9 @@ def _w4a16_kernel(
         low = (packed << 4).to(tl.int8) >> 4  # move the low nibble up, then shift back down sign-extending
         high = high.to(tl.float32).to(x_even.dtype)  # through fp32: see _w8a16_kernel
         low = low.to(tl.float32).to(x_odd.dtype)
-        if DOT_FP32:
-            acc += tl.dot(x_even.to(tl.float32), tl.trans(high.to(tl.float32)))
-            acc += tl.dot(x_odd.to(tl.float32), tl.trans(low.to(tl.float32)))
-        else:
-            acc += tl.dot(x_even, tl.trans(high))
-            acc += tl.dot(x_odd, tl.trans(low))
-    scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)  # [BN]
-    acc = acc * scale[None, :]
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        acc += _dot(x_even, high, DOT_FP32)
+        acc += _dot(x_odd, low, DOT_FP32)
+    _store_scaled(acc, scale_ptr, y_ptr, pid_k, offs_m, offs_n, M, N, stride_ys, stride_ym)
 
 
 @functools.cache
