@@ -304,10 +304,13 @@ def test_free_slots_prefer_the_longest_prefix_then_empty_then_least_recent():
 
 
 def test_stats_report_the_kernels_and_the_memory_held(make_engine, tiny_checkpoint):
+    from serve_app.model import cpu_linear
     from serve_app.model.loader import load_model
 
     stats = make_engine().stats()
     assert stats.kernels == {}  # fp32: nothing quantized
+    if cpu_linear.packable(torch.float32):
+        assert stats.dense_kernels == {"onednn-packed": 9}  # 2 layers x 4 linears + the output layer
     assert stats.memory_bytes["kv_cache"] == stats.kv_cache_bytes > 0
     assert stats.memory_bytes["weights"] > 0 and stats.memory_bytes["resident"] > 0  # CPU: RSS from /proc
     int4 = make_engine(load_model(tiny_checkpoint, "int4", "cpu"), max_batch_size=1, max_seq_len=64)
