@@ -1,9 +1,11 @@
-"""Stream coalescing: text deltas that are ready together travel together from a pool to the ingress.
+"""Stream coalescing: text deltas that come close together travel together from a pool to the ingress.
 
-Every item a pool yields is one message replica -> ingress (and the ingress's SSE chunk one more, ingress -> proxy).
-When the pool produces deltas faster than that path carries them (a fast GPU; a busy ingress), they wait in the
-pool's queue and `coalesce` sends all that are waiting as one. It waits up to `window_s` for more after the first of
-a batch, so a delta is delayed by at most `window_s`.
+Every item a pool yields is one message replica -> ingress (and the ingress's SSE chunk one more, ingress -> proxy),
+and that path's cost per message, not the model, bounds a fast pool (docs/benchmarks.md, "A fast engine"). So a
+delta that comes within `window_s` of the stream's previous message waits up to `window_s` for the ones that follow
+it and travels with them. A delta that comes later than that is sent at once, with any others already waiting: a
+slow stream (a token per engine step, steps longer than the window) is never delayed, where waiting would only add
+the window to every token. No delta waits longer than `window_s`.
 
 What clients receive does not change: the merged deltas concatenate to the same text, the final delta keeps its
 finish_reason and usage, and an error still comes last, after the text before it. The first delta is sent the moment
@@ -35,7 +37,7 @@ def _ends(delta: TextDelta) -> bool:
 
 
 async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIterator[TextDelta]:
-    """`source`'s deltas, each sent at once or merged with the ones that follow it within `window_s`.
+    """`source`'s deltas, merged where they come within `window_s` of each other (see the module docstring).
 
     With `window_s <= 0` the source passes through untouched. An exception raised by the source is raised here
     after the deltas that came before it.
@@ -57,7 +59,7 @@ async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIt
             ready.put_nowait(_END)
 
     pumping = loop.create_task(pump())
-    first, held = True, None
+    first, held, last_sent = True, None, 0.0
     try:
         while True:
             item, held = (held, None) if held is not None else (await ready.get(), None)
@@ -66,7 +68,9 @@ async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIt
             if isinstance(item, Exception):
                 raise item
             batch = [item]
-            deadline = loop.time() + window_s
+            now = loop.time()
+            # A window for company, unless the stream's previous message is a window old (then only what is waiting).
+            deadline = now + window_s if now - last_sent < window_s else now
             # Gather more unless this is the first delta or the last one; stop at an ending, an error or the deadline.
             while not first and not _ends(batch[-1]):
                 try:
@@ -84,6 +88,7 @@ async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIt
                     break
                 batch.append(nxt)
             first = False
+            last_sent = loop.time()
             yield merge(batch)
     finally:
         pumping.cancel()  # closes `source`: the engine stops generating for a client that went away

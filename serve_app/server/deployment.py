@@ -3,7 +3,7 @@
 A replica loads the tokenizer and the model at its pool's precision, runs a continuous-batching `Engine`, and turns
 text requests into streamed text deltas. Errors that belong to the request (context too long, overloaded, numeric
 failure) come back as a final `TextDelta` with `error` set, so the ingress can answer with the right status code.
-Deltas that are ready together are sent together (server/coalescing.py, `stream_coalesce_ms`). The pool also
+Deltas that come close together are sent together (server/coalescing.py, `stream_coalesce_ms`). The pool also
 tokenizes and detokenizes for clients that count tokens (the front end has no tokenizer).
 """
 

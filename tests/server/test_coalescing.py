@@ -1,8 +1,10 @@
 """Stream coalescing keeps what clients receive: the first delta at once, the same text, the ending intact, and a
-cancelled stream still stops its source (the engine). No Ray: the coalescer is plain asyncio.
+cancelled stream still stops its source (the engine); a fast stream's deltas travel in about one message per window
+and a slow stream's are never held. No Ray: the coalescer is plain asyncio.
 
-No test measures time: "at once" is shown by a source that waits for the consumer to have the delta before it
-goes on (a coalescer that held the delta would never get it), with a generous deadlock guard.
+"At once" is shown by a source that waits for the consumer to have the delta before it goes on (a coalescer that
+held the delta would never get it), with a generous deadlock guard. The two pacing tests use windows of 0.2-2 s, so
+their bounds hold with wide margins on a loaded machine; nothing here measures speed.
 """
 
 from __future__ import annotations
@@ -92,6 +94,50 @@ def test_a_delta_waits_at_most_the_window_for_company():
         return out
 
     assert "".join(run(consume())) == "abc"
+
+
+def test_a_delta_a_window_after_the_previous_message_is_not_held():
+    """A slow stream's deltas (further apart than the window) go at once: waiting a window for company that is not
+    coming only delays them (the coalescer before this held each one for the whole window, here 2 s)."""
+    window_s = 2.0
+    delays: list[float] = []
+
+    async def source():
+        loop = asyncio.get_running_loop()
+        yield TextDelta("a")
+        for text in "bc":
+            await asyncio.sleep(window_s * 1.25)  # more than a window after the previous message
+            sent = loop.time()
+            yield TextDelta(text)
+            while await received.get() != text:  # until the consumer has it
+                pass
+            delays.append(loop.time() - sent)
+        yield TextDelta("", "stop", Usage(1, 3))
+
+    async def consume():
+        out = []
+        async for delta in coalesce(source(), window_s):
+            out.append(delta.text)
+            received.put_nowait(delta.text)
+        return out
+
+    received: asyncio.Queue = asyncio.Queue()
+    assert run(consume()) == ["a", "b", "c", ""]
+    assert max(delays) < window_s / 2, delays  # sent at once (ms), not after the window (2 s)
+
+
+def test_a_fast_stream_travels_in_about_one_message_per_window():
+    window_s = 0.2
+
+    async def source():
+        for _ in range(40):  # a token every 10 ms: ~0.4 s of tokens
+            yield TextDelta("x")
+            await asyncio.sleep(0.01)
+        yield TextDelta("", "stop", Usage(1, 40))
+
+    out = run(collect(coalesce(source(), window_s)))
+    assert "".join(d.text for d in out) == "x" * 40
+    assert len(out) <= 6, [d.text for d in out]  # the first alone, then ~one per 0.2 s (a slower machine: fewer)
 
 
 def test_an_error_comes_last_after_the_text_before_it():
