@@ -100,10 +100,10 @@ class AppArgs(_Args):
     max_body_bytes: int = Field(default=1_048_576, ge=1, description="largest accepted HTTP request body (else 413)")
     log_prompts: bool = Field(default=False, description="log prompt and reply text (off: counts and ids only)")
     stream_coalesce_ms: float = Field(
-        default=5.0, ge=0.0, le=100.0,
-        description="a pool sends the text deltas that are ready together as one message to the ingress, waiting at "
-        "most this long for more after the first of them (the first token of a reply is never held); 0 sends every "
-        "delta alone")
+        default=50.0, ge=0.0, le=100.0,
+        description="a pool sends a text delta that comes within this long of the stream's previous message together "
+        "with the ones that follow it within this long, as one message to the ingress; a delta that comes later (a "
+        "slow stream) and the first token of a reply are sent at once; 0 sends every delta alone")
 
     _absolute_checkpoint = field_validator("checkpoint")(lambda cls, value: _absolute(value))
 
