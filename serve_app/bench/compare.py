@@ -1,8 +1,9 @@
 """`chatglm2-serve bench --checkpoint DIR --url URL`: the same requests in-process and through a running application.
 
 The prompts are token ids from the served pool's own `/tokenize` (exactly `--prompt-tokens` each), new ones for
-every round and level so that neither side's prefix cache holds them; the in-process engine gets the same ids, the served pool's context (`max_model_len`), `--max-batch-size` slots, and generates the
-same `--max-new-tokens` greedily with `ignore_eos`. The two sides run one after the other, never together, and
+every round and level so that neither side's prefix cache holds them; the in-process engine gets the same ids, the
+served pool's context (`max_model_len`), `--max-batch-size` slots, and generates the same `--max-new-tokens` greedily
+with `ignore_eos`. The two sides run one after the other, never together, and
 alternate over `--rounds` (in-process first in odd rounds, served first in even ones) so that drifting load on a
 shared machine falls on both. The report gives each side's table, the served/in-process ratio of output tokens/s
 and the TTFT difference per concurrency level and round.

@@ -81,7 +81,7 @@ async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIt
                         break
                     try:
                         nxt = await asyncio.wait_for(ready.get(), remaining)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                         break
                 if nxt is _END or isinstance(nxt, Exception) or nxt.error:
                     held = nxt  # sent after this batch's text, as it came

@@ -214,7 +214,7 @@ class ChatGLM2Server:
             ids = self._checked_ids(ids)
         except TokenizerError as exc:
             return Tokens(error=ErrorInfo("invalid_request", str(exc)))
-        return Tokens(ids=ids, text=self.tokenizer.decode(ids), max_model_len=self.engine.max_seq_len)
+        return Tokens(text=self.tokenizer.decode(ids), max_model_len=self.engine.max_seq_len)
 
     async def engine_stats(self) -> dict:
         """Live load of this replica's engine (the ingress routes on it)."""

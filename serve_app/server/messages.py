@@ -71,7 +71,7 @@ class TextDelta:
 
 @dataclass
 class Tokens:
-    """A pool's answer to tokenize / detokenize: the ids and their text, and the pool's context in tokens."""
+    """A pool's answer to tokenize (the ids) or detokenize (their text), with the pool's context in tokens."""
 
     ids: list[int] = field(default_factory=list)
     text: str = ""
