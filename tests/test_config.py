@@ -23,6 +23,12 @@ def test_enums_are_checked_with_the_fields_path():
     assert _error(demo_preset="huge")["loc"] == ("demo_preset",)
 
 
+def test_the_coalescing_window_is_bounded():
+    assert AppArgs.model_validate({"checkpoint": "/m"}).stream_coalesce_ms == 50  # README: "default 50 ms"
+    assert _error(stream_coalesce_ms=500)["loc"] == ("stream_coalesce_ms",)  # a 0.5 s stall per chunk: refused
+    assert _error(stream_coalesce_ms=-1)["loc"] == ("stream_coalesce_ms",)
+
+
 def test_a_misspelt_key_fails_instead_of_being_ignored():
     assert _error(max_histroy_rounds=3)["loc"] == ("max_histroy_rounds",)
     assert _error(engine={"max_batch": 8})["loc"] == ("engine", "max_batch")
