@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from serve_app.model.demo import write_demo_checkpoint
+# Triton's interpreter has to be on before anything imports triton (inductor does, as do the flex tests): the
+# language's own jit functions (tl.zeros, ...) are decorated at that import. The Triton kernel tests run through it
+# on CPU tensors; the ahead-of-time compile test starts its own process without it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from serve_app.model.demo import write_demo_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
