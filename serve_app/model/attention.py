@@ -12,9 +12,10 @@ Two backends, chosen by measurement (docs/design.md, "Attention"), and the old f
   of K/V to all heads.
 - `FlexSlotAttention` (the GPU decode path): `flex_attention` with the whole layer cache as one key/value sequence
   of `slots * max_len` tokens and a block mask that points each decode row at its own slot's blocks up to its length,
-  so the kernel skips every other block. Its inputs are tensors of fixed shape (slot and length per row), so a decode
-  step can be captured in a CUDA graph. In a mixed step the decode rows still go through flex and the prefill spans
-  through the slot-view path.
+  so the kernel skips every other block. The mask is built once per step (`prepare`) from tensors of fixed shape
+  (slot and length per row, padded to a row bucket), so a decode step can be captured in a CUDA graph and compiled
+  for a few static batch sizes. In a mixed step the decode rows still go through flex and the prefill spans through
+  the slot-view path.
 - `GatherAttention` (`--attention gather`): what the engine did before, gathering every decode row's slot up to the
   longest row and calling SDPA with a boolean mask; kept so benchmarks can compare against it in one run.
 """
@@ -29,6 +30,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FLEX_BLOCK = 128  # key block of the flex block mask; the cache's max_len is a multiple of it for this backend
+# Query block of the decode block mask: a multiple of every BLOCK_M of inductor's CUDA flex kernels (16..128), which
+# skip any config it is not a multiple of and then have none left (torch's own default block size).
+FLEX_Q_BLOCK = 128
+# Decode row counts that get a compiled flex kernel (and a CUDA graph): a step's decode rows are padded up to one.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Distinct input shapes a process may compile flex for (buckets x a few caches); one more raises.
+FLEX_RECOMPILE_LIMIT = 4 * len(ROW_BUCKETS)
+
+
+def padded_rows(rows: int) -> int:
+    """The smallest row bucket that holds `rows`; past the largest, the next multiple of it."""
+    bucket = next((b for b in ROW_BUCKETS if b >= rows), None)
+    return bucket if bucket is not None else -(-rows // ROW_BUCKETS[-1]) * ROW_BUCKETS[-1]
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class StepPlan:
     decode_slots: Tensor | None = None
     decode_lens: Tensor | None = None
     decode_rows: Tensor | None = None
+    block_mask: object | None = None  # the flex backend's, built once per step by its `prepare`
     _masks: dict[int, Tensor] = field(default_factory=dict)
 
     @property
@@ -118,6 +133,9 @@ class SlotViewAttention:
 
     name = "slot-view"
 
+    def prepare(self, plan: StepPlan, cache) -> None:
+        """Nothing to build per step (the flex backend builds its block mask here)."""
+
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan, skip_single: bool = False):
         """q [N, heads, D]; layer_k/v [kv_heads, slots, max_len, D] (the cache, already holding this step's keys).
 
@@ -149,16 +167,35 @@ class SlotViewAttention:
 class FlexSlotAttention:
     """Decode rows through flex_attention over the whole layer cache; prefill spans through `SlotViewAttention`.
 
-    `compile` wraps flex_attention in torch.compile, which it needs to be fast (on CUDA); eager flex materializes
-    scores against every cached token and is only fit for correctness tests.
+    `prepare` builds the step's block mask once (every layer reads the same slots and lengths); each layer then
+    calls flex_attention with it. The decode rows are padded to a row bucket (`padded_rows`) so that a compiled
+    kernel exists for a handful of batch sizes only: compiled (`compile=True`, what CUDA needs to be fast; eager flex
+    scores every cached key) with `dynamic=False` and `fullgraph=True`, because inductor's CUDA lowering picks its
+    decoding kernel only for a static batch. Each new shape compiles under `fail_on_recompile_limit_hit`, so a
+    process that runs out of dynamo's cache entries raises instead of silently running eager flex.
     """
 
     name = "flex"
 
-    def __init__(self, compile: bool = False):
-        # Compiled as a whole (block mask included), so the per-step mask_mod closure is traced, not a new input.
-        self._decode = torch.compile(flex_decode) if compile else flex_decode
+    def __init__(self, compile: bool = False, backend: str = "inductor", recompile_limit: int = FLEX_RECOMPILE_LIMIT):
+        self.compiled = compile
+        self._flex = (torch.compile(_flex_call, backend=backend, dynamic=False, fullgraph=True) if compile
+                      else _flex_call)
+        self._shapes: set[tuple] = set()  # input shapes compiled so far (a new one is the only way to recompile)
+        self._recompile_limit = recompile_limit
         self._fallback = SlotViewAttention()
+
+    def prepare(self, plan: StepPlan, cache) -> None:
+        """Pad the decode rows to their bucket and build their block mask, once per step."""
+        if plan.decode_slots is None:
+            return
+        rows = plan.decode_slots.shape[0]
+        pad = padded_rows(rows) - rows
+        slots, lens = plan.decode_slots, plan.decode_lens
+        if pad:  # padding rows repeat the first row's reads; their outputs are dropped
+            slots = torch.cat((slots, slots[:1].expand(pad)))
+            lens = torch.cat((lens, lens[:1].expand(pad)))
+        plan.block_mask = decode_block_mask(slots, lens, cache.k[0].shape[1], cache.max_len)
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
         if plan.decode_slots is None:
@@ -167,13 +204,55 @@ class FlexSlotAttention:
         keys = layer_k.view(1, groups, slots * max_len, dim)  # the cache as one sequence: no copy
         values = layer_v.view(1, groups, slots * max_len, dim)
         rows = q if plan.decode_rows is None else q[plan.decode_rows]  # [D, heads, D]
-        out = self._decode(rows[:, :, None].to(keys.dtype), keys, values, plan.decode_slots, plan.decode_lens, max_len)
+        count, padded = rows.shape[0], plan.block_mask.kv_num_blocks.shape[0]
+        rows = rows[:, :, None].to(keys.dtype)  # [D, heads, 1, D]
+        if padded > count:
+            rows = torch.cat((rows, rows.new_zeros(padded - count, *rows.shape[1:])))
+        elif torch.compiler.is_compiling() and rows.is_cpu:
+            # A 4-d buffer of its own: inductor's CPU flex template reads the query's underlying (3-d) layout. (A
+            # copy would be elided; a double negation is exact.)
+            rows = rows.neg().neg()
+        out = self._call(rows, keys, values, plan.block_mask)[:count]
         out = out.to(q.dtype).flatten(1)  # [D, heads, 1, D] -> [D, heads * D]
         if plan.decode_rows is None:
             return out
         # A mixed step: prefill spans through slot views, then the decode rows' flex results in their places.
         merged = self._fallback(q, layer_k, layer_v, plan, skip_single=True)
         return merged.index_copy_(0, plan.decode_rows, out)
+
+    def warmup(self, cache, heads: int, dtype: torch.dtype, max_rows: int) -> list[int]:
+        """Compile flex for every row bucket a step of up to max_rows decode rows can pad to; returns them."""
+        buckets = [b for b in ROW_BUCKETS if b < max_rows] + [padded_rows(max_rows)]
+        long = {"dtype": torch.int64, "device": cache.k[0].device}
+        for rows in buckets:
+            empty = torch.zeros(0, **long)
+            plan = StepPlan([], empty, empty, empty, empty, torch.zeros(rows, **long), torch.ones(rows, **long))
+            self.prepare(plan, cache)
+            q = torch.zeros(rows, heads, cache.k[0].shape[-1], dtype=dtype, device=cache.k[0].device)
+            self(q, cache.k[0], cache.v[0], plan)
+        return buckets
+
+    def _call(self, q: Tensor, keys: Tensor, values: Tensor, block_mask) -> Tensor:
+        if not self.compiled:
+            return self._flex(q, keys, values, block_mask)
+        shape = (tuple(q.shape), tuple(keys.shape), q.dtype, keys.dtype, q.device)
+        if shape in self._shapes:
+            return self._flex(q, keys, values, block_mask)
+        # A shape not seen yet compiles: past dynamo's limit that must fail, not fall back to eager flex.
+        import torch._dynamo
+
+        limit = max(torch._dynamo.config.recompile_limit, self._recompile_limit)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
+            out = self._flex(q, keys, values, block_mask)
+        self._shapes.add(shape)
+        return out
+
+
+def _flex_call(q: Tensor, keys: Tensor, values: Tensor, block_mask) -> Tensor:
+    """q [B, heads, 1, D]; keys/values [1, G, slots * max_len, D] -> [B, heads, 1, D]."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, keys, values, block_mask=block_mask, enable_gqa=True)
 
 
 class GatherAttention:
@@ -185,6 +264,7 @@ class GatherAttention:
 
     def __init__(self):
         self._fallback = SlotViewAttention()
+        self.prepare = self._fallback.prepare
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
         if plan.decode_slots is None or plan.decode_rows is not None:
@@ -201,16 +281,15 @@ class GatherAttention:
 
 def flex_decode(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lens: Tensor, max_len: int) -> Tensor:
     """q [B, heads, 1, D]; keys/values [1, G, slots * max_len, D]; slots, lens [B] -> [B, heads, 1, D]."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    block_mask = decode_block_mask(slots, lens, keys.shape[2] // max_len, max_len)
-    return flex_attention(q, keys, values, block_mask=block_mask, enable_gqa=True)
+    return _flex_call(q, keys, values, decode_block_mask(slots, lens, keys.shape[2] // max_len, max_len))
 
 
 def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, max_len: int):
     """Block mask for rows [B] of one query each over keys [slots * max_len]: row b sees its slot's first lens[b].
 
-    Built from device tensors with tensor ops only (no host reads), so it can be captured in a CUDA graph."""
+    Built from device tensors with tensor ops only (no host reads), so it can be captured in a CUDA graph. Its query
+    block is FLEX_Q_BLOCK although each row has one query: inductor's CUDA kernels (flex decoding and flex
+    attention) skip every config whose BLOCK_M (16 or more) does not divide the mask's query block."""
     from torch.nn.attention.flex_attention import BlockMask
 
     if max_len % FLEX_BLOCK:
@@ -228,7 +307,7 @@ def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, max_len: int)
         return (offset >= 0) & (offset < lens[b])
 
     return BlockMask.from_kv_blocks(
-        num_blocks, indices, BLOCK_SIZE=(1, FLEX_BLOCK), mask_mod=mask_mod, compute_q_blocks=False,
+        num_blocks, indices, BLOCK_SIZE=(FLEX_Q_BLOCK, FLEX_BLOCK), mask_mod=mask_mod, compute_q_blocks=False,
         seq_lengths=(1, num_slots * max_len),
     )
 
@@ -236,14 +315,14 @@ def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, max_len: int)
 BACKENDS = ("auto", "slot-view", "flex", "gather")
 
 
-def make_backend(name: str, device: torch.device):
-    """`auto`: flex (compiled) on CUDA, slot views elsewhere."""
+def make_backend(name: str, device: torch.device, compile: bool | None = None, backend: str = "inductor"):
+    """`auto`: flex on CUDA, slot views elsewhere. Flex is compiled on CUDA unless `compile` says otherwise."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     if name == "auto":
         name = "flex" if device.type == "cuda" else "slot-view"
     if name == "flex":
-        return FlexSlotAttention(compile=device.type == "cuda")
+        return FlexSlotAttention(compile=device.type == "cuda" if compile is None else compile, backend=backend)
     if name == "gather":
         return GatherAttention()
     return SlotViewAttention()

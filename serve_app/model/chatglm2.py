@@ -56,23 +56,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys (after rotation) and values for `num_slots` sequences of up to `max_len` tokens each.
 
-    k, v: [num_layers, kv_heads, slots, max_len, head_dim]; a layer's [kv_heads, slots * max_len, head_dim] is one
-    contiguous view, which the flex backend reads as a single key sequence. With `scratch`, one more slot past
-    `num_slots` takes the writes of padding rows (CUDA-graph buckets) so they never touch a real sequence.
-    Memory is allocated once, up front.
+    k[layer], v[layer]: [kv_heads, slots, max_len, head_dim], one tensor per layer, each of them its own allocation: a
+    layer's [kv_heads, slots * max_len, head_dim] is one contiguous view, which the flex backend reads as a single
+    key sequence, and no layer's view starts at an offset into a larger tensor (inductor's CPU flex kernel ignores
+    such an offset and reads layer 0's keys for every layer). With `scratch`, one more slot past `num_slots` takes the
+    writes of padding rows (CUDA-graph buckets) so they never touch a real sequence. Memory is allocated once, up
+    front.
     """
 
     def __init__(self, config: ChatGLM2Config, num_slots: int, max_len: int, *, dtype, device, scratch: bool = False):
-        shape = (config.num_layers, config.kv_heads, num_slots + int(scratch), max_len, config.kv_channels)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (config.kv_heads, num_slots + int(scratch), max_len, config.kv_channels)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
         self.scratch_slot = num_slots if scratch else None
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class SelfAttention(nn.Module):
@@ -173,10 +175,15 @@ class ChatGLM2ForCausalLM(nn.Module):
         return self.transformer.encoder.final_layernorm.weight.dtype
 
     def rope(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0].shape[0] < max_len:
+        """cos/sin tables covering every position up to seq_length (rounded up to a multiple of 1024, which covers a
+        cache whose slots were rounded up to whole attention blocks), made once and never reallocated: captured CUDA
+        graphs read them by address. max_len is checked against them."""
+        if self._rope is None:
             device = self.transformer.encoder.final_layernorm.weight.device
-            length = max(max_len, min(self.config.seq_length, 4096))
+            length = -(-self.config.seq_length // 1024) * 1024
             self._rope = rotary_tables(self.config, length, device, self.compute_dtype)
+        if max_len > self._rope[0].shape[0]:
+            raise ValueError(f"positions up to {max_len} exceed the model's seq_length={self.config.seq_length}")
         return self._rope
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +198,14 @@ class ChatGLM2ForCausalLM(nn.Module):
         Writes the tokens' K/V into their slots and returns fp32 logits [R, padded_vocab] for plan.logit_rows.
         Reads nothing back from the device: lengths and positions were known on the host when the plan was built.
         """
+        return self.packed_step(plan, cache, attention)
+
+    def packed_step(self, plan: StepPlan, cache: KVCache, attention=None) -> torch.Tensor:
+        """`forward_packed` without its inference mode: what torch.compile traces (under no_grad), since a compiled
+        region that enters inference mode fails on views of tensors made outside it."""
         t = self.transformer
         attention = attention or _SLOT_VIEWS
+        attention.prepare(plan, cache)  # what every layer shares (the flex block mask), built once per step
         cos, sin = self.rope(cache.max_len)  # tables as long as the cache, so no position needs reading here
         cos, sin = cos[plan.positions], sin[plan.positions]  # [N, D/4]
         x = t.embedding.word_embeddings(plan.input_ids).to(self.compute_dtype)  # [N, hidden]

@@ -110,7 +110,8 @@ def write_demo_checkpoint(
 
 
 def random_model(
-    preset: str, precision: str = "auto", device: str = "auto", *, seed: int = 0, weights_device: str | None = None
+    preset: str, precision: str = "auto", device: str = "auto", *, seed: int = 0, weights_device: str | None = None,
+    pack_cpu_linears: bool = True,
 ):
     """A LoadedModel of `preset` with random weights made directly on the target device: no checkpoint, no tokenizer.
 
@@ -124,4 +125,4 @@ def random_model(
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     config = preset_config(preset, PRESETS[preset][1])
     tensors = random_tensors(config, seed, weights_device or resolve_device(device))
-    return build_model(config, tensors, Path(f"random-{preset}"), precision, device)
+    return build_model(config, tensors, Path(f"random-{preset}"), precision, device, pack_cpu_linears=pack_cpu_linears)

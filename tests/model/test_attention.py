@@ -46,7 +46,7 @@ def test_packed_step_equals_each_sequence_alone(tiny_fp32, backend):
 def test_a_step_writes_only_its_own_slots(tiny_fp32):
     cache = KVCache(tiny_fp32.config, num_slots=3, max_len=32, dtype=torch.float32, device="cpu", scratch=True)
     tiny_fp32.model.forward_packed(plan_step([Span(0, 5, 1, 0)], ids(5, 4), 32, "cpu"), cache)
-    touched = cache.k.abs().sum(dim=(0, 1, 3, 4)) > 0  # per slot
+    touched = torch.stack(cache.k).abs().sum(dim=(0, 1, 3, 4)) > 0  # per slot
     assert touched.tolist() == [False, True, False, False] and cache.scratch_slot == 3
 
 
