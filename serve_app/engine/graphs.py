@@ -6,12 +6,20 @@ smallest bucket >= B; the extra rows are padding: they decode token 0 at positio
 (which no sequence owns) and their ids are dropped.
 
 `capture` turns a function of the static buffers into a replay function. On CUDA it records a CUDA graph
-(`cuda_graph_capture`); tests inject a capture that simply calls the function again, which exercises every piece of
-bookkeeping here (bucket choice, padding, copy-in, slicing the result) on CPU.
+(`CudaGraphCapture`: one side stream and one memory pool for all of a runner's graphs, so one extra cuBLAS
+workspace, not one per graph); tests inject a capture that simply calls the function again, which exercises every
+piece of bookkeeping here (bucket choice, padding, copy-in, slicing the result) on CPU. With `compile_step` the
+step itself (forward and sampling, per bucket) goes through torch.compile first (fullgraph, static shapes; the
+Triton matmul stays one opaque op), and the graph records the compiled kernels.
+
+A graph reads its inputs by address: the static buffers (owned here), the KV cache and the model's rotary tables.
+`run` checks before every replay that none of them has been reallocated since capture (it raises rather than let
+a graph read freed memory).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,10 +27,14 @@ import torch
 from torch import Tensor
 
 from serve_app.engine.sampling import SamplingTensors, sample
-from serve_app.model.attention import StepPlan
+from serve_app.model.attention import ROW_BUCKETS, StepPlan
 from serve_app.model.chatglm2 import KVCache
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+BUCKETS = ROW_BUCKETS
+# The sampling variants a step can need: (any row sampled, some row has top_p/top_k); greedy-only needs neither.
+VARIANTS = ((False, False), (True, False), (True, True))
+# Entries dynamo may keep for the compiled step: every bucket and variant of one runner, with room for a few more.
+STEP_RECOMPILE_LIMIT = 2 * len(BUCKETS) * len(VARIANTS)
 
 StepOutputs = tuple[Tensor, Tensor]  # ids [bucket], logits [bucket, vocab] (kept for resampling an overflow row)
 Capture = Callable[[Callable[[], StepOutputs]], Callable[[], StepOutputs]]
@@ -40,28 +52,31 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= rows), None)
 
 
-def cuda_graph_capture(pool=None) -> Capture:
-    """A `Capture` that records a CUDA graph after two warm-up runs on a side stream (compilation, allocations)."""
-    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+class CudaGraphCapture:
+    """A `Capture` that records CUDA graphs after two warm-up runs (compilation, allocations), all on one side
+    stream and into one memory pool: graphs replay one at a time, in any order, never concurrently."""
 
-    def capture(fn: Callable[[], StepOutputs]) -> Callable[[], StepOutputs]:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    def __init__(self, pool=None):
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+        self.captures = 0
+
+    def __call__(self, fn: Callable[[], StepOutputs]) -> Callable[[], StepOutputs]:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             for _ in range(2):
                 fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             out = fn()
+        self.captures += 1
 
         def replay() -> StepOutputs:
             graph.replay()
             return out
 
         return replay
-
-    return capture
 
 
 @dataclass
@@ -137,10 +152,13 @@ class StaticDecode:
 
 
 class DecodeGraphs:
-    """Captures the decode step (forward + sampling) lazily per (bucket, sampling variant) and replays it."""
+    """Captures the decode step (forward + sampling) per (bucket, sampling variant) and replays it.
+
+    `capture_all` records every bucket and variant up front (the runner's warm-up, before a replica serves);
+    otherwise each is captured the first time a step needs it."""
 
     def __init__(self, model, cache: KVCache, attention, device, capture: Capture,
-                 buckets: tuple[int, ...] = BUCKETS):
+                 buckets: tuple[int, ...] = BUCKETS, compile_step: bool = False, compile_backend: str = "inductor"):
         if cache.scratch_slot is None:
             raise ValueError("decode graphs need a KV cache with a scratch slot for padding rows")
         if attention.name != "flex":
@@ -148,11 +166,28 @@ class DecodeGraphs:
         self.model, self.cache, self.attention, self.device = model, cache, attention, device
         self.capture = capture
         self.buckets = buckets_for(cache.num_slots, buckets)
+        self.compile_step = compile_step
+        self._compile_backend = compile_backend
         self._static: dict[int, StaticDecode] = {}
         self._replays: dict[tuple[int, bool, bool], Callable[[], StepOutputs]] = {}
+        self._addresses: tuple[int, ...] | None = None  # of what the graphs read, at the first capture
 
     def bucket(self, rows: int) -> int | None:
         return bucket_for(rows, self.buckets)
+
+    def read_addresses(self) -> tuple[int, ...]:
+        """Where the graphs' inputs outside this object live now: the KV cache and the rotary tables."""
+        cos, sin = self.model.rope(self.cache.max_len)
+        return tuple(t.data_ptr() for t in self.cache.k + self.cache.v) + (cos.data_ptr(), sin.data_ptr())
+
+    def capture_all(self) -> dict:
+        """Capture every bucket and sampling variant now; returns {"seconds", "graphs"}."""
+        start = time.perf_counter()
+        for bucket in self.buckets:
+            static = self._static_for(bucket)
+            for any_sampled, needs_sort in VARIANTS:
+                self._replay_for(static, any_sampled, needs_sort)
+        return {"seconds": time.perf_counter() - start, "graphs": len(self._replays)}
 
     def run(self, rows: DecodeRows, settings: SamplingTensors) -> tuple[Tensor, Tensor, Tensor]:
         """(ids [R], logits [R, vocab], positions of the chosen tokens [R]) on the device for the R rows; ids as
@@ -160,21 +195,46 @@ class DecodeGraphs:
         bucket = self.bucket(len(rows.token_ids))
         if bucket is None:
             raise ValueError(f"{len(rows.token_ids)} rows exceed the largest bucket {self.buckets[-1]}")
-        static = self._static.get(bucket)
-        if static is None:
-            static = self._static[bucket] = StaticDecode(bucket, self.cache, self.device)
+        static = self._static_for(bucket)
         static.fill(rows, settings)
-        key = (bucket, settings.any_sampled, settings.needs_sort)
-        if key not in self._replays:
-            self._replays[key] = self.capture(self._step_fn(static, settings.any_sampled, settings.needs_sort))
-        ids, logits = self._replays[key]()
+        replay = self._replay_for(static, settings.any_sampled, settings.needs_sort)
+        if self.read_addresses() != self._addresses:
+            raise RuntimeError("the KV cache or the rotary tables were reallocated after the decode graphs were "
+                               "captured: replaying would read freed memory")
+        ids, logits = replay()
         n = len(rows.token_ids)
         return ids[:n], logits[:n], static.sample_positions[:n]
 
+    def _static_for(self, bucket: int) -> StaticDecode:
+        static = self._static.get(bucket)
+        if static is None:
+            static = self._static[bucket] = StaticDecode(bucket, self.cache, self.device)
+        return static
+
+    def _replay_for(self, static: StaticDecode, any_sampled: bool, needs_sort: bool) -> Callable[[], StepOutputs]:
+        key = (static.rows, any_sampled, needs_sort)
+        if key not in self._replays:
+            if self._addresses is None:
+                self._addresses = self.read_addresses()
+            self._replays[key] = self.capture(self._step_fn(static, any_sampled, needs_sort))
+        return self._replays[key]
+
     def _step_fn(self, static: StaticDecode, any_sampled: bool, needs_sort: bool) -> Callable[[], StepOutputs]:
         def step() -> StepOutputs:
-            with torch.inference_mode():
-                logits = self.model.forward_packed(static.plan(), self.cache, self.attention)  # [bucket, vocab]
-                return sample(logits, static.settings(any_sampled, needs_sort), static.sample_positions), logits
+            logits = self.model.packed_step(static.plan(), self.cache, self.attention)  # [bucket, vocab]
+            return sample(logits, static.settings(any_sampled, needs_sort), static.sample_positions), logits
 
-        return step
+        if not self.compile_step:
+            return torch.inference_mode()(step)
+        compiled = torch.compile(step, backend=self._compile_backend, fullgraph=True, dynamic=False)
+
+        def compiled_step() -> StepOutputs:
+            # Each (bucket, variant) is its own entry in dynamo's cache; past the limit it must raise, not run eager.
+            import torch._dynamo
+
+            limit = max(torch._dynamo.config.recompile_limit, STEP_RECOMPILE_LIMIT)
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
+                with torch.no_grad():
+                    return compiled()
+
+        return compiled_step

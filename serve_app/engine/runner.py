@@ -9,9 +9,10 @@ milliseconds, for OpenMP pools that stay fast and CUDA state that stays on one t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from serve_app.engine.graphs import BUCKETS, Capture, DecodeGraphs, DecodeRows, cuda_graph_capture
+from serve_app.engine.graphs import BUCKETS, Capture, CudaGraphCapture, DecodeGraphs, DecodeRows
 from serve_app.engine.params import SamplingParams
 from serve_app.engine.sampling import SamplingTensors, resample_overflow, sample
 from serve_app.model import compute
@@ -35,7 +36,10 @@ class ModelRunner:
     """Runs steps for the engine (and the one-at-a-time baseline) against one KV cache.
 
     `graphs`: capture decode steps per batch bucket. None = on CUDA only. `capture` replaces the CUDA graph recorder
-    (tests pass one that re-runs the function, to check the bucket bookkeeping on CPU).
+    (tests pass one that re-runs the function, to check the bucket bookkeeping on CPU). `compile_decode`: compile
+    each bucket's whole decode step (forward + sampling) before capturing it; needs graphs. `compile_backend`: the
+    torch.compile backend for that and for the flex kernel (tests use "eager" or "aot_eager" to check the dynamo
+    side quickly on CPU); `compile_flex`: compile flex_attention (default: on CUDA, where eager flex is unusable).
     """
 
     @compute.confined
@@ -49,11 +53,16 @@ class ModelRunner:
         graphs: bool | None = None,
         capture: Capture | None = None,
         buckets: tuple[int, ...] = BUCKETS,
+        compile_decode: bool = False,
+        compile_flex: bool | None = None,
+        compile_backend: str = "inductor",
     ):
         self.loaded = loaded
         self.device = loaded.device
-        self.attention = make_backend(attention, self.device)
+        self.attention = make_backend(attention, self.device, compile=compile_flex, backend=compile_backend)
         use_graphs = graphs if graphs is not None else self.device.type == "cuda"
+        if compile_decode and not use_graphs:
+            raise ValueError("compile_decode compiles the captured decode step: it needs decode graphs")
         # The flex backend reads whole key blocks, so its slots are a whole number of blocks long.
         slot_len = -(-max_seq_len // FLEX_BLOCK) * FLEX_BLOCK if self.attention.name == "flex" else max_seq_len
         self.cache = KVCache(
@@ -61,16 +70,48 @@ class ModelRunner:
         )
         self.graphs = None
         if use_graphs:
-            capture = capture or cuda_graph_capture()
-            self.graphs = DecodeGraphs(loaded.model, self.cache, self.attention, self.device, capture, buckets)
+            capture = capture or CudaGraphCapture()
+            self.graphs = DecodeGraphs(loaded.model, self.cache, self.attention, self.device, capture, buckets,
+                                       compile_step=compile_decode, compile_backend=compile_backend)
+
+    @property
+    def path(self) -> str:
+        """The decode path in words: attention backend, graphs or eager, compiled or not, quantized kernels."""
+        parts = [self.attention.name + (" (compiled)" if getattr(self.attention, "compiled", False) else "")]
+        if self.graphs is not None:
+            parts.append("decode graphs" + (" of the compiled step" if self.graphs.compile_step else ""))
+        else:
+            parts.append("eager")
+        parts.append("+".join(sorted(self.loaded.kernels)) or "dense")
+        return ", ".join(parts)
+
+    @compute.confined
+    def warmup(self) -> dict:
+        """Compile and capture everything a decode step can need now, before any request (on CUDA: flex for every
+        row bucket, every bucket's graph per sampling variant). Returns {"seconds", "buckets", "graphs"}."""
+        start = time.perf_counter()
+        report: dict = {"buckets": [], "graphs": 0}
+        if self.graphs is not None:
+            report["graphs"] = self.graphs.capture_all()["graphs"]
+            report["buckets"] = list(self.graphs.buckets)
+        elif getattr(self.attention, "compiled", False):
+            report["buckets"] = self.attention.warmup(self.cache, self.loaded.config.num_attention_heads,
+                                                      self.loaded.dtype, self.cache.num_slots)
+        report["seconds"] = time.perf_counter() - start
+        return report
 
     @compute.confined
     def step(self, work: list[Work]) -> list[int | None]:
         """Per work item: the chosen id, -1 when its logits were NaN/Inf, None when no token was due."""
+        return self.step_logits(work)[0]
+
+    @compute.confined
+    def step_logits(self, work: list[Work]):
+        """`step`'s ids, and the fp32 logits [R, vocab] of the R items with a token due (None when none is)."""
         due = [w for w in work if w.params is not None]
         if not due:
             self._forward(work)
-            return [None] * len(work)
+            return [None] * len(work), None
         settings = SamplingTensors.build(
             [w.params for w in due], [w.seed for w in due], self.loaded.config.padded_vocab_size, self.device
         )
@@ -84,7 +125,7 @@ class ModelRunner:
             ids = sample(logits, settings, sample_positions).tolist()  # the step's one device-to-host copy
         ids = resample_overflow(ids, logits, settings, sample_positions)
         chosen = iter(ids)
-        return [next(chosen) if w.params is not None else None for w in work]
+        return [next(chosen) if w.params is not None else None for w in work], logits
 
     def _forward(self, work: list[Work]):
         """Eager packed forward: (logits [R, vocab] of the rows with a token due, their next positions [R])."""

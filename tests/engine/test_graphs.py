@@ -48,10 +48,82 @@ def test_graph_replay_equals_the_eager_step(tiny_fp32):
     # Buckets 4 (sampled rows), 8 (sampled, with top_p/top_k) and 1 (sampled, top_k): one capture per variant.
     assert len(captured) == 3
     scratch = graphed.cache.scratch_slot
-    assert graphed.cache.k[:, :, scratch, 0].abs().sum() > 0  # padding rows wrote there, and only there
-    assert graphed.cache.k[:, :, scratch, 1:].abs().sum() == 0
+    keys = torch.stack(graphed.cache.k)  # [layers, G, slots + 1, max_len, D]
+    assert keys[:, :, scratch, 0].abs().sum() > 0  # padding rows wrote there, and only there
+    assert keys[:, :, scratch, 1:].abs().sum() == 0
 
 
 def test_graphs_need_the_flex_backend(tiny_fp32):
     with pytest.raises(ValueError, match="flex"):
         ModelRunner(tiny_fp32, 2, 64, attention="slot-view", graphs=True, capture=lambda fn: fn)
+
+
+def test_warmup_captures_every_bucket_and_variant_before_any_step(tiny_fp32):
+    captured = []
+
+    def capture(fn):
+        captured.append(fn)
+        return fn
+
+    runner = ModelRunner(tiny_fp32, 5, 64, attention="flex", graphs=True, capture=capture)
+    report = runner.warmup()
+    assert report["buckets"] == [1, 2, 4, 8] and report["graphs"] == len(captured) == 4 * 3
+    prompts = [[5 + i, 6 + i, 7 + i] for i in range(5)]
+    sampled = SamplingParams(temperature=0.8, top_p=0.9)
+    last = runner.step([Work(p, slot, 0, sampled, seed=slot) for slot, p in enumerate(prompts)])
+    for rows in (1, 3, 5):
+        runner.step([Work([last[s]], s, 3, SamplingParams() if s % 2 else sampled, seed=s) for s in range(rows)])
+    assert len(captured) == 12  # nothing captured while serving
+
+
+def test_graphs_refuse_to_replay_after_what_they_read_was_reallocated(tiny_fp32, monkeypatch):
+    loaded = tiny_fp32
+    runner = ModelRunner(loaded, 2, 64, attention="flex", graphs=True, capture=lambda fn: fn)
+    runner.warmup()
+    step = [Work([5], 0, 3, SamplingParams()), Work([6], 1, 7, SamplingParams())]
+    runner.step(step)
+    # Another runner with a longer cache in the same process used to regrow the tables the graphs read.
+    ModelRunner(loaded, 1, 2048, attention="flex", graphs=False)
+    runner.step(step)
+    cos, sin = loaded.model.rope(64)
+    monkeypatch.setattr(loaded.model, "_rope", (cos.clone(), sin.clone()))  # what a regrowth would do
+    with pytest.raises(RuntimeError, match="reallocated after the decode graphs were captured"):
+        runner.step(step)
+
+
+def test_one_capture_stream_and_pool_for_all_of_a_runners_graphs(tiny_fp32, monkeypatch):
+    """Each side stream brings its own cuBLAS workspace (~32 MiB on sm_90): graphs share one. CUDA is faked here;
+    the capture sequence is what CudaGraphCapture does on a GPU."""
+    import contextlib
+
+    from serve_app.engine import graphs as graphs_module
+
+    streams, captures = [], []
+
+    class Stream:
+        def __init__(self):
+            streams.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        captures.append((pool, stream))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream.__new__(Stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    runner = ModelRunner(tiny_fp32, 5, 64, attention="flex", graphs=True)  # the default capture: CudaGraphCapture
+    assert isinstance(runner.graphs.capture, graphs_module.CudaGraphCapture)
+    runner.warmup()
+    assert len(captures) == 12 and len(streams) == 1
+    assert set(captures) == {("pool", streams[0])}
