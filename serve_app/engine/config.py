@@ -29,12 +29,24 @@ class EngineConfig:
     attention: Literal["auto", "slot-view", "flex", "gather"] = _field(
         "auto", "attention over the slot cache (serve_app/model/attention.py); auto: flex on CUDA, slot-view on CPU")
     cuda_graphs: bool | None = _field(None, "replay decode steps from captured CUDA graphs; default: on CUDA only")
+    compile_decode: bool | None = _field(
+        None, "torch.compile each graph bucket's whole decode step before capturing it; default: off (until a GPU "
+        "measurement shows it faster: scripts/gpu_check.sh compares both)")
+    device_check: bool | None = _field(
+        None, "before serving, compare a few decode steps of the serving path with the eager reference on the same "
+        "device (serve_app/engine/device_check.py); default: on CUDA only")
+    fallback: Literal["eager"] | None = _field(
+        None, "when the device check fails: none (default) refuses to start; eager serves on slot-view attention "
+        "without graphs (and dequantize + matmul if the kernels fail too), with a warning, the path in the engine "
+        "stats and the chatglm2_decode_fallback metric")
 
     def context_len(self, model_seq_length: int) -> int:
         """The engine's context cap for a model: max_seq_len, else min(the model's seq_length, 8192)."""
         return self.max_seq_len or min(model_seq_length, 8192)
 
     def __post_init__(self) -> None:
+        if self.fallback not in (None, "eager"):
+            raise ValueError(f"fallback must be eager or unset, not {self.fallback!r}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention!r}")
         for spec in fields(self):

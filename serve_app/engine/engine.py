@@ -43,6 +43,7 @@ from serve_app.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
 
+FALLBACK_SUFFIX = " (fallback after a failed device check)"  # ends EngineStats.decode_path on the fallback
 # A cached prefix is worth a slot when it covers this many prompt tokens (or the whole prompt but its last token).
 MIN_PREFIX_TOKENS = 16
 
@@ -78,6 +79,8 @@ class EngineStats:
     total_requests: int
     finished: dict[str, int]  # finish reason -> count
     steps: int
+    decode_path: str = ""  # ModelRunner.path: attention, graphs or eager, kernels; a fallback says so
+    device_check: dict | None = None  # DeviceCheck.as_dict() of the check(s) run at start-up, None when not run
     kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel (LoadedModel.kernels)
     dense_kernels: dict[str, int] = field(default_factory=dict)  # other linears per path (LoadedModel.dense_kernels)
     memory_bytes: dict[str, int] = field(default_factory=dict)  # LoadedModel.memory_bytes() plus "kv_cache"
@@ -233,7 +236,14 @@ class Engine:
                     f"{self.max_seq_len} tokens ({slot_bytes} bytes); raise kv_cache_bytes or lower max_seq_len"
                 )
         # All KV memory is taken here, once: [layers, kv_heads, slots, max_seq_len, head_dim] for keys and values.
-        self.runner = ModelRunner(loaded, num_slots, self.max_seq_len, attention=config.attention, graphs=graphs)
+        self.runner = ModelRunner(loaded, num_slots, self.max_seq_len, attention=config.attention, graphs=graphs,
+                                  compile_decode=bool(config.compile_decode))
+        self.warmup = self.runner.warmup()  # every flex kernel and decode graph, before the first request
+        self.fallback: str | None = None  # why the serving path is a fallback, when it is
+        self.device_checks: list[dict] = []
+        check = config.device_check if config.device_check is not None else loaded.device.type == "cuda"
+        if check:
+            self._check_device(num_slots)
         self.cache = self.runner.cache
         self.scheduler = Scheduler(num_slots, config.prefill_chunk, config.prefix_caching)
         self._requests: dict[str, Sequence] = {}
@@ -245,6 +255,41 @@ class Engine:
         self._steps = 0
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
+
+    def _check_device(self, num_slots: int) -> None:
+        """The start-up device check (serve_app/engine/device_check.py): refuse to start on a mismatch, or with
+        `fallback: eager` serve on the eager path, loudly."""
+        from serve_app.engine.device_check import DeviceCheckFailed, run_device_check
+        from serve_app.model.quant import use_reference_kernels
+
+        result = run_device_check(self.runner)
+        self.device_checks.append(result.as_dict())
+        logger.info("device check %s in %.1f s: %s (max logit error %.3g, bound %.3g)", "passed" if result.passed
+                    else "FAILED", result.seconds, result.path, result.max_abs_error, result.bound)
+        if result.passed:
+            return
+        failed = f"the serving path ({result.path}) disagrees with the reference ({result.reference}): {result.detail}"
+        if self.config.fallback is None:
+            raise DeviceCheckFailed(f"device check failed: {failed}; set the pool's engine fallback: eager to serve on "
+                                    "the eager path instead")
+        del self.runner  # its cache and graphs, before the fallback's cache is allocated
+        self.runner = ModelRunner(self.loaded, num_slots, self.max_seq_len, attention="slot-view", graphs=False)
+        again = run_device_check(self.runner)
+        self.device_checks.append(again.as_dict())
+        if not again.passed and self.loaded.kernels:
+            layers = use_reference_kernels(self.loaded.model)
+            self.loaded.kernels = {"dequant": layers}
+            again = run_device_check(self.runner)
+            self.device_checks.append(again.as_dict())
+        if not again.passed:
+            raise DeviceCheckFailed(f"device check failed: {failed}; the eager fallback ({again.path}) fails too: "
+                                    f"{again.detail}")
+        self.fallback = failed
+        logger.warning("device check: %s; serving on the fallback path %s (slower)", failed, self.runner.path)
+
+    @property
+    def decode_path(self) -> str:
+        return self.runner.path + (FALLBACK_SUFFIX if self.fallback else "")
 
     # ---- the asyncio side -------------------------------------------------------------------------------------
 
@@ -344,6 +389,8 @@ class Engine:
                 total_requests=self._total_requests,
                 finished=dict(self._finished),
                 steps=self._steps,
+                decode_path=self.decode_path,
+                device_check=self.device_checks[-1] if self.device_checks else None,
                 kernels=dict(self.loaded.kernels),
                 dense_kernels=dict(self.loaded.dense_kernels),
                 memory_bytes=memory,

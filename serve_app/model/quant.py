@@ -36,6 +36,7 @@ bf16 compute; the Triton kernels apply the fp16 scale in fp32 to the fp32 sum.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -520,3 +521,27 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"dtype={self.dtype}, kernel={self.kernel_name}, bias={self.bias is not None}"
         )
+
+
+@contextlib.contextmanager
+def reference_kernels(model: nn.Module):
+    """Within the block, every QuantizedLinear of `model` computes dequantize + matmul (the reference path) whatever
+    kernel it loaded with: what the device check compares the kernels against. Not thread-safe; not for serving."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    saved = [m.max_kernel_rows for m in layers]
+    for layer in layers:
+        layer.max_kernel_rows = 0  # every batch is "above the kernel's rows": it dequantizes
+    try:
+        yield
+    finally:
+        for layer, rows in zip(layers, saved):
+            layer.max_kernel_rows = rows
+
+
+def use_reference_kernels(model: nn.Module) -> int:
+    """From now on every QuantizedLinear of `model` computes dequantize + matmul (a device check's fallback);
+    returns how many layers were switched."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer.max_kernel_rows = 0
+    return len(layers)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from serve_app.engine.engine import EngineStats
+from serve_app.engine.engine import FALLBACK_SUFFIX, EngineStats
 from serve_app.server.messages import TextDelta
 
 TTFT_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -44,9 +44,11 @@ class PoolMetrics:
                             "reserved / peak_* on a GPU or resident on CPU", tag_keys=("model", "kind"))
         self.quantized_layers = Gauge("chatglm2_quantized_layers", "quantized layers per kernel they run",
                                       tag_keys=("model", "kernel"))
+        self.decode_fallback = Gauge("chatglm2_decode_fallback", "1 when the replica serves on the eager fallback "
+                                     "after its start-up device check failed", tag_keys=("model",))
         for metric in (self.requests, self.errors, self.generated_tokens, self.prompt_tokens, self.ttft,
                        self.inter_token, self.queue_depth, self.running, self.kv_usage, self.memory,
-                       self.quantized_layers):
+                       self.quantized_layers, self.decode_fallback):
             metric.set_default_tags({"model": model_name})
         self._refresh_task: asyncio.Task | None = None
 
@@ -64,6 +66,7 @@ class PoolMetrics:
             self.memory.set(value, tags={"kind": kind})
         for kernel, layers in stats.kernels.items():
             self.quantized_layers.set(layers, tags={"kernel": kernel})
+        self.decode_fallback.set(1.0 if stats.decode_path.endswith(FALLBACK_SUFFIX) else 0.0)
 
     def start_refresh(self) -> bool:
         """Refresh the gauges from `read_stats()` every `refresh_s` on the running event loop.

@@ -73,7 +73,7 @@ def test_metrics_are_exported(cluster, traffic):
         "ray_chatglm2_prompt_tokens_total", "ray_chatglm2_time_to_first_token_seconds_count",
         "ray_chatglm2_time_to_first_token_seconds_bucket", "ray_chatglm2_inter_token_latency_seconds_count",
         "ray_chatglm2_queue_depth", "ray_chatglm2_running_sequences", "ray_chatglm2_kv_cache_usage_ratio",
-        "ray_chatglm2_memory_bytes",
+        "ray_chatglm2_memory_bytes", "ray_chatglm2_decode_fallback",
     }
     samples: dict = {}
 
@@ -92,6 +92,7 @@ def test_metrics_are_exported(cluster, traffic):
     assert 0.0 <= _total(samples, "ray_chatglm2_kv_cache_usage_ratio") <= 1.0
     assert _total(samples, "ray_chatglm2_memory_bytes", kind="weights") > 0  # fp32 pool: no quantized layers
     assert _total(samples, "ray_chatglm2_memory_bytes", kind="kv_cache") > 0
+    assert _total(samples, "ray_chatglm2_decode_fallback") == 0  # the serving path is the one configured
     assert {s.labels["deployment"] for s in samples["ray_chatglm2_requests_total"]} == {MODEL}
 
 
