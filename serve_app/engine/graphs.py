@@ -230,10 +230,10 @@ class DecodeGraphs:
 
         def compiled_step() -> StepOutputs:
             # Each (bucket, variant) is its own entry in dynamo's cache; past the limit it must raise, not run eager.
-            import torch._dynamo
+            from torch._dynamo import config as dynamo_config
 
-            limit = max(torch._dynamo.config.recompile_limit, STEP_RECOMPILE_LIMIT)
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
+            limit = max(dynamo_config.recompile_limit, STEP_RECOMPILE_LIMIT)
+            with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
                 with torch.no_grad():
                     return compiled()
 

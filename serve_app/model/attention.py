@@ -233,16 +233,17 @@ class FlexSlotAttention:
         return buckets
 
     def _call(self, q: Tensor, keys: Tensor, values: Tensor, block_mask) -> Tensor:
-        if not self.compiled:
-            return self._flex(q, keys, values, block_mask)
+        if not self.compiled or torch.compiler.is_compiling():
+            # Inside a compiled decode step flex is traced into the step's graph, under the step's own limit.
+            return _flex_call(q, keys, values, block_mask) if self.compiled else self._flex(q, keys, values, block_mask)
         shape = (tuple(q.shape), tuple(keys.shape), q.dtype, keys.dtype, q.device)
         if shape in self._shapes:
             return self._flex(q, keys, values, block_mask)
         # A shape not seen yet compiles: past dynamo's limit that must fail, not fall back to eager flex.
-        import torch._dynamo
+        from torch._dynamo import config as dynamo_config  # (not `import torch._dynamo`: that makes torch a local)
 
-        limit = max(torch._dynamo.config.recompile_limit, self._recompile_limit)
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
+        limit = max(dynamo_config.recompile_limit, self._recompile_limit)
+        with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
             out = self._flex(q, keys, values, block_mask)
         self._shapes.add(shape)
         return out
