@@ -113,6 +113,15 @@ class ChatGLM2Server:
             f", GPU share {share} ({self.memory_plan.budget_bytes / 2**30:.1f} GiB, allocator fraction "
             f"{self.memory_plan.memory_fraction:.3f})" if self.memory_plan else "",
         )
+        check = stats.device_check
+        logger.info(
+            "pool %s decode path: %s; warm-up %.1f s (%d graphs, buckets %s); device check %s",
+            pool.model, stats.decode_path, self.engine.warmup["seconds"], self.engine.warmup["graphs"],
+            self.engine.warmup["buckets"] or "none",
+            "not run" if check is None else
+            f"{'passed' if check['passed'] else 'FAILED'} in {check['seconds']:.2f} s (max |logit error| "
+            f"{check['max_abs_error']:.3g}, bound {check['bound']:.3g})",
+        )
 
     def _prompt_ids(self, request: TextRequest, special_tokens: bool = True) -> list[int]:
         """The model input of `request`; `special_tokens=False` leaves the [gMASK] sop prefix off a raw prompt."""
