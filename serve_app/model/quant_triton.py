@@ -45,6 +45,9 @@ def choose_config(m: int, n: int, k: int, bits: int, num_sms: int) -> TileConfig
 
     Decode (m <= 16) streams weights: 64 output rows per program and enough K splits for ~2 programs per SM.
     Mid batches (m <= 64) keep the weight tile reused across m. Larger batches use GEMM-sized tiles.
+    tests/model/test_quant_triton_aot.py compiles every kernel these lead to on the 6B shapes for sm_90 and sm_80
+    (no GPU needed): a change here must keep them free of register spills, within a block's shared memory, and
+    loading through cp.async.
     """
     if m <= 16:
         block_m, block_n, block_k, warps, stages = 16, 64, 256 if bits == 8 else 512, 4, 3
@@ -156,6 +159,10 @@ def weight_only_matmul(x: Tensor, weight: Tensor, scale: Tensor, bits: int, conf
         raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)} / scale {tuple(scale.shape)} do not fit "
                          f"int{bits} with {k} input features")
     x = x.contiguous()
+    if x.data_ptr() % 16:
+        # Triton's JIT specializes on 16-byte alignment: a misaligned view (a slice of a larger activation) would
+        # compile a variant with byte-wide loads and register spills (tests/model/test_quant_triton_aot.py).
+        x = x.clone()
     weight = weight.contiguous()
     config = config or choose_config(m, n, k, bits, _num_sms(x.device))
     if config.split_k == 1:
