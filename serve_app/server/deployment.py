@@ -97,7 +97,8 @@ class ChatGLM2Server:
                 self.loaded, share=share, max_batch_size=engine_config.max_batch_size,
                 max_seq_len=engine_config.context_len(self.loaded.config.seq_length),
                 prefill_chunk=engine_config.prefill_chunk, kv_cache_bytes=engine_config.kv_cache_bytes,
-                context_bytes=args.cuda_context_bytes,
+                context_bytes=args.cuda_context_bytes, attention=engine_config.attention,
+                cuda_graphs=engine_config.cuda_graphs,
             )
             engine_config = dataclasses.replace(engine_config, kv_cache_bytes=self.memory_plan.kv_cache_bytes)
         self.engine = Engine(self.loaded, engine_config)

@@ -19,12 +19,39 @@ from dataclasses import asdict, dataclass
 
 from serve_app.model.checkpoint import ChatGLM2Config
 
-# What a CUDA context (driver state, cuBLAS workspace, loaded kernels) costs outside PyTorch's allocator: 0.5-1 GB
-# measured elsewhere; the upper end, so that the share holds.
+# What a CUDA context (driver state, library handles, loaded kernels) costs outside PyTorch's allocator: 0.5-1 GB
+# measured elsewhere; the upper end, so that the share holds. (cuBLAS's workspaces go through the allocator: they are
+# part of the workspace estimate, CUBLAS_WORKSPACE_BYTES.)
 DEFAULT_CONTEXT_BYTES = 1 << 30
-# The workspace estimate covers the big tensors of one forward pass; this covers the allocator's rounding and
+# The step estimate (`step_phases`) counts the tensors live at a step's peak; this covers the allocator's rounding and
 # fragmentation between them.
 WORKSPACE_SLACK = 1.25
+
+
+# Per-element costs and fixed allowances of the workspace estimate (see activation_workspace_bytes).
+# Sampling a row of fp32 logits (serve_app/engine/sampling.py) holds, besides the logits themselves, at most: the
+# copy `resample_overflow` takes of the overflowing rows (4 B a logit), the tempered logits (4), the full sort's
+# values (4) and int64 order (8), the nucleus mask (1), the masked scores (4) and the Gumbel hash: a gathered int64
+# table row and mix32's int64 temporaries (~44). Measured: 69 B a logit past the logits and the copy, on a
+# 65024-token vocabulary (tests/server/test_gpu_share.py); rounded up.
+SAMPLE_BYTES_PER_LOGIT = 80
+# Inside a decode graph `sample` never sorts the whole vocabulary (top_p/top_k look at 1024 candidates; the full
+# resample runs eagerly afterwards): the tempered logits and the full-vocabulary Gumbel hash. Measured: 45 B.
+GRAPH_SAMPLE_BYTES_PER_LOGIT = 48
+# The cuBLAS workspace PyTorch allocates through its caching allocator, once per (handle, stream) and kept for the
+# process's life: 4096 KiB x 8 = 32 MiB on sm_90 (torch's default CUBLAS_WORKSPACE_CONFIG there; less on older
+# GPUs), and as much again for a cuBLASLt workspace where torch keeps a separate one. Two streams run matmuls: the
+# current one and the decode graphs' capture stream.
+CUBLAS_WORKSPACE_BYTES = (32 << 20) * 2
+CUBLAS_STREAMS = 2
+# Scratch of compiling and autotuning at warm-up (flex kernels, the compiled decode step), next to an eager decode
+# step: Triton's do_bench allocates a 256 MB buffer to flush L2 between timings (inductor's own benchmarker an
+# L2-sized one, 50-60 MB on H100/H200). Freed afterwards (the allocator releases cached blocks before failing), so a
+# transient peak of its own, not a reservation.
+COMPILE_SCRATCH_BYTES = 256 << 20
+# Upper bound on the SMs of the GPUs this serves (H100/H200 SXM: 132): flex decoding splits the keys of each
+# (row, kv head) into up to ~2 x SMs / (rows x kv heads) partial results, fp32.
+MAX_SMS = 144
 
 
 class MemoryPlanError(ValueError):
@@ -60,30 +87,156 @@ def memory_fraction(share: float, total_bytes: int, context_bytes: int = DEFAULT
     return cap / total_bytes
 
 
-def activation_workspace_bytes(
-    config: ChatGLM2Config, max_batch_size: int, prefill_chunk: int, max_seq_len: int, dtype_bytes: int = 2
-) -> int:
-    """The largest transient tensors of one forward pass, times WORKSPACE_SLACK.
+def step_phases(
+    config: ChatGLM2Config,
+    max_batch_size: int,
+    prefill_chunk: int,
+    max_seq_len: int,
+    dtype_bytes: int = 2,
+    *,
+    attention: str = "auto",
+    dequant_bytes: int = 0,
+    sample_bytes_per_logit: int = SAMPLE_BYTES_PER_LOGIT,
+) -> dict[str, int]:
+    """Bytes live at each candidate peak of one eager engine step, counted tensor by tensor (no slack).
 
-    The engine runs a prefill chunk (one sequence, `prefill_chunk` tokens) and a decode step (`max_batch_size`
-    rows) as separate calls; the peak is the larger of the two. Per layer it holds the fused QKV and MLP outputs
-    (tokens x (qkv + 2 ffn + ffn) values), the keys and values gathered for the batch (rows x kv_heads x span x
-    head_dim, k and v, in the activation dtype and as cached), the attention scores in fp32 and the boolean mask;
-    then the fp32 logits of the last positions.
+    The largest step the scheduler builds is a mixed one: a prefill chunk of T = prefill_chunk tokens (one span, the
+    worst case: several spans share the chunk and are attended one at a time) at the end of a cache of
+    L = max_seq_len keys, plus a decode token for every other running sequence: N = T + max_batch_size tokens and up
+    to R = max_batch_size rows with a token due. Each phase counts what the code holds at that moment:
+
+    - everywhere: the residual stream x [N, hidden], the rotary cos/sin [N, head_dim/4] x 2, the span's additive
+      causal mask [T, L] (the step plan keeps it for every layer and until sampling) and the step's int64 metadata;
+    - `attention`: the slot-view scores of the span (serve_app/model/attention.py, `SlotViewAttention`): the scores
+      [heads, T, L] in the compute dtype, their fp32 copy (none when computing in fp32) and the fp32 softmax, live
+      together while softmax runs (10 B a score in fp16: 1.34 GB at 32 heads x 512 x 8192); alongside them the
+      input norm, the fused QKV, the rotated q and k, the output buffer and the span's regrouped queries;
+    - `norm`: an RMSNorm's fp32 temporaries [N, hidden] x 2 next to x and its sum;
+    - `mlp`: x and its sum, the norm, h_to_4h's [N, 2 ffn], SiLU(gate) and the product [N, ffn] each, plus
+      `dequant_bytes` when a linear dequantizes its weight for the call (the device check's reference, a fallback);
+    - `logits`: the head's [R, vocab] output in the compute dtype, a dtype conversion's copy and the fp32 logits;
+    - `sampling`: the fp32 logits and `sample_bytes_per_logit` a logit (the full-sort resample path by default);
+    - `gather_decode` (attention="gather" only): a decode step's keys and values gathered per row [B, kv_heads, L,
+      head_dim], and SDPA's math path expanding them to every head (the path for a boolean mask with GQA).
     """
+    b = dtype_bytes
     hidden, ffn, heads = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads
-    kv_width = config.kv_heads * config.kv_channels
+    groups, dim, vocab = config.kv_heads, config.kv_channels, config.padded_vocab_size
+    t = max(1, min(prefill_chunk, max_seq_len))
+    n, rows, keys = t + max_batch_size, max_batch_size, max_seq_len
 
-    def one_call(rows: int, tokens_per_row: int) -> int:
-        tokens = rows * tokens_per_row
-        linear = tokens * (config.qkv_rows + 3 * ffn + 4 * hidden) * dtype_bytes
-        gathered = rows * 2 * kv_width * max_seq_len * dtype_bytes * 2  # index_select, then .to(q.dtype)
-        scores = rows * heads * tokens_per_row * max_seq_len * (4 + 1)  # fp32 scores + bool mask
-        logits = rows * config.padded_vocab_size * 4 * 2  # fp32 logits, and their copy for sampling
-        return linear + gathered + scores + logits
+    upcast = 0 if b == 4 else 4  # scores.float() is a copy unless the scores already are fp32
+    scores, context = heads * t * keys, t * heads * dim * b
+    span = max(
+        scores * (b + upcast + 4),  # scores, fp32 copy and softmax while softmax runs
+        scores * (b + 4 + (b if upcast else 0)) + context,  # scores, softmax, its cast back; the context bmm
+        scores * b + 2 * context,  # scores, the context and its [T, heads * D] copy
+    )
+    mask = t * keys * b if t > 1 else 0
+    # the step's int64 plan (tokens, positions, write index; rows and decode metadata) and sampling settings
+    metadata = (3 * n + 4 * rows) * 8 + rows * 64
+    common = n * hidden * b + 2 * n * (dim // 4) * b + mask + metadata
+    phases = {
+        "attention": common
+        + n * (hidden + config.qkv_rows + heads * dim + groups * dim + heads * dim) * b  # norm, qkv, q, k, out
+        + context  # the span's queries regrouped by kv head
+        + span,
+        "norm": common + n * hidden * b + n * hidden * (8 + b),
+        "mlp": common + n * (2 * hidden + 4 * ffn) * b + dequant_bytes,
+        "logits": common + rows * hidden * (2 * b + 8) + rows * vocab * (2 * b + 4),
+        "sampling": mask + metadata + rows * vocab * (4 + sample_bytes_per_logit),
+    }
+    if attention == "gather":
+        d = max_batch_size
+        phases["gather_decode"] = (
+            d * hidden * b * 2 + d * (config.qkv_rows + 2 * heads * dim) * b
+            + 2 * d * groups * keys * dim * b  # index_select of keys and values
+            + 2 * d * heads * keys * dim * b  # repeat_interleave to every head (SDPA math path)
+            + d * heads * keys * (2 * b + 4) + d * keys * (1 + b)  # scores, softmax; the mask, as bool and float
+        )
+    return phases
 
-    peak = max(one_call(max_batch_size, 1), one_call(1, min(prefill_chunk, max_seq_len)))
-    return int(peak * WORKSPACE_SLACK)
+
+def decode_step_bytes(config: ChatGLM2Config, rows: int, max_seq_len: int, dtype_bytes: int = 2,
+                      sample_bytes_per_logit: int = GRAPH_SAMPLE_BYTES_PER_LOGIT) -> int:
+    """The peak of one decode step of `rows` rows through flex (a graph bucket's step): `step_phases` for one-token
+    spans, plus flex decoding's fp32 partials and the block mask's index tensors (int64 twice, then int32, over
+    every key block of the cache) and the bucket's static buffers."""
+    heads, groups, dim = config.num_attention_heads, config.kv_heads, config.kv_channels
+    step = max(step_phases(config, rows, 1, max_seq_len, dtype_bytes,
+                           sample_bytes_per_logit=sample_bytes_per_logit).values())
+    flex = max(rows * groups, 2 * MAX_SMS) * (heads // groups) * (dim + 2) * 4
+    blocks = (rows + 1) * -(-max_seq_len // 128)  # at most rows slots and the scratch slot
+    return step + flex + rows * blocks * (8 + 8 + 4) + rows * 16 * 8
+
+
+def decode_graph_bytes(config: ChatGLM2Config, max_batch_size: int, max_seq_len: int, dtype_bytes: int = 2) -> int:
+    """What the captured decode graphs (serve_app/engine/graphs.py) keep reserved in their private pool for good:
+    every graph's outputs (ids and fp32 logits [bucket, vocab], one graph per bucket and sampling variant), plus the
+    intermediates of the largest bucket's step, which the pool keeps for its replays."""
+    from serve_app.engine.graphs import VARIANTS, buckets_for
+
+    buckets = buckets_for(max_batch_size)
+    outputs = len(VARIANTS) * sum(bucket * (config.padded_vocab_size * 4 + 8) for bucket in buckets)
+    return outputs + decode_step_bytes(config, buckets[-1], max_seq_len, dtype_bytes)
+
+
+def activation_workspace_bytes(
+    config: ChatGLM2Config,
+    max_batch_size: int,
+    prefill_chunk: int,
+    max_seq_len: int,
+    dtype_bytes: int = 2,
+    *,
+    device_type: str = "cuda",
+    attention: str = "auto",
+    cuda_graphs: bool = True,
+    dequant_bytes: int = 0,
+) -> int:
+    """An upper bound on what the replica holds beyond its weights and KV cache, for the KV cache to leave room for.
+
+    The transient peak is the larger of one eager step (`step_phases`: a prefill chunk of `prefill_chunk` tokens
+    attending over `max_seq_len` keys through slot-view attention next to a decode token per slot, its logits and
+    their sampling; on the 6B model in fp16 the chunk's attention scores dominate) and, on CUDA, the warm-up (an
+    eager decode step of the largest bucket next to COMPILE_SCRATCH_BYTES), times WORKSPACE_SLACK for the
+    allocator's rounding and fragmentation. On CUDA, add what stays reserved for good once the engine has warmed
+    up: the cuBLAS workspaces (CUBLAS_WORKSPACE_BYTES on each of CUBLAS_STREAMS) and, unless cuda_graphs is False,
+    the decode graphs' pool (`decode_graph_bytes`). `attention` is the engine's backend ("gather" adds its decode
+    gathers); `dequant_bytes` what the largest dequantizing linear materialises (`dequant_transient_bytes`).
+    """
+    peak = max(step_phases(config, max_batch_size, prefill_chunk, max_seq_len, dtype_bytes, attention=attention,
+                           dequant_bytes=dequant_bytes).values())
+    if device_type != "cuda":
+        return int(peak * WORKSPACE_SLACK)
+    from serve_app.engine.graphs import buckets_for
+
+    warmup = COMPILE_SCRATCH_BYTES + decode_step_bytes(config, buckets_for(max_batch_size)[-1], max_seq_len,
+                                                       dtype_bytes)
+    total = int(max(peak, warmup) * WORKSPACE_SLACK) + CUBLAS_STREAMS * CUBLAS_WORKSPACE_BYTES
+    if cuda_graphs:
+        total += decode_graph_bytes(config, max_batch_size, max_seq_len, dtype_bytes)
+    return total
+
+
+def dequant_transient_bytes(model) -> int:
+    """What the largest quantized linear of `model` materialises while it computes by dequantize + matmul (the
+    device check's reference, `quant.reference_kernels`, and the eager fallback): the int8 values [out, in], their
+    cast to the working dtype and the scaled product (and its cast when the working dtype is not the compute
+    dtype); 0 without quantized layers."""
+    import torch
+
+    from serve_app.model.quant import QuantizedLinear
+
+    worst = 0
+    for layer in model.modules():
+        if not isinstance(layer, QuantizedLinear):
+            continue
+        scale_dtype = layer.weight_scale.dtype
+        work = layer.dtype if layer.dtype in (scale_dtype, torch.float32, torch.float64) else torch.float32
+        w, d = torch.empty((), dtype=work).element_size(), torch.empty((), dtype=layer.dtype).element_size()
+        per_weight = 1 + 2 * w + (d if work != layer.dtype else 0)
+        worst = max(worst, layer.out_features * layer.in_features * per_weight)
+    return worst
 
 
 def plan_memory(
@@ -158,8 +311,12 @@ def plan_replica(
     prefill_chunk: int,
     kv_cache_bytes: int | None,
     context_bytes: int = DEFAULT_CONTEXT_BYTES,
+    attention: str = "auto",
+    cuda_graphs: bool | None = None,
 ) -> MemoryPlan:
-    """After load_model (serve_app.model.loader.LoadedModel on a CUDA device): the KV budget for the engine."""
+    """After load_model (serve_app.model.loader.LoadedModel on a CUDA device): the KV budget for the engine.
+
+    attention and cuda_graphs are the engine's settings (EngineConfig); their defaults are the engine's on CUDA."""
     import torch
 
     device = loaded.device
@@ -170,8 +327,11 @@ def plan_replica(
         total_bytes=total,
         free_bytes=free,
         weight_bytes=torch.cuda.memory_reserved(device),  # the weights, after load_model emptied the cache
-        workspace_bytes=activation_workspace_bytes(loaded.config, max_batch_size, prefill_chunk, max_seq_len,
-                                                   dtype_bytes),
+        workspace_bytes=activation_workspace_bytes(
+            loaded.config, max_batch_size, prefill_chunk, max_seq_len, dtype_bytes, device_type=device.type,
+            attention=attention, cuda_graphs=cuda_graphs is not False,
+            dequant_bytes=dequant_transient_bytes(loaded.model) if hasattr(loaded, "model") else 0,
+        ),
         kv_bytes_per_slot=loaded.config.kv_bytes_per_token(loaded.dtype) * max_seq_len,
         kv_cache_bytes=kv_cache_bytes,
         context_bytes=context_bytes,
