@@ -35,10 +35,12 @@ from serve_app.engine.errors import (
     EngineOverloaded,
     GenerationError,
     InvalidRequest,
+    ReplicaFailed,
 )
 from serve_app.engine.params import SamplingParams, token_budget
 from serve_app.engine.runner import ModelRunner, Work
 from serve_app.engine.sampling import NON_FINITE_MESSAGE, request_seed
+from serve_app.model.attention import CompileLimitHit
 from serve_app.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -250,6 +252,7 @@ class Engine:
         self._lock = threading.Lock()  # guards the scheduler, _requests and the counters
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
+        self._failed: str | None = None  # why the worker stopped for good (a ReplicaFailed fault)
         self._total_requests = 0
         self._finished: Counter[str] = Counter()
         self._steps = 0
@@ -299,8 +302,9 @@ class Engine:
         """Stream the generated tokens of one request (see the module docstring for the delta convention).
 
         Raises at once: InvalidRequest (empty prompt) and ContextLengthExceeded (no room to generate within
-        max_seq_len or params.max_length). Raises at the first iteration: EngineOverloaded (waiting queue full) and
-        InvalidRequest (request_id already running). Raises later: GenerationError. Closing the iterator (a `break`,
+        max_seq_len or params.max_length). Raises at the first iteration: EngineOverloaded (waiting queue full),
+        InvalidRequest (request_id already running) and ReplicaFailed (the engine stopped for good). Raises later:
+        GenerationError, or ReplicaFailed for every request when the engine stops. Closing the iterator (a `break`,
         a cancelled task) aborts the request and frees its slot within one step.
         """
         prompt_ids = [int(token) for token in prompt_ids]
@@ -345,6 +349,8 @@ class Engine:
 
     def _submit(self, seq: Sequence) -> None:
         with self._wakeup:
+            if self._failed is not None:
+                raise ReplicaFailed(self._failed)
             if self._stopping:
                 raise EngineError("the engine has been shut down")
             if seq.request_id in self._requests:
@@ -397,7 +403,12 @@ class Engine:
             )
 
     def healthy(self) -> bool:
-        return self._worker.is_alive() and not self._stopping
+        return self._worker.is_alive() and not self._stopping and self._failed is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped for good (it then reports unhealthy), or None."""
+        return self._failed
 
     async def shutdown(self) -> None:
         """Stop the worker after its current step; requests still in flight end with finish_reason "abort"."""
@@ -420,6 +431,13 @@ class Engine:
                     return
             try:
                 self.step()
+            except CompileLimitHit as exc:  # the process is unfit to serve: fail everything and stop for good
+                logger.exception("engine stopped: this replica must be replaced")
+                with self._lock:
+                    self._failed = f"the replica failed and is being replaced; retry ({exc})"
+                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                        self._fail(seq, ReplicaFailed(self._failed))
+                return
             except Exception as exc:  # a failed forward pass: fail what was running, keep serving new requests
                 logger.exception("engine step failed")
                 with self._lock:

@@ -28,3 +28,10 @@ class GenerationError(EngineError):
     """The request failed while generating (NaN logits, a failed forward pass); other requests are unaffected."""
 
     code = "generation_error"
+
+
+class ReplicaFailed(EngineError):
+    """This replica can no longer serve (a fault that leaves the process unfit, e.g. a compile past dynamo's
+    recompile limit): it reports unhealthy so that Serve replaces it, and the caller should retry (HTTP 503)."""
+
+    code = "replica_failed"

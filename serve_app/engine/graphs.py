@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from serve_app.engine.sampling import SamplingTensors, sample
-from serve_app.model.attention import ROW_BUCKETS, StepPlan
+from serve_app.model.attention import ROW_BUCKETS, StepPlan, run_under_recompile_limit
 from serve_app.model.chatglm2 import KVCache
 
 BUCKETS = ROW_BUCKETS
@@ -230,11 +230,7 @@ class DecodeGraphs:
 
         def compiled_step() -> StepOutputs:
             # Each (bucket, variant) is its own entry in dynamo's cache; past the limit it must raise, not run eager.
-            from torch._dynamo import config as dynamo_config
-
-            limit = max(dynamo_config.recompile_limit, STEP_RECOMPILE_LIMIT)
-            with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
-                with torch.no_grad():
-                    return compiled()
+            with torch.no_grad():
+                return run_under_recompile_limit(compiled, STEP_RECOMPILE_LIMIT)
 
         return compiled_step

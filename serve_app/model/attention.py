@@ -39,6 +39,26 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FLEX_RECOMPILE_LIMIT = 4 * len(ROW_BUCKETS)
 
 
+class CompileLimitHit(RuntimeError):
+    """A compiled region met a shape past dynamo's recompile limit. The process can't keep serving: besides the
+    missing kernel, torch (2.13 measured, tests/model/test_flex_cuda_rules.py) leaves dynamo's frame-evaluation hook
+    installed after this failure, so every later Python call in the process runs through it (~1.7x slower calls,
+    arguments kept alive to the end of their frames). The engine stops on it and reports unhealthy."""
+
+
+def run_under_recompile_limit(fn, limit: int, *args):
+    """fn(*args) with dynamo failing, not falling back to eager, past max(its recompile limit, limit)."""
+    from torch._dynamo import config as dynamo_config  # (not `import torch._dynamo`: that makes torch a local)
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    try:
+        with dynamo_config.patch(fail_on_recompile_limit_hit=True,
+                                 recompile_limit=max(dynamo_config.recompile_limit, limit)):
+            return fn(*args)
+    except FailOnRecompileLimitHit as exc:
+        raise CompileLimitHit(f"{getattr(fn, '__name__', fn)}: {exc}") from exc
+
+
 def padded_rows(rows: int) -> int:
     """The smallest row bucket that holds `rows`; past the largest, the next multiple of it."""
     bucket = next((b for b in ROW_BUCKETS if b >= rows), None)
@@ -240,11 +260,7 @@ class FlexSlotAttention:
         if shape in self._shapes:
             return self._flex(q, keys, values, block_mask)
         # A shape not seen yet compiles: past dynamo's limit that must fail, not fall back to eager flex.
-        from torch._dynamo import config as dynamo_config  # (not `import torch._dynamo`: that makes torch a local)
-
-        limit = max(dynamo_config.recompile_limit, self._recompile_limit)
-        with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
-            out = self._flex(q, keys, values, block_mask)
+        out = run_under_recompile_limit(self._flex, self._recompile_limit, q, keys, values, block_mask)
         self._shapes.add(shape)
         return out
 

@@ -240,4 +240,5 @@ class ChatGLM2Server:
 
     def check_health(self) -> None:
         if not self.engine.healthy():
-            raise RuntimeError(f"pool {self.name}: engine worker is not running")
+            reason = self.engine.failure or "engine worker is not running"
+            raise RuntimeError(f"pool {self.name}: {reason}")

@@ -14,9 +14,16 @@ import torch
 
 from serve_app.engine import sequential
 from serve_app.engine.engine import Engine, EngineConfig, FreeSlots
-from serve_app.engine.errors import ContextLengthExceeded, EngineOverloaded, GenerationError, InvalidRequest
+from serve_app.engine.errors import (
+    ContextLengthExceeded,
+    EngineOverloaded,
+    GenerationError,
+    InvalidRequest,
+    ReplicaFailed,
+)
 from serve_app.engine.params import SamplingParams
 from serve_app.engine.runner import ModelRunner
+from serve_app.model.attention import CompileLimitHit
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
@@ -58,13 +65,14 @@ def make_engine(tiny_fp32):
 
 
 class GatedModel:
-    """Wraps the model: each packed forward waits for `gate`; the first one of `fail_tokens` tokens raises."""
+    """Wraps the model: each packed forward waits for `gate`; the first one of `fail_tokens` tokens raises `error`."""
 
-    def __init__(self, model, fail_tokens: int | None = None):
+    def __init__(self, model, fail_tokens: int | None = None, error: Exception | None = None):
         self.model = model
         self.gate = threading.Event()
         self.gate.set()
         self.fail_tokens = fail_tokens
+        self.error = error or RuntimeError("simulated device failure")
 
     def __getattr__(self, name):  # parameters(), buffers() ...: the wrapped model's
         return getattr(self.model, name)
@@ -73,7 +81,7 @@ class GatedModel:
         self.gate.wait(timeout=10)
         if plan.num_tokens == self.fail_tokens:
             self.fail_tokens = None
-            raise RuntimeError("simulated device failure")
+            raise self.error
         return self.model.forward_packed(plan, *args, **kwargs)
 
 
@@ -223,6 +231,29 @@ def test_a_failed_forward_fails_the_running_requests_and_the_engine_recovers(mak
     assert all(isinstance(result, GenerationError) for result in failed)
     assert tokens == sequential.generate(tiny_fp32, prompt, greedy(10)).token_ids
     assert engine.healthy() and engine.stats().free_slots == engine.stats().num_slots
+
+
+def test_a_compile_past_the_recompile_limit_stops_the_engine_for_good(make_engine, tiny_fp32):
+    """A CompileLimitHit leaves the process unfit (see its docstring): every request, running or waiting, fails with
+    ReplicaFailed (503, retry), new ones are refused, and healthy() turns False so that Serve replaces the replica."""
+    error = CompileLimitHit("simulated: a shape past dynamo's recompile limit")
+    model = GatedModel(tiny_fp32.model, fail_tokens=2, error=error)
+    engine = make_engine(dataclasses.replace(tiny_fp32, model=model), max_batch_size=2)
+    prompt = random_prompt(11, 4)
+
+    async def main():
+        # Two requests decode together (the failing 2-token step); a third waits for a slot.
+        streams = [collect(engine, prompt, greedy(10)) for _ in range(3)]
+        return await asyncio.gather(*streams, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(result, ReplicaFailed) for result in results), results
+    assert results[0].code == "replica_failed" and "recompile limit" in str(results[0])
+    assert not engine.healthy()
+    stats = engine.stats()
+    assert stats.running == stats.waiting == 0 and stats.finished == {"error": 3}
+    with pytest.raises(ReplicaFailed):  # at the first iteration, like the other submission errors
+        asyncio.run(collect(engine, prompt, greedy(1)))
 
 
 def test_limits_raise_documented_errors(make_engine, tiny_fp32):
