@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serve_app.model import quant
+from serve_app.model import quant_kernels
 from serve_app.model.quant import (
     KernelUnavailable,
     QuantizationError,
@@ -258,10 +258,10 @@ def test_official_state_round_trips_exactly(bits, shape):
 
 
 def test_cpu_int4_layout_is_identified_and_chunked_packing_matches():
-    assert quant._cpu_int4_layout() is not None
+    assert quant_kernels._cpu_int4_layout() is not None
     stored, _ = official(112, 64, 4)  # one full block plus a smaller trailing block for every layout
     whole = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(stored).to(torch.int32) + 8, 1)
-    assert torch.equal(quant._pack_for_cpu_int4(stored, rows_per_call=64), whole)
+    assert torch.equal(quant_kernels._pack_for_cpu_int4(stored, rows_per_call=64), whole)
 
 
 def test_cpu_int4_kernel_dequantizes_as_u_minus_8_times_scale_plus_zero():
@@ -276,8 +276,8 @@ def test_cpu_int4_kernel_dequantizes_as_u_minus_8_times_scale_plus_zero():
 def test_identity_decoding_reads_back_an_opaque_int4_layout():
     # The CUDA module's official_state path, run here with the CPU kernel.
     stored, _ = official(32, 128, 4)
-    weight = quant._pack_for_cpu_int4(stored)
-    q = quant._decode_int4_by_identity(
+    weight = quant_kernels._pack_for_cpu_int4(stored)
+    q = quant_kernels._decode_int4_by_identity(
         lambda x, unit: torch._weight_int4pack_mm_for_cpu(x, weight, 64, unit),
         32,
         128,
