@@ -5,11 +5,14 @@ The state machine is small on purpose (after nano-vllm):
 
     Sequence   status WAITING -> PREFILLING -> DECODING -> FINISHED
     Scheduler  a waiting queue, the running list, and the free KV slots with the prefixes they still hold
-    Engine     one worker thread repeating a step: schedule -> run -> postprocess
+    Engine     a loop on the process's compute thread repeating a step: schedule -> run -> postprocess
 
-The worker thread does all model compute (torch releases the GIL, so the asyncio loop stays responsive) and sleeps
-on a condition variable when there is nothing to do. The asyncio side only appends to the waiting queue, flags
-aborts and reads the request's own asyncio.Queue, which the worker fills through `loop.call_soon_threadsafe`.
+The loop runs on the compute thread itself (serve_app.model.compute.serve), so a step, its scheduling and its
+postprocessing are plain calls on the thread that runs every torch op, with no hand-over per step (torch releases
+the GIL, so the asyncio loop stays responsive). The thread sleeps on a condition variable when no engine has work and
+no other compute job is queued. The asyncio side only appends to the waiting queue (and wakes the loop), flags aborts
+and reads the request's own asyncio.Queue, which the compute thread fills through the event loop's
+`call_soon_threadsafe` (one hand-over per delivered token, none per step).
 
 Streaming convention of `Engine.generate`: one `TokenDelta` per generated token; the last delta carries
 `finish_reason` ("stop" | "length" | "abort"), the last token if there is one, and the request's `RequestStats`.
@@ -28,7 +31,6 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from serve_app.engine import sequential
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.errors import (
     EngineError,
@@ -37,9 +39,10 @@ from serve_app.engine.errors import (
     InvalidRequest,
     ReplicaFailed,
 )
-from serve_app.engine.params import SamplingParams, token_budget
+from serve_app.engine.params import SamplingParams, stop_ids, token_budget
 from serve_app.engine.runner import ModelRunner, Work
 from serve_app.engine.sampling import NON_FINITE_MESSAGE, request_seed
+from serve_app.model import compute
 from serve_app.model.attention import CompileLimitHit
 from serve_app.model.loader import LoadedModel
 
@@ -250,14 +253,12 @@ class Engine:
         self.scheduler = Scheduler(num_slots, config.prefill_chunk, config.prefix_caching)
         self._requests: dict[str, Sequence] = {}
         self._lock = threading.Lock()  # guards the scheduler, _requests and the counters
-        self._wakeup = threading.Condition(self._lock)
         self._stopping = False
-        self._failed: str | None = None  # why the worker stopped for good (a ReplicaFailed fault)
+        self._failed: str | None = None  # why the loop stopped for good (a ReplicaFailed fault)
         self._total_requests = 0
         self._finished: Counter[str] = Counter()
         self._steps = 0
-        self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
-        self._worker.start()
+        self._loop = compute.serve(self._turn, name="engine")  # steps run on the compute thread from now on
 
     def _check_device(self, num_slots: int) -> None:
         """The start-up device check (serve_app/engine/device_check.py): refuse to start on a mismatch, or with
@@ -330,7 +331,7 @@ class Engine:
             prompt_ids=prompt_ids,
             params=params,
             budget=budget,
-            stops=sequential.stop_ids(self.loaded, params),
+            stops=stop_ids(params, self.loaded.config.eos_token_id),
             emit=emit,
             seed=request_seed(params),  # per request: its seed fixes its tokens whatever the batch
         )
@@ -348,7 +349,7 @@ class Engine:
                 self._abort(seq)
 
     def _submit(self, seq: Sequence) -> None:
-        with self._wakeup:
+        with self._lock:
             if self._failed is not None:
                 raise ReplicaFailed(self._failed)
             if self._stopping:
@@ -363,7 +364,7 @@ class Engine:
             self._requests[seq.request_id] = seq
             self.scheduler.waiting.append(seq)
             self._total_requests += 1
-            self._wakeup.notify()
+            self._loop.wake()
 
     def abort(self, request_id: str) -> None:
         """Stop a request: it gets a final delta with finish_reason "abort" and leaves the batch within one step."""
@@ -376,7 +377,7 @@ class Engine:
         if seq.status is Status.WAITING:
             self._finish(seq, "abort")
         elif seq.status is not Status.FINISHED:
-            seq.abort_requested = True  # the worker finishes it at its next schedule
+            seq.abort_requested = True  # the loop finishes it at its next schedule
 
     def stats(self) -> EngineStats:
         memory = self.loaded.memory_bytes() | {"kv_cache": self.cache.nbytes}  # outside the lock: reads /proc
@@ -403,7 +404,7 @@ class Engine:
             )
 
     def healthy(self) -> bool:
-        return self._worker.is_alive() and not self._stopping and self._failed is None
+        return self._loop.alive and not self._stopping and self._failed is None
 
     @property
     def failure(self) -> str | None:
@@ -411,38 +412,39 @@ class Engine:
         return self._failed
 
     async def shutdown(self) -> None:
-        """Stop the worker after its current step; requests still in flight end with finish_reason "abort"."""
-        with self._wakeup:
+        """Stop the loop after its current step; requests still in flight end with finish_reason "abort"."""
+        with self._lock:
             self._stopping = True
-            self._wakeup.notify()
-        await asyncio.to_thread(self._worker.join)
+        self._loop.stop()
+        await asyncio.wrap_future(self._loop.stopped)
         with self._lock:
             for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
                 self._finish(seq, "abort")
 
-    # ---- the worker thread ------------------------------------------------------------------------------------
+    # ---- the compute thread ------------------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            with self._wakeup:
-                while not (self._stopping or self.scheduler.has_work()):
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-            try:
-                self.step()
-            except CompileLimitHit as exc:  # the process is unfit to serve: fail everything and stop for good
-                logger.exception("engine stopped: this replica must be replaced")
-                with self._lock:
-                    self._failed = f"the replica failed and is being replaced; retry ({exc})"
-                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                        self._fail(seq, ReplicaFailed(self._failed))
-                return
-            except Exception as exc:  # a failed forward pass: fail what was running, keep serving new requests
-                logger.exception("engine step failed")
-                with self._lock:
-                    for seq in list(self.scheduler.running):
-                        self._fail(seq, GenerationError(f"the model failed while generating: {exc}"))
+    def _turn(self) -> bool:
+        """Called by the compute thread when there may be work: one step if there is any. Returns whether there may
+        be more at once (False: the thread calls again after the next `wake`, i.e. the next submission)."""
+        with self._lock:
+            if self._stopping or not self.scheduler.has_work():
+                return False
+        try:
+            self.step()
+        except CompileLimitHit as exc:  # the process is unfit to serve: fail everything and stop for good
+            logger.exception("engine stopped: this replica must be replaced")
+            with self._lock:
+                self._failed = f"the replica failed and is being replaced; retry ({exc})"
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._fail(seq, ReplicaFailed(self._failed))
+            self._loop.stop()
+            return False
+        except Exception as exc:  # a failed forward pass: fail what was running, keep serving new requests
+            logger.exception("engine step failed")
+            with self._lock:
+                for seq in list(self.scheduler.running):
+                    self._fail(seq, GenerationError(f"the model failed while generating: {exc}"))
+        return True
 
     def step(self) -> None:
         """One iteration of continuous batching."""

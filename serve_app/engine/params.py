@@ -41,6 +41,14 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+def stop_ids(params: SamplingParams, eos_token_id: int) -> frozenset[int]:
+    """The token ids that end a request: its stop_token_ids, and the model's eos unless ignore_eos."""
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        ids.add(eos_token_id)
+    return frozenset(ids)
+
+
 def token_budget(prompt_len: int, params: SamplingParams, context_len: int) -> int:
     """How many tokens may be generated; raises ContextLengthExceeded when none may.
 

@@ -3,8 +3,9 @@ the whole batch there; only the chosen ids come back to the host (one synchronis
 
 Decode-only steps replay a captured graph when the runner has them (CUDA, a bucket that fits); everything else,
 and everything on CPU, runs eagerly. The runner's setup and its steps run on the process's compute thread
-(serve_app.model.compute), whichever thread calls them: ~75 us a step to hand over, against decode steps of
-milliseconds, for OpenMP pools that stay fast and CUDA state that stays on one thread.
+(serve_app.model.compute), whichever thread calls them, for OpenMP pools that stay fast and CUDA state that stays
+on one thread. The engine's loop runs on that thread, so its steps are plain calls; a call from another thread (the
+one-at-a-time path's steps) is handed over, ~75 us a step against decode steps of milliseconds.
 """
 
 from __future__ import annotations

@@ -366,3 +366,27 @@ def test_greedy_ids_equal_the_no_cache_reference(make_engine, tiny_fp32):
 
     for (tokens, _), prompt in zip(asyncio.run(main()), prompts):
         assert tokens == reference(prompt, 10)
+
+
+def test_steps_run_on_the_compute_thread_itself_with_no_hand_over(make_engine, monkeypatch):
+    """The engine's loop runs on the compute thread: each step (scheduling, the runner's step, postprocessing) is a
+    plain call there, with no compute job (a Future and two thread switches) per step."""
+    from serve_app.model import compute
+
+    engine = make_engine(max_batch_size=2)
+    compute_thread = compute.run(threading.current_thread)
+    step_threads, runner_threads, jobs = set(), set(), []
+    engine_step, runner_step = engine.step, engine.runner.step
+    monkeypatch.setattr(engine, "step", lambda: step_threads.add(threading.current_thread()) or engine_step())
+    monkeypatch.setattr(engine.runner, "step",
+                        lambda work: runner_threads.add(threading.current_thread()) or runner_step(work))
+    submit = compute.submit
+    monkeypatch.setattr(compute, "submit", lambda *args, **kwargs: jobs.append(args) or submit(*args, **kwargs))
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, random_prompt(7 + i, 60 + i), greedy(12)) for i in range(2)))
+
+    results = asyncio.run(main())
+    assert [len(tokens) for tokens, _ in results] == [12, 12] and engine.stats().steps >= 12
+    assert step_threads == runner_threads == {compute_thread}
+    assert jobs == []

@@ -69,6 +69,40 @@ def test_eos_stops_generation(tmp_path, tiny_checkpoint, prompt):
     assert stopped.token_ids == free.token_ids[:4] and stopped.finish_reason == "stop"
 
 
+def test_calls_reuse_one_kv_cache_and_give_the_same_tokens(tiny_fp32, prompt, monkeypatch):
+    """The one-slot runner is kept across calls: a second call allocates nothing, tokens are those of a fresh cache;
+    a call that outgrows it allocates once more; a call made while another runs (from its callback) gets its own."""
+    import dataclasses
+
+    from serve_app.engine import runner as runner_module
+    from serve_app.engine import sequential
+
+    allocated = []
+
+    class CountingCache(runner_module.KVCache):
+        def __init__(self, config, num_slots, max_len, **kwargs):
+            allocated.append(max_len)
+            super().__init__(config, num_slots, max_len, **kwargs)
+
+    monkeypatch.setattr(runner_module, "KVCache", CountingCache)
+    loaded = dataclasses.replace(tiny_fp32)  # another LoadedModel: nothing kept for it yet
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_new_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    first = generate(loaded, prompt, sampled).token_ids
+    assert generate(loaded, prompt, sampled).token_ids == first
+    short = generate(loaded, prompt[:5], greedy).token_ids
+    assert allocated == [len(prompt) + 12]
+    sequential.release()
+    assert generate(loaded, prompt, sampled).token_ids == first  # a fresh cache: the same tokens
+    assert generate(loaded, prompt, dataclasses.replace(sampled, max_new_tokens=30)).token_ids[:12] == first
+    assert len(allocated) == 3 and allocated[-1] >= len(prompt) + 30
+
+    inner = []
+    outer = generate(loaded, prompt, sampled, on_token=lambda _: inner.append(generate(loaded, prompt[:5], greedy)))
+    assert outer.token_ids == first and [out.token_ids for out in inner] == [short] * 12
+    assert len(allocated) == 4  # the inner calls' own runner, once
+
+
 def test_nan_logits_fail_clearly(tiny_checkpoint, prompt):
     from serve_app.model.loader import load_model
 
@@ -114,6 +148,13 @@ def test_invalid_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
 
+
+
+def test_stop_ids_are_the_stop_tokens_and_eos_unless_ignored():
+    from serve_app.engine.params import stop_ids
+
+    assert stop_ids(SamplingParams(stop_token_ids=(7, 9)), eos_token_id=2) == {2, 7, 9}
+    assert stop_ids(SamplingParams(stop_token_ids=(7,), ignore_eos=True), eos_token_id=2) == {7}
 
 
 def test_generate_json_command(tiny_checkpoint, tiny_fp32, tiny_tokenizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -71,3 +72,59 @@ def test_loading_engine_steps_and_sequential_generation_all_run_on_the_compute_t
 
     asyncio.run(through_the_engine())
     assert load_threads == forward_threads == {compute.run(threading.current_thread)}
+
+
+def _until(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_a_loop_steps_on_the_compute_thread_while_busy_and_sleeps_until_woken():
+    calls, threads, busy_for = [], set(), [3]
+
+    def step():
+        calls.append(time.monotonic())
+        threads.add(threading.current_thread())
+        busy_for[0] -= 1
+        return busy_for[0] > 0
+
+    loop = compute.serve(step, name="test")
+    assert _until(lambda: len(calls) == 3)
+    time.sleep(0.05)
+    assert len(calls) == 3  # idle: not called again without a wake
+    busy_for[0] = 2
+    loop.wake()
+    assert _until(lambda: len(calls) == 5)
+    assert threads == {compute.run(threading.current_thread)} and loop.alive
+    loop.stop()
+    assert loop.stopped.result(timeout=5) is None and not loop.alive
+    loop.wake()
+    assert compute.run(lambda: 1) == 1 and len(calls) == 5  # a stopped loop is never called again
+
+
+def test_jobs_run_between_the_steps_of_a_busy_loop():
+    steps = []
+    loop = compute.serve(lambda: steps.append(1) or True, name="always-busy")
+    try:
+        for _ in range(3):
+            before = len(steps)
+            assert compute.run(lambda: 42) == 42
+            assert _until(lambda: len(steps) > before)  # the loop still steps after each job
+    finally:
+        loop.stop()
+    loop.stopped.result(timeout=5)
+
+
+def test_a_loop_whose_step_raises_is_stopped_and_the_thread_carries_on():
+    def step():
+        raise ValueError("loop boom")
+
+    loop = compute.serve(step, name="failing")
+    with pytest.raises(ValueError, match="loop boom"):
+        loop.stopped.result(timeout=5)
+    assert not loop.alive
+    assert compute.run(lambda: 7) == 7
