@@ -1,6 +1,6 @@
 """The one error table: every error code the service answers with, and what it is on each protocol.
 
-    code -> HTTP status, OpenAI error `type`, gRPC status, Retry-After
+    code -> HTTP status, OpenAI error `type`, gRPC status, WebSocket close code, Retry-After, description
 
 `APIError(code, message)` is the only exception the front ends raise for a request; HTTP turns it into an OpenAI-style
 `{"error": {message, type, param, code}}` body, WebSocket into the same message then a close, gRPC into a status.
@@ -17,35 +17,61 @@ from pydantic import ValidationError
 
 from serve_app.server.messages import ErrorInfo
 
+WS_POLICY, WS_SERVER_ERROR = 1008, 1011  # WebSocket close codes: the request's fault, the service's
+
 
 @dataclass(frozen=True)
 class ErrorKind:
     status: int  # HTTP
     type: str  # OpenAI error type
     grpc: grpc.StatusCode
+    ws_close: int  # WebSocket close code, sent after the error message
+    # What the code means. The first code of an HTTP status in ERRORS describes the status in the OpenAPI document.
+    description: str
     retry_after_s: int | None = None  # clients should retry after this long (HTTP Retry-After)
+    # Starlette's and FastAPI's own error of this HTTP status (bad body encoding, unknown path, wrong method) becomes
+    # this code, with the description as its message.
+    framework: bool = False
 
 
-_INVALID = ("invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT)
+_INVALID = ("invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT, WS_POLICY)
+_RETRY = 1  # seconds
 ERRORS: dict[str, ErrorKind] = {
     # the request's fault
-    "invalid_request": ErrorKind(400, *_INVALID),
-    "invalid_json": ErrorKind(400, *_INVALID),
-    "context_length_exceeded": ErrorKind(400, *_INVALID),
-    "invalid_api_key": ErrorKind(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED),
-    "model_not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.NOT_FOUND),
-    "not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED),
-    "method_not_allowed": ErrorKind(405, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED),
-    "request_too_large": ErrorKind(413, *_INVALID),
-    "client_closed": ErrorKind(499, "invalid_request_error", grpc.StatusCode.CANCELLED),
+    "invalid_request": ErrorKind(400, *_INVALID, "invalid request: bad JSON, wrong types, unknown fields, "
+                                 "out-of-range values, empty or too long prompt"),
+    "invalid_json": ErrorKind(400, *_INVALID, "request body could not be parsed: send UTF-8 JSON", framework=True),
+    "context_length_exceeded": ErrorKind(400, *_INVALID, "the prompt is longer than the character limit, or past "
+                                         "the pool's context (on the OpenAI routes: with max_tokens)"),
+    "invalid_api_key": ErrorKind(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED, WS_POLICY,
+                                 "missing or invalid API key (when the service is configured with keys)"),
+    "model_not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.NOT_FOUND, WS_POLICY, "unknown model"),
+    "not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED, WS_POLICY,
+                           "no such route; see /openapi.json", framework=True),
+    "method_not_allowed": ErrorKind(405, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED, WS_POLICY,
+                                    "method not allowed on this route", framework=True),
+    "request_too_large": ErrorKind(413, *_INVALID, "request body over the configured limit"),
+    "client_closed": ErrorKind(499, "invalid_request_error", grpc.StatusCode.CANCELLED, WS_POLICY,
+                               "the client went away before its answer"),
     # the service's state: retry later
-    "overloaded": ErrorKind(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=1),
-    "replica_failed": ErrorKind(503, "server_error", grpc.StatusCode.UNAVAILABLE, retry_after_s=1),
+    "overloaded": ErrorKind(503, "overloaded_error", grpc.StatusCode.RESOURCE_EXHAUSTED, WS_SERVER_ERROR,
+                            "the pool is overloaded or its replica failed; retry after `Retry-After` seconds",
+                            retry_after_s=_RETRY),
+    "replica_failed": ErrorKind(503, "server_error", grpc.StatusCode.UNAVAILABLE, WS_SERVER_ERROR,
+                                "the replica serving the request failed; retry after `Retry-After` seconds",
+                                retry_after_s=_RETRY),
     # the service's fault
-    "generation_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL),
-    "engine_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL),
-    "internal_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL),
+    "generation_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL, WS_SERVER_ERROR,
+                                  "the request failed while generating; other requests are unaffected"),
+    "engine_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL, WS_SERVER_ERROR, "the engine failed"),
+    "internal_error": ErrorKind(500, "server_error", grpc.StatusCode.INTERNAL, WS_SERVER_ERROR,
+                                "an unexpected failure; its details are in the service's log, not in the answer"),
 }
+
+
+def status_description(status: int) -> str:
+    """What an HTTP error status means, for the OpenAPI document: the description of its first code."""
+    return next(kind.description for kind in ERRORS.values() if kind.status == status)
 
 
 class APIError(Exception):
@@ -74,6 +100,12 @@ class APIError(Exception):
     @classmethod
     def from_info(cls, info: ErrorInfo) -> APIError:
         return cls(info.code if info.code in ERRORS else "internal_error", info.message)
+
+    @classmethod
+    def from_framework(cls, status: int, detail: str) -> APIError:
+        """Starlette's or FastAPI's own HTTP error: the table's code for its status (a 400 that is otherwise)."""
+        code = next((code for code, kind in ERRORS.items() if kind.framework and kind.status == status), None)
+        return cls(code, ERRORS[code].description) if code else cls("invalid_request", detail)
 
     def info(self) -> ErrorInfo:
         return ErrorInfo(self.code, self.message)

@@ -22,7 +22,7 @@ from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from serve_app.api.errors import APIError, internal_error, validation_error
+from serve_app.api.errors import APIError, internal_error, status_description, validation_error
 from serve_app.api.schemas import ErrorResponse
 from serve_app.api.security import SecurityMiddleware, SecuritySettings
 
@@ -31,25 +31,6 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="chatglm2-serve", description="ChatGLM2-6B chat service: FP16 / INT8 / INT4 pools")
 # API keys and the body limit (serve_app/api/security.py); its settings come from `configure`.
 app.add_middleware(SecurityMiddleware)
-
-
-@app.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    error = validation_error(exc, skip=1)  # locations start with "body"
-    return JSONResponse(error.body(), status_code=400)
-
-
-# Starlette's and FastAPI's own errors (bad body encoding, unknown path, wrong method), in the same shape.
-_HTTP_ERRORS = {
-    400: ("invalid_json", "request body could not be parsed: send UTF-8 JSON"),
-    404: ("not_found", "no such route; see /openapi.json"),
-    405: ("method_not_allowed", "method not allowed on this route"),
-}
 
 
 def error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -68,8 +49,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 @app.exception_handler(HTTPException)
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    code, message = _HTTP_ERRORS.get(exc.status_code, ("invalid_request", str(exc.detail)))
-    return error_response(APIError(code, message), exc.headers)
+    # Starlette's and FastAPI's own errors (bad body encoding, unknown path, wrong method), in the same shape.
+    return error_response(APIError.from_framework(exc.status_code, str(exc.detail)), exc.headers)
 
 
 @app.exception_handler(TaskCancelledError)
@@ -88,18 +69,10 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 
 # --- the OpenAPI document ---------------------------------------------------------------------------------------
 
-_ERROR_DESCRIPTIONS = {
-    400: "invalid request: bad JSON, wrong types, unknown fields, out-of-range values, empty or too long prompt",
-    401: "missing or invalid API key (when the service is configured with keys)",
-    404: "unknown model",
-    413: "request body over the configured limit",
-    503: "the pool is overloaded or its replica failed; retry after `Retry-After` seconds",
-}
-
 
 def errors(*statuses: int) -> dict:
-    """`responses=` entries for the error statuses a route can answer with."""
-    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+    """`responses=` entries for the error statuses a route can answer with (described by the error table)."""
+    return {status: {"model": ErrorResponse, "description": status_description(status)} for status in statuses}
 
 
 _event_models: list[type[BaseModel]] = []  # payloads that SSE schemas refer to, added to the document's components

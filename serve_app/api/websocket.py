@@ -28,13 +28,13 @@ from serve_app.server.messages import TextRequest
 
 logger = logging.getLogger("ray.serve")
 
-CLOSE_NORMAL, CLOSE_POLICY, CLOSE_SERVER_ERROR = 1000, 1008, 1011
+CLOSE_NORMAL = 1000  # the answer is complete; an error's close code is in the error table (api/errors.py)
 
 
 async def _fail(websocket: WebSocket, exc: APIError) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the client may already be gone
         await websocket.send_text(json.dumps(exc.body(), ensure_ascii=False))
-        await websocket.close(CLOSE_POLICY if exc.status < 500 else CLOSE_SERVER_ERROR, reason=exc.type)
+        await websocket.close(exc.kind.ws_close, reason=exc.type)
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:
