@@ -4,7 +4,9 @@
 
 `APIError(code, message)` is the only exception the front ends raise for a request; HTTP turns it into an OpenAI-style
 `{"error": {message, type, param, code}}` body, WebSocket into the same message then a close, gRPC into a status.
-Pools send errors back as `ErrorInfo(code, message)` and the ingress raises `APIError.from_info`.
+Pools send errors back as data, `ErrorInfo(code, message)`, and the ingress raises `APIError.from_info`; what Ray
+raises instead (backpressure, a replica that died) becomes an APIError in one place, api/pool_client.py
+`pool_call_error`.
 """
 
 from __future__ import annotations

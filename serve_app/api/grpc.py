@@ -18,8 +18,9 @@ the replica call, and the request runs to its token limit. Clients that may canc
 """
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from serve_app.api.errors import APIError, validation_error
@@ -89,35 +90,34 @@ class GrpcMixin:
     async def StreamGenerate(self, request: GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[GenerateResponse]:
         """The same turn as Generate, streamed as the growing answer."""
-        async for pool, _, text in self._grpc_answers(lambda: (request.prompt, []), request, grpc_context):
-            yield GenerateResponse(generated_text=text, model=pool)
+        async with aclosing(self._grpc_answers(lambda: (request.prompt, []), request, grpc_context)) as answers:
+            async for pool, _, text in answers:
+                yield GenerateResponse(generated_text=text, model=pool)
 
     async def StreamChat(self, request: ChatRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[ChatResponse]:
         """A chat turn with history; each message has the growing answer and the history that ends with it."""
         def turn() -> tuple[str, list[tuple[str, str]]]:
             return request.query, [(t.query, t.response) for t in request.history]
 
-        async for pool, text_request, text in self._grpc_answers(turn, request, grpc_context):
-            turns = [Turn(query=q, response=r) for q, r in text_request.history]
-            turns.append(Turn(query=request.query, response=text))
-            yield ChatResponse(generated_text=text, new_history=turns, model=pool)
+        async with aclosing(self._grpc_answers(turn, request, grpc_context)) as answers:
+            async for pool, text_request, text in answers:
+                turns = [Turn(query=q, response=r) for q, r in text_request.history]
+                turns.append(Turn(query=request.query, response=text))
+                yield ChatResponse(generated_text=text, new_history=turns, model=pool)
 
     async def _grpc_answers(self, turn: Callable[[], tuple[str, list[tuple[str, str]]]],
                             message: GenerateRequest | ChatRequest | UndecodableRequest,
                             context: RayServegRPCContext) -> AsyncIterator[tuple[str, TextRequest, str]]:
         """Yields (pool, request, answer so far) whenever the answer grows, and at least once. `turn` gives the
         message's (query, history), read once the message is known to have decoded."""
-        stream = None
         try:
             _check_key(self.security, context)
             _check_decoded(message)
             body = _body(*turn(), message)
             text_request = self.requests.chat_turn(body)
             stream = await self.client.open(body.model, text_request)
-            async for text in stream.growing():
-                yield stream.pool, text_request, text
+            async with stream:  # closed however the call ends: a cancelled call stops the engine, not just the proxy
+                async for text in stream.growing():
+                    yield stream.pool, text_request, text
         except APIError as exc:
             raise _status(context, exc) from None
-        finally:
-            if stream is not None:
-                stream.close()  # a cancelled call stops the engine, not just the proxy

@@ -11,6 +11,8 @@ answer with instead of FastAPI's default 422, and `model` fields list the deploy
 
 import json
 import logging
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from ray.exceptions import TaskCancelledError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -97,9 +100,21 @@ def json_or_sse(model: type[BaseModel], chunk: type[BaseModel], description: str
 
 
 class EventStream(StreamingResponse):
-    """Server-Sent Events."""
+    """Server-Sent Events. `source`, the pool stream the events come from, is held for as long as the response runs:
+    it is closed when the response ends, however it ends (a client that went away stops the engine)."""
 
     media_type = "text/event-stream"
+
+    # StreamingResponse's parameters spelled out: FastAPI reads the default `status_code` from the signature.
+    def __init__(self, content, status_code: int = 200, headers: Mapping[str, str] | None = None,
+                 media_type: str | None = None, background: BackgroundTask | None = None, *,
+                 source: AbstractAsyncContextManager | None = None):
+        super().__init__(content, status_code, headers, media_type, background)
+        self.source = source
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with self.source or nullcontext():
+            await super().__call__(scope, receive, send)
 
 
 def sse_only(description: str, *payloads: type[BaseModel]) -> dict:

@@ -137,13 +137,11 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             except APIError as exc:
                 yield _event(StreamErrorEvent.model_validate(exc.body() | {"finished": True}), "error")
                 return
-            finally:
-                stream.close()  # a client that went away stops the engine
             history = _history(request.history, body.query, response)
             yield _event(StreamDeltaEvent(query=body.query, delta="[EOS]", response=response, history=history,
                                           finished=True), "delta")
 
-        return EventStream(events(), headers={POOL_HEADER: stream.pool})
+        return EventStream(events(), headers={POOL_HEADER: stream.pool}, source=stream)
 
     # --- OpenAI ------------------------------------------------------------------------------------------------
 
@@ -165,7 +163,8 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                                         model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
         stream = await self.client.open(body.model, request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(self._chat_chunks(request, stream, include_usage), headers={POOL_HEADER: stream.pool})
+        return EventStream(self._chat_chunks(request, stream, include_usage), headers={POOL_HEADER: stream.pool},
+                           source=stream)
 
     async def _chat_chunks(self, request: TextRequest, stream: Stream, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
@@ -197,7 +196,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         stream = await self.client.open(body.model, request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(self._completion_chunks(request, stream, include_usage),
-                           headers={POOL_HEADER: stream.pool})
+                           headers={POOL_HEADER: stream.pool}, source=stream)
 
     async def _completion_chunks(self, request: TextRequest, stream: Stream,
                                  include_usage: bool) -> AsyncIterator[str]:
@@ -227,8 +226,6 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         except APIError as exc:
             yield sse(ErrorResponse.model_validate(exc.body()).model_dump_json())
             return
-        finally:
-            stream.close()  # a client that went away stops the engine
         yield None, stream.finish_reason
         if include_usage and stream.usage:
             yield _usage(stream.usage)

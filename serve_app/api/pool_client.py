@@ -1,14 +1,17 @@
 """PoolClient: how every front end (HTTP, SSE, WebSocket, gRPC) reaches a pool.
 
     client = PoolClient(handles, args)
-    stream = await client.open(model, request)    # route, start, wait for the first delta (errors raise APIError)
-    async for piece in stream.pieces(): ...        # text as it comes; an error delta raises APIError
+    async with await client.open(model, request) as stream:  # route, start, wait for the first delta
+        async for piece in stream.pieces(): ...                # text as it comes; an error delta raises APIError
     answer = await client.collect(model, request)  # the whole answer
     tokens = await client.tokenize(model, request)  # the prompt ids a generation of `request` would run
 
 Errors before the first token raise `APIError` from `open`, so every protocol can still answer with a status; later
-ones raise from the iteration, and each protocol ends its stream its own way. Leaving a stream early (a client that
-went away) cancels the pool's generation.
+ones raise from the iteration, and each protocol ends its stream its own way. Errors cross Ray one way each: a pool's
+own errors travel as data (`ErrorInfo` in the final `TextDelta`, or in `Tokens`), and what Ray raises instead
+(Serve's backpressure, a replica that died, anything else) becomes an `APIError` in `pool_call_error`, the one place
+for it. A `Stream` closes itself: when its iteration ends, however it ends, and when a caller that may stop reading
+early (a client that went away) leaves the `async with` it holds the stream in. Closing cancels the pool's generation.
 """
 
 from __future__ import annotations
@@ -28,11 +31,25 @@ from serve_app.server.messages import TextDelta, TextRequest, Tokens, Usage
 logger = logging.getLogger("ray.serve")
 
 REPLICA_FAILED = "the replica serving this request failed; retry"
+BEFORE_FIRST_TOKEN, MID_STREAM = "before the first token", "mid-stream"  # when a call failed, for pool_call_error
+
+
+def pool_call_error(exc: Exception, pool: str, when: str) -> APIError:
+    """The APIError for what a call to `pool` raised: the one place Ray's exceptions are mapped. `when` is
+    BEFORE_FIRST_TOKEN, MID_STREAM or the method called ("in tokenize"), for the log."""
+    if isinstance(exc, BackPressureError):  # Serve refused the request before it started
+        return APIError("overloaded", f"pool {pool} is overloaded; retry shortly")
+    if isinstance(exc, RayActorError):  # the replica died (or became unreachable): an error, not a cut stream
+        logger.warning("pool %s: replica failed %s: %s", pool, when, exc)
+        return APIError("replica_failed", REPLICA_FAILED)
+    logger.error("pool %s: call failed %s", pool, when, exc_info=exc)
+    return internal_error("internal error while streaming" if when == MID_STREAM else "internal server error")
 
 
 class Stream:
-    """One generation in progress on `pool`. Iterate `pieces()` once; `finish_reason` and `usage` are set by the
-    final delta."""
+    """One generation in progress on `pool`. Iterate `deltas()`, `pieces()` or `growing()` once; `finish_reason`
+    and `usage` are set by the final delta. The stream is closed when that iteration ends, however it ends, and on
+    leaving `async with stream:`, which a caller that may abandon the iteration half-way holds it in."""
 
     def __init__(self, pool: str, first: TextDelta, rest, router: Router):
         self.pool = pool
@@ -41,9 +58,15 @@ class Stream:
         self._first, self._rest, self._router = first, rest, router
         self._closed = False
 
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._close()
+
     async def deltas(self) -> AsyncIterator[TextDelta]:
         """Every delta, the first included; an error delta raises APIError."""
-        try:
+        async with self:
             delta = self._first
             while True:
                 if delta.error:
@@ -57,32 +80,28 @@ class Stream:
                     delta = await self._rest.__anext__()
                 except StopAsyncIteration:
                     return
-                except RayActorError as exc:  # the replica died mid-stream: an error, not a cut stream
-                    logger.warning("pool %s: replica failed mid-stream: %s", self.pool, exc)
-                    raise APIError("replica_failed", REPLICA_FAILED) from exc
                 except Exception as exc:
-                    logger.exception("pool %s: stream failed", self.pool)
-                    raise internal_error("internal error while streaming") from exc
-        finally:
-            self.close()
+                    raise pool_call_error(exc, self.pool, MID_STREAM) from exc
 
     async def pieces(self) -> AsyncIterator[str]:
         """The answer's text as it grows, in non-empty pieces."""
-        async for delta in self.deltas():
-            if delta.text:
-                yield delta.text
+        async with self:
+            async for delta in self.deltas():
+                if delta.text:
+                    yield delta.text
 
     async def growing(self) -> AsyncIterator[str]:
         """The whole answer so far each time it grows, and at least once (an empty answer is still an answer)."""
-        text, sent = "", False
-        async for piece in self.pieces():
-            text += piece
-            sent = True
-            yield text
-        if not sent:
-            yield text
+        async with self:
+            text, sent = "", False
+            async for piece in self.pieces():
+                text += piece
+                sent = True
+                yield text
+            if not sent:
+                yield text
 
-    def close(self) -> None:
+    def _close(self) -> None:
         """Stop the pool's generation (if it still runs) and release the routing slot; idempotent."""
         if not self._closed:
             self._closed = True
@@ -113,13 +132,11 @@ class PoolClient:
         try:
             rest = self.streams[pool].generate.remote(request)
             first = await rest.__anext__()
-        except BackPressureError as exc:  # refused before it started: nothing to cancel
-            self.router.finished(pool)
-            raise APIError("overloaded", f"pool {pool} is overloaded; retry shortly") from exc
-        except RayActorError as exc:  # the replica died (or became unreachable) before the first token
-            self._release(pool, rest)
-            logger.warning("pool %s: replica failed before the first token: %s", pool, exc)
-            raise APIError("replica_failed", REPLICA_FAILED) from exc
+        except Exception as exc:
+            error = pool_call_error(exc, pool, BEFORE_FIRST_TOKEN)
+            # refused by backpressure before it started: nothing to cancel
+            self._release(pool, None if isinstance(exc, BackPressureError) else rest)
+            raise error from exc
         except BaseException:
             self._release(pool, rest)
             raise
@@ -134,8 +151,8 @@ class PoolClient:
             rest.cancel()  # a started generation that nobody will read
 
     async def collect(self, model: str | None, request: TextRequest) -> Answer:
-        stream = await self.open(model, request)
-        text = "".join([piece async for piece in stream.pieces()])
+        async with await self.open(model, request) as stream:
+            text = "".join([piece async for piece in stream.pieces()])
         return Answer(stream.pool, text, stream.finish_reason, stream.usage)
 
     async def tokenize(self, model: str | None, request: TextRequest, special_tokens: bool = True) -> Tokens:
@@ -151,10 +168,8 @@ class PoolClient:
         pool = self.router.resolve(model)
         try:
             result: Tokens = await getattr(self.handles[pool], method).remote(*args)
-        except BackPressureError as exc:
-            raise APIError("overloaded", f"pool {pool} is overloaded; retry shortly") from exc
-        except RayActorError as exc:
-            raise APIError("replica_failed", REPLICA_FAILED) from exc
-        if result.error:
+        except Exception as exc:
+            raise pool_call_error(exc, pool, f"in {method}") from exc
+        if result.error:  # the pool's own error, as data
             raise APIError.from_info(result.error)
         return result

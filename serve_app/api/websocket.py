@@ -76,21 +76,18 @@ class WebSocketMixin:
             await _fail(websocket, internal_error())
             return
 
-        answer = asyncio.ensure_future(_send_answer(websocket, body, request, stream))
-        client_gone = asyncio.ensure_future(_until_disconnect(websocket))
-        try:
-            await asyncio.wait({answer, client_gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (answer, client_gone):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                await client_gone
+        async with stream:  # closed however the exchange ends: a client that went away stops the engine
+            answer = asyncio.ensure_future(_send_answer(websocket, body, request, stream))
+            client_gone = asyncio.ensure_future(_until_disconnect(websocket))
             try:
-                await answer
-            except asyncio.CancelledError:
-                pass
+                await asyncio.wait({answer, client_gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                stream.close()  # a client that went away stops the engine
+                for task in (answer, client_gone):
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+                    await client_gone
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answer
 
 
 async def _send_answer(websocket: WebSocket, body: StreamChatRequest, request: TextRequest, stream: Stream) -> None:

@@ -1,0 +1,233 @@
+"""How the front ends reach a pool (serve_app/api/pool_client.py), against fake Serve handles. Fast: no Ray started.
+
+Errors cross Ray one way each: a pool's own errors as data (`ErrorInfo`), Ray's exceptions through
+`pool_call_error`, at every place a pool is called. A `Stream` closes itself (the generation is cancelled, the routing
+slot released) however its iteration ends, and its holders (`async with`, an SSE response, the WebSocket and gRPC
+methods) close it when they stop early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import aclosing
+
+import pytest
+from ray.exceptions import ActorDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from starlette.requests import ClientDisconnect
+
+from serve_app.api import pool_client
+from serve_app.api.errors import APIError
+from serve_app.api.http import EventStream
+from serve_app.api.pool_client import BEFORE_FIRST_TOKEN, MID_STREAM, REPLICA_FAILED, PoolClient, Stream
+from serve_app.api.requests import RequestBuilder
+from serve_app.api.security import SecuritySettings
+from serve_app.api.websocket import WebSocketMixin
+from serve_app.server.messages import ErrorInfo, TextDelta, Tokens, Usage
+from tests.api.fake_pools import ARGS, DONE, POOL, REQUEST, Handle, client_of, in_flight
+
+@pytest.fixture
+def mapped(monkeypatch) -> list[tuple]:
+    """The calls of pool_call_error: (exception type, pool, when)."""
+    calls, original = [], pool_client.pool_call_error
+
+    def spy(exc, pool, when):
+        calls.append((type(exc), pool, when))
+        return original(exc, pool, when)
+
+    monkeypatch.setattr(pool_client, "pool_call_error", spy)
+    return calls
+
+
+# ---- the one mapping of Ray's exceptions ---------------------------------------------------------------------------
+
+RAY_ERRORS = [
+    (BackPressureError(num_queued_requests=3, max_queued_requests=2), "overloaded", f"pool {POOL} is overloaded; "
+     "retry shortly"),
+    (ActorDiedError(), "replica_failed", REPLICA_FAILED),
+    (RayActorError(), "replica_failed", REPLICA_FAILED),
+    (ValueError("something else"), "internal_error", None),
+]
+IDS = ["backpressure", "actor-died", "actor-error", "other"]
+
+
+@pytest.mark.parametrize(("exc", "code", "message"), RAY_ERRORS, ids=IDS)
+def test_open_maps_rays_exceptions_through_the_one_function(mapped, exc, code, message):
+    handle = Handle([exc])
+    client = client_of(handle)
+    with pytest.raises(APIError) as caught:
+        asyncio.run(client.open(None, REQUEST))
+    assert (caught.value.code, caught.value.message) == (code, message or "internal server error")
+    assert caught.value.__cause__ is exc
+    assert mapped == [(type(exc), POOL, BEFORE_FIRST_TOKEN)]
+    assert in_flight(client) == 0
+    # a request that backpressure refused never started: there is nothing to cancel
+    assert handle.generations[0].cancelled == (code != "overloaded")
+
+
+@pytest.mark.parametrize(("exc", "code", "message"), RAY_ERRORS, ids=IDS)
+def test_the_iteration_maps_rays_exceptions_through_the_one_function(mapped, exc, code, message):
+    handle = Handle([TextDelta(text="a"), TextDelta(text="b"), exc])
+    client = client_of(handle)
+
+    async def read() -> list[str]:
+        stream, pieces = await client.open(None, REQUEST), []
+        with pytest.raises(APIError) as caught:
+            async for piece in stream.pieces():
+                pieces.append(piece)
+        assert (caught.value.code, caught.value.message) == (code, message or "internal error while streaming")
+        return pieces
+
+    assert asyncio.run(read()) == ["a", "b"]
+    assert mapped == [(type(exc), POOL, MID_STREAM)]
+    assert in_flight(client) == 0 and handle.generations[0].cancelled
+
+
+@pytest.mark.parametrize("method", ["tokenize", "detokenize"])
+@pytest.mark.parametrize(("exc", "code", "message"), RAY_ERRORS, ids=IDS)
+def test_calls_map_rays_exceptions_through_the_one_function(mapped, method, exc, code, message):
+    client = client_of(Handle(tokens=exc))
+    with pytest.raises(APIError) as caught:
+        call = client.tokenize(None, REQUEST) if method == "tokenize" else client.detokenize(None, [1, 2])
+        asyncio.run(call)
+    assert (caught.value.code, caught.value.message) == (code, message or "internal server error")
+    assert mapped == [(type(exc), POOL, f"in {method}")]
+
+
+def test_a_pools_own_errors_travel_as_data(mapped):
+    overloaded = ErrorInfo("overloaded", "the engine's queue is full")
+    for handle, call in [
+        (Handle([TextDelta(error=overloaded)]), lambda c: c.open(None, REQUEST)),
+        (Handle([TextDelta(text="a"), TextDelta(error=overloaded)]), lambda c: c.collect(None, REQUEST)),
+        (Handle(tokens=Tokens(error=overloaded)), lambda c: c.tokenize(None, REQUEST)),
+    ]:
+        client = client_of(handle)
+        with pytest.raises(APIError) as caught:
+            asyncio.run(call(client))
+        assert (caught.value.code, caught.value.message, caught.value.headers) == (
+            "overloaded", "the engine's queue is full", {"Retry-After": "1"})
+        assert in_flight(client) == 0
+    assert mapped == []  # none of them went through the mapping of Ray's exceptions
+
+
+# ---- a Stream closes itself ----------------------------------------------------------------------------------------
+
+
+def test_collect_and_a_finished_iteration_close_the_stream():
+    handle = Handle([TextDelta(text="a"), TextDelta(text="b"), DONE])
+    client = client_of(handle)
+    answer = asyncio.run(client.collect(None, REQUEST))
+    assert (answer.pool, answer.text, answer.finish_reason, answer.usage) == (POOL, "ab!", "stop", Usage(3, 2))
+    assert in_flight(client) == 0 and handle.generations[0].cancelled
+
+
+@pytest.mark.parametrize("iterate", ["deltas", "pieces", "growing"])
+def test_a_stream_held_in_async_with_closes_when_its_reader_stops_early(iterate):
+    handle = Handle([TextDelta(text="a")], hold=True)
+    client = client_of(handle)
+
+    async def read_one():
+        async with await client.open(None, REQUEST) as stream:
+            async for _ in getattr(stream, iterate)():
+                break  # the generator is left suspended; leaving `async with` closes the stream
+        return in_flight(client), handle.generations[0].cancelled
+
+    assert asyncio.run(read_one()) == (0, True)
+
+
+def test_closing_an_iteration_closes_the_stream():
+    handle = Handle([TextDelta(text="a")], hold=True)
+    client = client_of(handle)
+
+    async def read_one():
+        stream = await client.open(None, REQUEST)
+        async with aclosing(stream.growing()) as texts:
+            async for _ in texts:
+                break
+        return in_flight(client), handle.generations[0].cancelled
+
+    assert asyncio.run(read_one()) == (0, True)
+
+
+def test_an_sse_response_closes_its_source_when_the_client_goes_away():
+    """The ingress's SSE routes hand the stream to the response (`source=`): a client that goes away mid-stream
+    (the send fails) stops the generation, though the events generator is left suspended."""
+    handle = Handle([TextDelta(text="a"), TextDelta(text="b")], hold=True)
+    client = client_of(handle)
+
+    async def serve_and_disconnect():
+        stream = await client.open(None, REQUEST)
+
+        async def events():
+            async for piece in stream.pieces():
+                yield piece
+
+        sent = []
+
+        async def send(message):
+            if len(sent) == 2:  # the start and one event went out, then the connection broke
+                raise OSError("connection reset")
+            sent.append(message)
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        response = EventStream(events(), source=stream)
+        with pytest.raises(ClientDisconnect):
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        return in_flight(client), handle.generations[0].cancelled
+
+    assert asyncio.run(serve_and_disconnect()) == (0, True)
+
+
+# ---- the WebSocket's holder ----------------------------------------------------------------------------------------
+
+
+class ChatSocket:
+    """A client that sends one request, then goes away while the first answer message is being sent to it."""
+
+    scope = {"type": "websocket", "headers": [], "query_string": b""}
+
+    def __init__(self, request: dict):
+        self.incoming: asyncio.Queue = asyncio.Queue()
+        self.incoming.put_nowait({"type": "websocket.receive", "text": json.dumps(request)})
+        self.sent: list[dict] = []
+
+    async def accept(self) -> None:
+        pass
+
+    async def receive(self) -> dict:
+        return await self.incoming.get()
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+        self.incoming.put_nowait({"type": "websocket.disconnect", "code": 1001})
+        await asyncio.Event().wait()  # the send never completes: the answer is cancelled here, not in the stream
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        pass
+
+
+class WebSocketIngress(WebSocketMixin):
+    def __init__(self, client: PoolClient):
+        self.security = SecuritySettings(api_keys=(), max_body_bytes=1 << 20)
+        self.requests = RequestBuilder(ARGS)
+        self.client = client
+
+
+def test_a_websocket_client_that_goes_away_mid_answer_closes_the_stream(monkeypatch):
+    # The iteration is kept referenced, as a traceback may keep it: only its holder closes the stream, not the
+    # event loop finalizing an abandoned generator.
+    kept, growing = [], Stream.growing
+    monkeypatch.setattr(Stream, "growing", lambda self: kept.append(growing(self)) or kept[-1])
+    handle = Handle([TextDelta(text="a")], hold=True)
+    client = client_of(handle)
+    socket = ChatSocket({"query": "hi", "history": [["q", "r"]]})
+
+    async def chat():
+        await asyncio.wait_for(WebSocketIngress(client).websocket_chat(socket), 10)
+        return in_flight(client), handle.generations[0].cancelled  # before the loop finalizes the generators
+
+    assert asyncio.run(chat()) == (0, True)
+    assert socket.sent == [{"resp": "a", "history": [["q", "r"], ["hi", "a"]]}]
