@@ -122,11 +122,13 @@ def _is_field_name(part: str) -> bool:
     return part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "tuple", "none")
 
 
-def validation_error(exc: ValidationError, skip: int = 0) -> APIError:
-    """The first problem of a failed validation as a 400; `skip` drops leading location parts (FastAPI's "body")."""
+def validation_error(exc: ValidationError, skip: int = 0, field: str | None = None) -> APIError:
+    """The first problem of a failed validation as a 400; `skip` drops leading location parts (FastAPI's "body"),
+    `field` names the field a value was validated for where the validation did not know it (a TypeAdapter)."""
     first = exc.errors()[0] if exc.errors() else {}
     # Union branches add pydantic's own tags to the location ("function-after[...]", "list[ContentPart]", "str").
     parts = [part for part in first.get("loc", ())[skip:] if isinstance(part, int) or _is_field_name(part)]
+    parts = [field, *parts] if field else parts
     where = ".".join(str(part) for part in parts) or None
     problem = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     return APIError("invalid_request", f"{where}: {problem}" if where else problem, param=where)

@@ -26,9 +26,14 @@ from ray.serve.grpc_util import RayServegRPCContext
 from serve_app.api.errors import APIError, validation_error
 from serve_app.api.grpc_servicer import UndecodableRequest
 from serve_app.api.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
-from serve_app.api.schemas import StreamChatRequest
+from serve_app.api.requests import RequestBuilder
+from serve_app.api.schemas import MaxLength, Temperature, TopP
 from serve_app.api.security import grpc_key_ok, unauthorized
 from serve_app.server.messages import TextRequest
+
+# The bounds of the streaming API's sampling fields: the types of POST /stream's fields, so the same 400s and
+# messages. A message's fields already have their types, and its strings are UTF-8 (the decoders refuse others).
+_BOUNDED = {"max_length": TypeAdapter(MaxLength), "top_p": TypeAdapter(TopP), "temperature": TypeAdapter(Temperature)}
 
 
 class GrpcRequestError(Exception):
@@ -53,20 +58,24 @@ def _check_key(security, context: RayServegRPCContext) -> None:
         raise unauthorized()
 
 
-def _body(query: str, history: list[tuple[str, str]], message: GenerateRequest | ChatRequest) -> StreamChatRequest:
-    """Validate a request message with the same rules as the HTTP streaming API; do_sample=false means greedy."""
-    fields = {"query": query, "history": history, "model": message.model or None,
-              "max_length": message.max_length or None}
-    if message.HasField("top_p"):
-        fields["top_p"] = message.top_p
-    if message.HasField("do_sample") and not message.do_sample:
-        fields["temperature"] = 0.0
-    elif message.HasField("temperature"):
-        fields["temperature"] = message.temperature
+def _bounded(field: str, value):
     try:
-        return StreamChatRequest.model_validate(fields)
+        return _BOUNDED[field].validate_python(value)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc, field=field) from None
+
+
+def _turn(requests: RequestBuilder, query: str, history: list[tuple[str, str]],
+          message: GenerateRequest | ChatRequest) -> TextRequest:
+    """A request message's chat turn, its fields checked in the order and with the bounds of the streaming API's;
+    unset fields (0 max_length) take the defaults, and do_sample=false means greedy."""
+    max_length = _bounded("max_length", message.max_length) if message.max_length else None
+    top_p = _bounded("top_p", message.top_p) if message.HasField("top_p") else None
+    if message.HasField("do_sample") and not message.do_sample:
+        temperature = 0.0
+    else:
+        temperature = _bounded("temperature", message.temperature) if message.HasField("temperature") else None
+    return requests.turn(query, history, temperature=temperature, top_p=top_p, max_length=max_length)
 
 
 class GrpcMixin:
@@ -77,8 +86,8 @@ class GrpcMixin:
         try:
             _check_key(self.security, grpc_context)
             _check_decoded(request)
-            body = _body(request.prompt, [], request)
-            answer = await self.client.collect(body.model, self.requests.chat_turn(body))
+            text_request = _turn(self.requests, request.prompt, [], request)
+            answer = await self.client.collect(request.model or None, text_request)
         except APIError as exc:
             # A unary call can end with the status alone (the empty message is not sent), which spares the logs
             # Serve's ERROR traceback for a client's mistake. Streaming calls must raise: Serve forwards the status
@@ -113,9 +122,8 @@ class GrpcMixin:
         try:
             _check_key(self.security, context)
             _check_decoded(message)
-            body = _body(*turn(), message)
-            text_request = self.requests.chat_turn(body)
-            stream = await self.client.open(body.model, text_request)
+            text_request = _turn(self.requests, *turn(), message)
+            stream = await self.client.open(message.model or None, text_request)
             async with stream:  # closed however the call ends: a cancelled call stops the engine, not just the proxy
                 async for text in stream.growing():
                     yield stream.pool, text_request, text

@@ -58,14 +58,21 @@ class RequestBuilder:
         )
 
     def chat_turn(self, body: StreamChatRequest) -> TextRequest:
-        """The seeds' streaming API (/chat, /stream, WebSocket, gRPC): the last `max_history_rounds` rounds kept."""
-        self.check_prompt(body.query, "query")
+        """The seeds' streaming API over HTTP (/chat, /stream) and WebSocket."""
+        return self.turn(body.query, body.history, temperature=body.temperature, top_p=body.top_p,
+                         max_length=body.max_length)
+
+    def turn(self, query: str, history: list[tuple[str, str]], *, temperature: float | None = None,
+             top_p: float | None = None, max_length: int | None = None) -> TextRequest:
+        """A turn of the seeds' streaming API (HTTP, WebSocket, gRPC) from values already within its fields' bounds:
+        the last `max_history_rounds` rounds kept."""
+        self.check_prompt(query, "query")
         keep = self.args.max_history_rounds
         return TextRequest(
             request_id=uuid.uuid4().hex,
-            params=self.params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
-            query=body.query,
-            history=list(body.history)[-keep:] if keep else [],
+            params=self.params(temperature=temperature, top_p=top_p, max_length=max_length),
+            query=query,
+            history=list(history)[-keep:] if keep else [],
         )
 
     def chat_completion(self, body: ChatCompletionRequest) -> TextRequest:
