@@ -72,6 +72,8 @@ class Loop:
 def _start() -> None:
     """_cond held. The compute thread, once."""
     global _thread
+    if _exiting:
+        raise RuntimeError("the compute thread has stopped: the interpreter is exiting")
     if _thread is None:
         _thread = threading.Thread(target=_main, name="torch-compute", daemon=True)
         _thread.start()
@@ -80,7 +82,6 @@ def _start() -> None:
 def _main() -> None:
     while _turn():
         pass
-    _cancel_all()
 
 
 def _turn() -> bool:
@@ -132,20 +133,10 @@ def _end(loop: Loop, error: BaseException | None = None) -> None:
         loop.stopped.set_exception(error)
 
 
-def _cancel_all() -> None:
-    with _cond:
-        jobs, loops = list(_jobs), list(_loops)
-        _jobs.clear()
-        _loops.clear()
-    for future, *_ in jobs:
-        future.cancel()
-    for loop in loops:
-        _end(loop)
-
-
 @atexit.register
 def _exit() -> None:
-    """At interpreter exit: let the job or step running now finish (as the executor this replaces did), then stop."""
+    """At interpreter exit: let the job or step running now finish (as the executor this replaces did), then stop;
+    what is still queued never runs."""
     global _exiting
     with _cond:
         _exiting = True
@@ -163,8 +154,6 @@ def submit(fn: Callable[..., T], *args, **kwargs) -> Future[T]:
     """Queue fn(*args, **kwargs) on the compute thread."""
     future: Future[T] = Future()
     with _cond:
-        if _exiting:
-            raise RuntimeError("the compute thread has stopped: the interpreter is exiting")
         _start()
         _jobs.append((future, fn, args, kwargs))
         _cond.notify()
@@ -195,8 +184,6 @@ def serve(step: Callable[[], bool], name: str = "loop") -> Loop:
     has nothing to do until someone calls `wake()`. A step that raises stops its loop (`stopped` holds the error)."""
     loop = Loop(step, name)
     with _cond:
-        if _exiting:
-            raise RuntimeError("the compute thread has stopped: the interpreter is exiting")
         _start()
         _loops.append(loop)
         _cond.notify()
