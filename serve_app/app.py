@@ -2,25 +2,31 @@
 
 Each pool is a deployment of the same `ChatGLM2Server` class named after its model (`chatglm2-6b`,
 `chatglm2-6b-int8`, `chatglm2-6b-int4`), so a Serve config's `deployments:` entries set each pool's replicas,
-autoscaling, GPU fraction and queue limits the standard way. Every deployment gets the same validated `AppArgs`
-(serve_app/config.py, where each field is described).
+autoscaling, GPU fraction and queue limits the standard way. The args are validated once, here; each deployment is
+bound only its own resolved config (`IngressConfig`, a `PoolConfig` per pool: serve_app/config.py) and each pool the
+engine factory it builds its engine with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ray.serve import Application
 
 from serve_app.api.ingress import ChatIngress
-from serve_app.config import AppArgs, PoolArgs
+from serve_app.config import AppArgs, PoolArgs, PoolConfig
 from serve_app.server.deployment import ChatGLM2Server
+from serve_app.server.engine_factory import ReplicaEngine, build_engine
 
 __all__ = ["AppArgs", "PoolArgs", "build_app"]
 
 
-def build_app(args: AppArgs) -> Application:
+def build_app(args: AppArgs, engine_factory: Callable[[PoolConfig], ReplicaEngine] = build_engine) -> Application:
     """Serve validates the YAML `args` into AppArgs (annotated parameter) before calling this; a bad value fails
-    here, at deploy time, with the field's path."""
+    here, at deploy time, with the field's path. `engine_factory` is what each pool replica builds its engine with
+    (tests pass a fake one: tests/fake_engine.py)."""
     if not isinstance(args, AppArgs):  # called from Python with a dict
         args = AppArgs.model_validate(args)
-    pools = {pool.model: ChatGLM2Server.options(name=pool.model).bind(args, pool.model) for pool in args.pools}
-    return ChatIngress.bind(pools, args)
+    pools = {pool.name: ChatGLM2Server.options(name=pool.name).bind(pool, engine_factory)
+             for pool in args.pool_configs()}
+    return ChatIngress.bind(pools, args.ingress_config())

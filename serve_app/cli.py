@@ -99,9 +99,11 @@ def _load_bench_model(args: argparse.Namespace):
 
 
 def _add_random_weight_args(parser: argparse.ArgumentParser) -> None:
+    from serve_app.model.demo import PRESETS
+
     parser.add_argument("--random-weights", action="store_true",
                         help="no checkpoint: random weights of --preset, made directly on the device")
-    parser.add_argument("--preset", choices=("tiny", "small", "6b"), default="small",
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="small",
                         help="model shapes for --random-weights")
 
 
@@ -270,7 +272,7 @@ def _chat_in_process(args: argparse.Namespace):
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """The seeds' cli_demo: type to chat, `clear` resets the history, `stop` (or end of input) exits."""
+    """The official cli_demo.py: type to chat, `clear` resets the history, `stop` (or end of input) exits."""
     if (args.url is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --url (a running server) or --checkpoint (chat in this process)")
     reply = _chat_over_http(args) if args.url else _chat_in_process(args)
@@ -303,12 +305,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The choices and defaults are the implementing modules' own (one definition each).
+    from serve_app.engine.config import EngineConfig
+    from serve_app.model.attention import BACKENDS
+    from serve_app.model.demo import PRESETS
+
     parser = argparse.ArgumentParser(prog="chatglm2-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo-checkpoint", help="write a random-weight checkpoint in the official layout")
     demo.add_argument("out", type=Path)
-    demo.add_argument("--preset", choices=("tiny", "small", "6b"), default="tiny")
+    demo.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     demo.add_argument("--safetensors", action="store_true", help="write *.safetensors instead of pytorch_model*.bin")
     demo.set_defaults(func=cmd_demo_checkpoint)
 
@@ -338,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt, [gMASK] sop included")
     bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request (ignore_eos)")
-    bench.add_argument("--max-batch-size", type=int, default=16, help="engine slots")
+    bench.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="engine slots")
     bench.add_argument("--compare-sequential", action="store_true", help="also run the requests one at a time")
     bench.add_argument("--prefix-turns", action="store_true", help="turn-2 TTFT with and without prefix caching")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -346,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0 = "
                        "greedy); the official api.py defaults are 0.95 with --top-p 0.7")
     bench.add_argument("--top-p", type=float, default=1.0)
-    bench.add_argument("--attention", choices=("auto", "slot-view", "flex", "gather"), default="auto",
+    bench.add_argument("--attention", choices=BACKENDS, default=EngineConfig.attention,
                        help="engine attention backend (auto: flex on CUDA, slot views on CPU; gather: the old "
                        "formulation, for comparison)")
     bench.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,

@@ -1,9 +1,14 @@
-"""AppArgs: the `args:` of the application in a Serve config, validated once by `build_app`.
+"""The application's args (the `args:` of a Serve config) and what each deployment is given of them.
 
-Every default and bound of the service lives here or in the one dataclass it embeds (`EngineConfig`, the engine's own
-limits). `build_app` validates the YAML into `AppArgs` (a bad value fails there, with the field's path) and hands the
-same object to every deployment: the ingress and the pools read what they need from it, nothing is copied field by
-field. Importing this module loads neither torch nor Ray, so the front end can use it.
+`AppArgs` is the YAML schema users write, validated once by `build_app` (a bad value fails there, with the field's
+path). `build_app` then resolves one config per deployment and binds each deployment only its own:
+
+    AppArgs --ingress_config()--> IngressConfig   (serve_app/api/ingress_config.py: routing, defaults, limits, keys)
+            --pool_configs()----> PoolConfig each  (checkpoint, precision, device, engine limits, quant, memory plan)
+
+A pool's `engine:` / `quant:` / `checkpoint:` fall back to the app's here, once. Every value set is defined beside the
+code that implements it (precisions in the loader, presets in demo.py, kernels with the kernels, attention backends in
+model/attention.py through EngineConfig) and every default once, here or in the module the ingress reads.
 """
 
 from __future__ import annotations
@@ -11,16 +16,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from serve_app.api.ingress_config import FrozenArgs, GenerationDefaults, IngressArgs, IngressConfig
+from serve_app.api.routing import AUTO
 from serve_app.engine.config import EngineConfig
+from serve_app.model.demo import PRESETS
+from serve_app.model.loader import DEVICES, PRECISIONS
+from serve_app.model.quant_kernels import QUANT_KERNELS
+from serve_app.server.gpu_share import DEFAULT_CONTEXT_BYTES
 
-Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"]
-Device = Literal["auto", "cpu", "cuda"]
-DemoPreset = Literal["tiny", "small", "6b"]
-Routing = Literal["default", "auto"]
-QuantKernel = Literal["auto", "triton", "native", "dequant"]
-AUTO = "auto"  # the routing policy's name; also accepted as a request's `model`
+__all__ = ["AppArgs", "GenerationDefaults", "IngressConfig", "PoolArgs", "PoolConfig", "QuantArgs"]
+
+Precision = Literal[PRECISIONS]
+Device = Literal[DEVICES]
+DemoPreset = Literal[tuple(PRESETS)]
+QuantKernel = Literal[QUANT_KERNELS]
 
 
 def _absolute(path: str) -> str:
@@ -28,20 +39,8 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)  # a misspelt key fails instead of being ignored
-
-
-class GenerationDefaults(_Args):
-    """Used when a request leaves a parameter out (the official api.py's defaults)."""
-
-    temperature: float = Field(default=0.95, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.7, gt=0.0, le=1.0)
-    max_length: int = Field(default=2048, ge=1, description="prompt + reply tokens when a request gives no limit")
-
-
-class QuantArgs(_Args):
-    """How the int8/int4 layers of a pool run (serve_app/model/quant.py)."""
+class QuantArgs(FrozenArgs):
+    """How the int8/int4 layers of a pool run (serve_app/model/quant_kernels.py)."""
 
     kernel: QuantKernel = Field(
         default="auto", description="auto (Triton on GPU, PyTorch's on CPU) | triton | native (PyTorch's) | dequant "
@@ -51,7 +50,7 @@ class QuantArgs(_Args):
         "instead of refusing to start")
 
 
-class PoolArgs(_Args):
+class PoolArgs(FrozenArgs):
     """One replica pool: a public model name, the precision its replicas load, and optionally its own checkpoint."""
 
     model: str = Field(min_length=1, description="public model name and Serve deployment name, e.g. chatglm2-6b-int4")
@@ -63,6 +62,22 @@ class PoolArgs(_Args):
     _absolute_checkpoint = field_validator("checkpoint")(lambda cls, value: value and _absolute(value))
 
 
+class PoolConfig(FrozenArgs):
+    """Everything one pool's replicas read, resolved from AppArgs by `build_app` (no defaults of its own)."""
+
+    name: str  # the public model name, also the Serve deployment's
+    checkpoint: str
+    demo_preset: DemoPreset | None  # write this demo checkpoint to `checkpoint` first if it is missing
+    precision: Precision
+    device: Device
+    torch_threads: int | None
+    engine: EngineConfig
+    quant: QuantArgs
+    cuda_context_bytes: int
+    stream_coalesce_ms: float
+    log_prompts: bool
+
+
 def _default_pools() -> list[PoolArgs]:
     return [
         PoolArgs(model="chatglm2-6b", precision="auto"),
@@ -71,34 +86,20 @@ def _default_pools() -> list[PoolArgs]:
     ]
 
 
-class AppArgs(_Args):
-    """The `args:` of the application in a Serve config."""
+class AppArgs(IngressArgs):
+    """The `args:` of the application in a Serve config (the ingress's keys come from `IngressArgs`)."""
 
     checkpoint: str = Field(description="official ChatGLM2 checkpoint directory used by pools that name none")
     demo_preset: DemoPreset | None = Field(
         default=None, description="write this demo checkpoint to `checkpoint` first if it is missing")
     pools: list[PoolArgs] = Field(default_factory=_default_pools, min_length=1,
                                   description="replica pools, highest precision first")
-    default_model: str | None = Field(default=None, description="pool for requests that name no model; default: first")
-    routing: Routing = Field(default="default",
-                             description="'auto' sends requests that name no model to the best pool with headroom")
     device: Device = Field(default="auto", description="auto | cpu | cuda")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads per replica")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine limits of every pool")
     quant: QuantArgs = Field(default_factory=QuantArgs, description="quantized kernels of every int8/int4 pool")
-    cuda_context_bytes: int = Field(default=1 << 30, ge=0,
+    cuda_context_bytes: int = Field(default=DEFAULT_CONTEXT_BYTES, ge=0,
                                     description="GPU memory a replica's CUDA context takes outside PyTorch's allocator")
-    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults,
-                                         description="sampling defaults for requests that leave them out")
-    max_history_rounds: int = Field(default=10, ge=0, description="history kept by /chat and /stream")
-    max_prompt_chars: int = Field(default=32768, ge=1, description="longest accepted user message")
-    api_keys_env: str | None = Field(
-        default=None, description="environment variable (in the ingress replica) holding comma-separated API keys; "
-        "when it is set and non-empty every protocol requires one of them (HTTP/WebSocket/gRPC: Bearer <key>)")
-    cors_origins: list[str] = Field(default_factory=list,
-                                    description="browser origins allowed by CORS (exact match; '*' allows any)")
-    max_body_bytes: int = Field(default=1_048_576, ge=1, description="largest accepted HTTP request body (else 413)")
-    log_prompts: bool = Field(default=False, description="log prompt and reply text (off: counts and ids only)")
     stream_coalesce_ms: float = Field(
         default=50.0, ge=0.0, le=100.0,
         description="a pool sends a text delta that comes within this long of the stream's previous message together "
@@ -127,18 +128,16 @@ class AppArgs(_Args):
     def default_pool(self) -> str:
         return self.default_model or self.pools[0].model
 
-    def pool(self, name: str) -> PoolArgs:
-        return next(pool for pool in self.pools if pool.model == name)
+    def ingress_config(self) -> IngressConfig:
+        return IngressConfig(pool_names=self.pool_names, **{key: getattr(self, key) for key in IngressArgs.model_fields})
 
-    def checkpoint_of(self, pool: PoolArgs) -> str:
-        return pool.checkpoint or self.checkpoint
-
-    def demo_preset_of(self, pool: PoolArgs) -> DemoPreset | None:
-        """A pool with its own checkpoint never gets a demo written there."""
-        return self.demo_preset if pool.checkpoint is None else None
-
-    def engine_of(self, pool: PoolArgs) -> EngineConfig:
-        return pool.engine or self.engine
-
-    def quant_of(self, pool: PoolArgs) -> QuantArgs:
-        return pool.quant or self.quant
+    def pool_configs(self) -> list[PoolConfig]:
+        """One config per pool, highest precision first: a pool's own checkpoint, engine and quant win over the
+        app's, and a pool with its own checkpoint never gets a demo written there."""
+        return [PoolConfig(
+            name=pool.model, checkpoint=pool.checkpoint or self.checkpoint,
+            demo_preset=self.demo_preset if pool.checkpoint is None else None, precision=pool.precision,
+            device=self.device, torch_threads=self.torch_threads, engine=pool.engine or self.engine,
+            quant=pool.quant or self.quant, cuda_context_bytes=self.cuda_context_bytes,
+            stream_coalesce_ms=self.stream_coalesce_ms, log_prompts=self.log_prompts,
+        ) for pool in self.pools]

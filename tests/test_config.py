@@ -41,19 +41,41 @@ def test_engine_bounds_live_in_the_engine_config_and_name_the_field():
     assert error["loc"] == ("engine",) and "max_batch_size must be >= 1, not 0" in error["msg"]
     with pytest.raises(ValueError, match="max_waiting must be >= 0"):
         EngineConfig(max_waiting=-1)  # the engine checks the same bound where no pydantic is installed
+    with pytest.raises(ValueError, match="attention must be one of auto, slot-view, flex, gather, not 'paged'"):
+        EngineConfig(attention="paged")  # and the choices its Literal types give
+    with pytest.raises(ValueError, match="fallback must be one of eager, unset"):
+        EngineConfig(fallback="lazy")
 
 
-def test_pool_settings_fall_back_to_the_apps_and_paths_are_absolute(tmp_path, monkeypatch):
+def test_each_deployment_gets_its_own_config_with_the_apps_fallbacks_and_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = AppArgs.model_validate({
-        "checkpoint": "ckpt", "demo_preset": "tiny", "engine": {"max_batch_size": 4},
+        "checkpoint": "ckpt", "demo_preset": "tiny", "engine": {"max_batch_size": 4}, "max_prompt_chars": 99,
+        "stream_coalesce_ms": 5, "quant": {"kernel": "dequant"},
         "pools": [{"model": "full", "precision": "auto"},
                   {"model": "q4", "precision": "int4", "checkpoint": "q4-ckpt", "engine": {"max_batch_size": 2}}]})
-    full, q4 = args.pools
-    assert args.checkpoint_of(full) == str(tmp_path / "ckpt") and args.checkpoint_of(q4) == str(tmp_path / "q4-ckpt")
-    assert args.engine_of(full).max_batch_size == 4 and args.engine_of(q4).max_batch_size == 2
-    assert args.demo_preset_of(full) == "tiny" and args.demo_preset_of(q4) is None  # never written into q4-ckpt
-    assert args.default_pool == "full" and args.pool_names == ["full", "q4"]
+    full, q4 = args.pool_configs()
+    assert (full.name, full.precision, q4.name, q4.precision) == ("full", "auto", "q4", "int4")
+    assert full.checkpoint == str(tmp_path / "ckpt") and q4.checkpoint == str(tmp_path / "q4-ckpt")
+    assert full.engine.max_batch_size == 4 and q4.engine.max_batch_size == 2
+    assert full.demo_preset == "tiny" and q4.demo_preset is None  # never written into q4-ckpt
+    assert full.quant.kernel == q4.quant.kernel == "dequant" and full.stream_coalesce_ms == 5
+    ingress = args.ingress_config()
+    assert ingress.default_pool == "full" and ingress.pool_names == ["full", "q4"] and ingress.max_prompt_chars == 99
+    # Each config holds only its deployment's keys: the ingress has no checkpoint, a pool no API keys.
+    assert not hasattr(ingress, "checkpoint") and not hasattr(full, "api_keys_env")
+
+
+def test_every_yaml_key_is_read_by_exactly_one_deployment_or_resolved_into_one():
+    """The app's keys are the ingress's (IngressArgs) plus the pools' (what pool_configs() resolves)."""
+    from serve_app.config import IngressArgs, PoolConfig
+
+    ingress_keys, app_keys = set(IngressArgs.model_fields), set(AppArgs.model_fields)
+    pool_side = app_keys - ingress_keys
+    assert pool_side == {"checkpoint", "demo_preset", "pools", "device", "torch_threads", "engine", "quant",
+                         "cuda_context_bytes", "stream_coalesce_ms"}
+    resolved = set(PoolConfig.model_fields) - {"name", "precision"}
+    assert pool_side - {"pools"} <= resolved and resolved - pool_side == {"log_prompts"}
 
 
 def test_pool_names_are_checked():
@@ -69,10 +91,21 @@ def test_build_app_refuses_bad_args_before_anything_deploys():
         build_app({"checkpoint": "/x", "pools": [{"model": "a", "precision": "fp8"}]})
 
 
-def test_the_engine_config_names_the_attention_backends_the_model_has():
-    # The config is torch-free, so it keeps its own list of backend names; this keeps the two lists one list.
-    from serve_app.engine.config import ATTENTION_BACKENDS
-    from serve_app.model.attention import BACKENDS
+def test_each_value_set_is_the_one_its_implementation_defines():
+    """The config's choices are the implementing modules' own tuples, so adding a backend, precision, preset or
+    kernel there is all it takes (and a typo in a config still fails with the field's path)."""
+    import typing
 
-    assert ATTENTION_BACKENDS == BACKENDS
+    from serve_app.config import PoolArgs, QuantArgs
+    from serve_app.model import attention, demo, loader, quant_kernels
+
+    def choices(model, name):
+        return typing.get_args(typing.get_args(model.model_fields[name].annotation)[0]) or typing.get_args(
+            model.model_fields[name].annotation)
+
+    assert typing.get_args(typing.get_type_hints(EngineConfig)["attention"]) == attention.BACKENDS
+    assert choices(PoolArgs, "precision") == loader.PRECISIONS
+    assert choices(AppArgs, "device") == loader.DEVICES
+    assert choices(AppArgs, "demo_preset") == tuple(demo.PRESETS)
+    assert choices(QuantArgs, "kernel") == quant_kernels.QUANT_KERNELS
     assert _error(engine={"attention": "paged"})["loc"][:2] == ("engine", "attention")

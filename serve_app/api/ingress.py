@@ -55,7 +55,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.api.security import SecuritySettings
 from serve_app.api.websocket import WebSocketMixin
-from serve_app.config import AppArgs
+from serve_app.api.ingress_config import IngressConfig
 from serve_app.server.messages import TextRequest, Usage
 
 POOL_HEADER = "x-chatglm2-model"
@@ -88,7 +88,7 @@ def _history(history: list, query: str, response: str) -> list[list[str]]:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ChatIngress(WebSocketMixin, GrpcMixin):
-    def __init__(self, pools: dict, args: AppArgs):
+    def __init__(self, pools: dict, args: IngressConfig):
         self.args = args
         # Read here, in the replica: the keys come from this process's environment and are never logged.
         self.security = SecuritySettings.from_env(args.api_keys_env, args.max_body_bytes)

@@ -25,7 +25,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve_app.api.errors import APIError, internal_error
 from serve_app.api.routing import Router
-from serve_app.config import AppArgs
+from serve_app.api.ingress_config import IngressConfig
 from serve_app.server.messages import TextDelta, TextRequest, Tokens, Usage
 
 logger = logging.getLogger("ray.serve")
@@ -118,7 +118,7 @@ class Answer:
 
 
 class PoolClient:
-    def __init__(self, handles: dict, args: AppArgs):
+    def __init__(self, handles: dict, args: IngressConfig):
         self.handles = handles
         # Cached once: `options(stream=True)` per request would rebuild the handle's state.
         self.streams = {name: handle.options(stream=True) for name, handle in handles.items()}

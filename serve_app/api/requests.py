@@ -14,13 +14,13 @@ from serve_app.api.schemas import (
     TokenizeCompletionRequest,
     split_messages,
 )
-from serve_app.config import AppArgs
+from serve_app.api.ingress_config import IngressConfig
 from serve_app.engine.params import SamplingParams
 from serve_app.server.messages import TextRequest
 
 
 class RequestBuilder:
-    def __init__(self, args: AppArgs):
+    def __init__(self, args: IngressConfig):
         self.args = args
 
     def params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,

@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from serve_app.api.errors import APIError
-from serve_app.config import AUTO
+from serve_app.server.messages import ReplicaStats
+
+AUTO = "auto"  # the policy's name; also accepted as a request's `model`, so no pool may be called that
+ROUTING_POLICIES = Literal["default", "auto"]  # `routing:` of the app args
 
 
 @dataclass
@@ -79,12 +83,11 @@ class Router:
     async def _poll(self, name: str) -> None:
         load = self.load[name]
         try:
-            stats = await asyncio.wait_for(self.handles[name].engine_stats.remote(), timeout=2.0)
+            stats: ReplicaStats = await asyncio.wait_for(self.handles[name].engine_stats.remote(), timeout=2.0)
         except Exception:  # overloaded (backpressure), restarting or unreachable: no headroom for now
             load.reachable = False
             return
         load.reachable = True
-        load.free_slots = int(stats.get("free_slots", 0))
-        load.waiting = int(stats.get("waiting", 0))
+        load.free_slots, load.waiting = stats.engine.free_slots, stats.engine.waiting
         load.in_flight_at_poll = load.in_flight
         load.polled_at = time.monotonic()

@@ -1,6 +1,6 @@
 """API keys, CORS and the request body limit of the ingress, for every protocol.
 
-`ChatIngress` builds one `SecuritySettings` from AppArgs in its replica (the keys come from that process's
+`ChatIngress` builds one `SecuritySettings` from its IngressConfig in its replica (the keys come from that process's
 environment) and keeps it; `SecurityMiddleware` (registered on the FastAPI app in api/http.py) reads it from the
 served app's `state.security`, the WebSocket and gRPC methods from the ingress, so every protocol shares one
 instance per replica.

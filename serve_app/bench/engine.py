@@ -1,5 +1,5 @@
 """In-process throughput benchmark: the continuous-batching engine at several concurrency levels, the one-at-a-time
-baseline (`generate.generate`, what the seeds serve), and the turn-2 TTFT that prefix caching saves.
+baseline (`generate.generate`, what the official api.py and the explorer's servers do), and the turn-2 TTFT that prefix caching saves.
 
 Prompts are fixed-length random token ids (ordinary ids, fixed seed, after `[gMASK] sop`), fresh for every
 concurrency level so no level reuses another's prefixes, and every request generates exactly `max_new_tokens`
@@ -214,7 +214,7 @@ def timed_generate(loaded: LoadedModel, prompt: list[int], params: SamplingParam
 def run_sequential(
     loaded: LoadedModel, prompts: list[list[int]], params: SamplingParams
 ) -> tuple[list[RequestRecord], float]:
-    """The seeds' way: one request at a time through `generate.generate`. Returns (records, wall seconds)."""
+    """The official servers' way: one request at a time through `generate.generate`. Returns (records, wall seconds)."""
     generate(loaded, prompts[0], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up, as for the engine
     start = time.perf_counter()
     records = [timed_generate(loaded, prompt, params) for prompt in prompts]
@@ -244,7 +244,7 @@ class BenchConfig:
     requests: int
     prompt_tokens: int
     max_new_tokens: int
-    max_batch_size: int = 16
+    max_batch_size: int = EngineConfig.max_batch_size
     compare_sequential: bool = False
     prefix_turns: bool = False
     seed: int = 0

@@ -1,21 +1,37 @@
 """EngineConfig: the engine's limits, defined once.
 
-A plain dataclass (no torch, no pydantic) so the engine runs where neither the Serve stack nor pydantic is installed.
-The Serve config validates it as the `engine:` field of AppArgs (serve_app/config.py): each field's `metadata` gives
-its description and lower bound, which `__post_init__` enforces with a message that names the field.
+A plain dataclass, not a pydantic model, because the engine also runs where no pydantic is installed (the GPU check
+machine). Each field is defined once: its type (a `Literal` for a choice, the attention backends taken from
+serve_app/model/attention.py), its default, and in `metadata` its description and lower bound. The Serve config
+embeds it as the `engine:` field of AppArgs (serve_app/config.py), where pydantic checks the types; `__post_init__`
+checks the bounds, and the choices where no pydantic ran, with a message that names the field.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields
+from functools import cache
 from typing import Literal
+
+from serve_app.model.attention import BACKENDS
 
 
 def _field(default, description: str, minimum: int | None = None):
     return field(default=default, metadata={"description": description, "minimum": minimum})
 
 
-ATTENTION_BACKENDS = ("auto", "slot-view", "flex", "gather")  # serve_app.model.attention.BACKENDS
+@cache
+def _choices() -> dict[str, tuple]:
+    """field name -> its allowed values, for the Literal-typed fields (None allowed where the type says so)."""
+    out = {}
+    for name, hint in typing.get_type_hints(EngineConfig).items():
+        args = typing.get_args(hint)
+        literals = [a for a in (args if typing.get_origin(hint) is not Literal else (hint,))
+                    if typing.get_origin(a) is Literal]
+        if literals:
+            out[name] = typing.get_args(literals[0]) + ((None,) if type(None) in args else ())
+    return out
 
 
 @dataclass(frozen=True)
@@ -26,7 +42,7 @@ class EngineConfig:
     max_waiting: int = _field(64, "requests queued in the engine beyond its free slots before 503s", 0)
     prefill_chunk: int = _field(512, "prompt tokens prefilled per step, so long prompts do not stall decodes", 1)
     prefix_caching: bool = _field(True, "reuse the KV a finished sequence leaves in its slot (multi-turn chats)")
-    attention: Literal["auto", "slot-view", "flex", "gather"] = _field(
+    attention: Literal[BACKENDS] = _field(
         "auto", "attention over the slot cache (serve_app/model/attention.py); auto: flex on CUDA, slot-view on CPU")
     cuda_graphs: bool | None = _field(None, "replay decode steps from captured CUDA graphs; default: on CUDA only")
     compile_decode: bool | None = _field(
@@ -45,10 +61,10 @@ class EngineConfig:
         return self.max_seq_len or min(model_seq_length, 8192)
 
     def __post_init__(self) -> None:
-        if self.fallback not in (None, "eager"):
-            raise ValueError(f"fallback must be eager or unset, not {self.fallback!r}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention!r}")
+        for name, allowed in _choices().items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join("unset" if a is None else str(a) for a in allowed)
+                raise ValueError(f"{name} must be one of {shown}, not {getattr(self, name)!r}")
         for spec in fields(self):
             value, minimum = getattr(self, spec.name), spec.metadata.get("minimum")
             if minimum is not None and value is not None and value < minimum:

@@ -80,8 +80,12 @@ def _start() -> None:
 
 
 def _main() -> None:
-    while _turn():
-        pass
+    while True:
+        try:
+            if not _turn():
+                return
+        except Exception:  # a fault in the thread's own bookkeeping must not leave every later job waiting forever
+            logger.exception("compute thread turn failed; carrying on")
 
 
 def _turn() -> bool:

@@ -302,24 +302,13 @@ def limit_process(device, share: float, context_bytes: int = DEFAULT_CONTEXT_BYT
     return fraction
 
 
-def plan_replica(
-    loaded,
-    *,
-    share: float,
-    max_batch_size: int,
-    max_seq_len: int,
-    prefill_chunk: int,
-    kv_cache_bytes: int | None,
-    context_bytes: int = DEFAULT_CONTEXT_BYTES,
-    attention: str = "auto",
-    cuda_graphs: bool | None = None,
-) -> MemoryPlan:
-    """After load_model (serve_app.model.loader.LoadedModel on a CUDA device): the KV budget for the engine.
-
-    attention and cuda_graphs are the engine's settings (EngineConfig); their defaults are the engine's on CUDA."""
+def plan_replica(loaded, *, share: float, engine, context_bytes: int = DEFAULT_CONTEXT_BYTES) -> MemoryPlan:
+    """After load_model (serve_app.model.loader.LoadedModel on a CUDA device): the KV budget for the engine whose
+    settings are `engine` (an EngineConfig: batch, context, prefill chunk, explicit KV budget, attention, graphs)."""
     import torch
 
     device = loaded.device
+    max_seq_len = engine.context_len(loaded.config.seq_length)
     free, total = torch.cuda.mem_get_info(device)
     dtype_bytes = torch.empty((), dtype=loaded.dtype).element_size()
     return plan_memory(
@@ -328,11 +317,11 @@ def plan_replica(
         free_bytes=free,
         weight_bytes=torch.cuda.memory_reserved(device),  # the weights, after load_model emptied the cache
         workspace_bytes=activation_workspace_bytes(
-            loaded.config, max_batch_size, prefill_chunk, max_seq_len, dtype_bytes, device_type=device.type,
-            attention=attention, cuda_graphs=cuda_graphs is not False,
+            loaded.config, engine.max_batch_size, engine.prefill_chunk, max_seq_len, dtype_bytes,
+            device_type=device.type, attention=engine.attention, cuda_graphs=engine.cuda_graphs is not False,
             dequant_bytes=dequant_transient_bytes(loaded.model) if hasattr(loaded, "model") else 0,
         ),
         kv_bytes_per_slot=loaded.config.kv_bytes_per_token(loaded.dtype) * max_seq_len,
-        kv_cache_bytes=kv_cache_bytes,
+        kv_cache_bytes=engine.kv_cache_bytes,
         context_bytes=context_bytes,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.engine.outputs import EngineStats
 from serve_app.engine.params import SamplingParams
 
 
@@ -77,3 +78,14 @@ class Tokens:
     text: str = ""
     max_model_len: int = 0
     error: ErrorInfo | None = None
+
+
+@dataclass
+class ReplicaStats:
+    """A pool replica's answer to `engine_stats`: its engine's live load, and where it runs."""
+
+    engine: EngineStats
+    replica_id: str
+    node_id: str
+    gpu_ids: list[str]  # the GPU ids Ray gave this replica (its share is logical)
+    memory_plan: dict | None  # gpu_share.MemoryPlan.as_dict() on a GPU

@@ -44,7 +44,7 @@ def service(tiny_checkpoint):
     app["deployments"] = [d for d in app["deployments"] if d["name"] == "ChatIngress"] + [
         {"name": pool, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}} for pool in POOLS]
     with running(config, grpc=True) as (base_url, grpc_port):
-        yield base_url, grpc_port, {pool: engine_stats(pool)["replica_id"] for pool in POOLS}
+        yield base_url, grpc_port, {pool: engine_stats(pool).replica_id for pool in POOLS}
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +273,10 @@ def test_service_is_unharmed(service):
 
     def idle(pool: str) -> bool:
         stats = engine_stats(pool)
-        return stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_tokens_in_use"] == 0
+        return stats.engine.running == 0 and stats.engine.waiting == 0 and stats.engine.kv_tokens_in_use == 0
 
     for pool in POOLS:
         serving.wait_for(lambda pool=pool: idle(pool), 30, f"{pool} to be idle")
-        assert engine_stats(pool)["replica_id"] == replica_ids[pool]
+        assert engine_stats(pool).replica_id == replica_ids[pool]
         response = post(base_url, "/v1/chat/completions", GOOD["/v1/chat/completions"] | {"model": pool})
         assert response.status_code == 200 and response.json()["model"] == pool

@@ -91,7 +91,7 @@ def test_websocket_bad_input_gets_error_and_policy_close(base_url, payload, para
 
 
 def aborted(pool: str) -> int:
-    return engine_stats(pool)["finished"].get("abort", 0)
+    return engine_stats(pool).engine.finished.get("abort", 0)
 
 
 def wait_for_abort(pool: str, before: int, timeout_s: float = 30.0) -> None:

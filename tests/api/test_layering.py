@@ -16,7 +16,7 @@ from serve_app.server.messages import ErrorInfo
 def test_the_front_end_imports_neither_torch_nor_the_model():
     """What the ingress replica (and the proxy's gRPC servicer) load must not pull in torch or the model."""
     probe = ("import sys\n"
-             "import serve_app.api.ingress, serve_app.api.grpc_servicer, serve_app.config\n"
+             "import serve_app.api.ingress, serve_app.api.grpc_servicer, serve_app.api.ingress_config\n"
              "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('serve_app.model', "
              "'serve_app.engine.engine', 'serve_app.engine.sampling', 'serve_app.server.deployment')))\n"
              "print(','.join(heavy))\n")

@@ -253,7 +253,7 @@ def test_client_disconnect_frees_the_engine(base_url):
                 break  # leave mid-stream
     def idle():
         stats = engine_stats(POOLS[2])
-        return stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_tokens_in_use"] == 0
+        return stats.engine.running == 0 and stats.engine.waiting == 0 and stats.engine.kv_tokens_in_use == 0
 
     wait_for(idle, 30, "the engine to drop the abandoned stream")
 

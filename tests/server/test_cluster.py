@@ -89,7 +89,7 @@ def cluster(tiny_checkpoint):
         yield Deployed(cluster, head, worker, f"http://127.0.0.1:{http_port}")
 
 
-def stats_by_replica(pool: str, replicas: int = 2, rounds: int = 20) -> dict[str, dict]:
+def stats_by_replica(pool: str, replicas: int = 2, rounds: int = 20) -> dict:
     """engine_stats of every replica of `pool`. Asked several at a time: one call after another may keep landing on
     the same replica."""
     from ray import serve
@@ -99,7 +99,7 @@ def stats_by_replica(pool: str, replicas: int = 2, rounds: int = 20) -> dict[str
     for _ in range(rounds):
         for response in [handle.engine_stats.remote() for _ in range(6)]:
             stats = response.result(timeout_s=60)
-            seen[stats["replica_id"]] = stats
+            seen[stats.replica_id] = stats
         if len(seen) >= replicas:
             break
     return seen
@@ -120,12 +120,12 @@ def test_replicas_are_placed_on_both_nodes_by_their_gpu_shares(cluster):
     for pool in (DEFAULT, AFFINITY):
         placed = stats_by_replica(pool)
         assert len(placed) == 2, f"{pool}: found {len(placed)} replicas"
-        nodes = {s["node_id"] for s in placed.values()}
+        nodes = {s.node_id for s in placed.values()}
         # Serve spreads a pool's replicas over the nodes: one on the head, one on the worker.
         assert nodes == set(used), f"{pool} replicas on {nodes}, nodes are {used}"
         for stats in placed.values():
-            assert len(stats["gpu_ids"]) == 1
-            used[stats["node_id"]] += shares[pool]
+            assert len(stats.gpu_ids) == 1
+            used[stats.node_id] += shares[pool]
     for node in ray.nodes():
         if node["NodeID"] in used:
             assert node["Resources"]["GPU"] == NODE_GPUS
@@ -150,9 +150,9 @@ def turn_two_cached_tokens(url: str, pool: str, conversations: int) -> list[int]
 
 
 def test_affinity_sends_the_second_turn_to_the_replica_with_the_first(cluster):
-    before = {rid: s["total_requests"] for rid, s in stats_by_replica(AFFINITY).items()}
+    before = {rid: s.engine.total_requests for rid, s in stats_by_replica(AFFINITY).items()}
     cached = turn_two_cached_tokens(cluster.url, AFFINITY, conversations=16)
-    after = {rid: s["total_requests"] for rid, s in stats_by_replica(AFFINITY).items()}
+    after = {rid: s.engine.total_requests for rid, s in stats_by_replica(AFFINITY).items()}
     # Every second turn found its first turn's KV on the replica the router chose ...
     assert all(n > 0 for n in cached), cached
     # ... while the conversations were spread over both replicas (rendezvous hashing: that all 16 prefer one of two
@@ -190,7 +190,7 @@ def test_losing_a_worker_node_fails_only_its_streams_and_the_pools_recover(clust
     for thread in threads:  # one at a time, so Serve's router sees each one's load and spreads them
         thread.start()
         assert streaming.acquire(timeout=120), streams
-    on_nodes = {s["node_id"]: s["running"] for s in stats_by_replica(DEFAULT).values()}
+    on_nodes = {s.node_id: s.engine.running for s in stats_by_replica(DEFAULT).values()}
     assert on_nodes.get(cluster.head.node_id) and on_nodes.get(cluster.worker.node_id), on_nodes
 
     cluster.kill(cluster.worker)
@@ -223,7 +223,7 @@ def test_losing_a_worker_node_fails_only_its_streams_and_the_pools_recover(clust
              "both pools to be back at 2 running replicas", 2.0)
     for pool in (DEFAULT, AFFINITY):
         placed = stats_by_replica(pool)
-        assert {s["node_id"] for s in placed.values()} == {cluster.head.node_id}, placed
+        assert {s.node_id for s in placed.values()} == {cluster.head.node_id}, placed
     assert app_status(APP) == "RUNNING"
     for pool in (DEFAULT, AFFINITY):
         assert chat(cluster.url, pool, [{"role": "user", "content": "back"}])["usage"]["completion_tokens"]

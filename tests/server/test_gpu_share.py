@@ -3,6 +3,7 @@ and the workspace estimate checked against the live tensor bytes of real engine 
 
 import pytest
 
+from serve_app.engine.config import EngineConfig
 from serve_app.model.demo import PRESETS
 from serve_app.server.gpu_share import (
     DEFAULT_CONTEXT_BYTES,
@@ -267,8 +268,8 @@ def test_the_replica_side_reads_cuda_and_caps_the_allocator(monkeypatch):
     fraction = gpu_share.limit_process(torch.device("cuda"), 0.25)
     assert calls["fraction"] == fraction == pytest.approx((0.25 * H100 - DEFAULT_CONTEXT_BYTES) / H100)
     loaded = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, config=CONFIG_6B)
-    plan = gpu_share.plan_replica(loaded, share=0.25, max_batch_size=32, max_seq_len=8192, prefill_chunk=512,
-                                  kv_cache_bytes=None)
+    engine = EngineConfig(max_batch_size=32, max_seq_len=8192, prefill_chunk=512)
+    plan = gpu_share.plan_replica(loaded, share=0.25, engine=engine)
     assert plan.weight_bytes == WEIGHTS["int4"] and plan.kv_cache_bytes // slot_bytes() >= 32
     assert gpu_share.ray_gpu_share() is None  # not inside Ray: the caller treats the whole device as its share
 
