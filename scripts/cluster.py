@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from serve_app.bench.stats import percentile
 from serve_app.client import openai_chunks
-from tests.serving import (  # the one way to start a cluster
+from serve_app.local_ray import (  # the one way to start a cluster (the tests use it too)
     app_status,
     free_port,
     local_cluster,
@@ -183,11 +183,11 @@ def node_loss(args) -> None:
         placed = {}
         for _ in range(40):
             stats = handle.engine_stats.remote().result(timeout_s=30)
-            placed[stats["replica_id"]] = stats
+            placed[stats.replica_id] = stats
             if len(placed) == 2:
                 break
-        on_worker = sum(s["running"] for s in placed.values() if s["node_id"] == worker.node_id)
-        on_head = sum(s["running"] for s in placed.values() if s["node_id"] == head.node_id)
+        on_worker = sum(s.engine.running for s in placed.values() if s.node_id == worker.node_id)
+        on_head = sum(s.engine.running for s in placed.values() if s.node_id == head.node_id)
 
         probes: list[dict] = []
 

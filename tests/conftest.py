@@ -59,16 +59,5 @@ def _stop_the_demo_service_at_the_end():
 
 
 def pytest_collection_modifyitems(items):
-    """Ray-starting modules in an order that keeps start-ups few and the process clean (a stable sort):
-
-    1. the multi-node cluster tests (tests/server/test_cluster.py) first: their driver joins a cluster that `serve run`
-       deployed, and Serve's handles in a process that already ran another Ray session time out (seen in a full run;
-       alone, or first, they pass);
-    2. the modules on the shared demo service, one after another, so it starts once;
-    3. the rest, in file order."""
-    def group(item) -> int:
-        if item.module.__name__.endswith("test_cluster"):
-            return 0
-        return 1 if "demo" in item.fixturenames else 2
-
-    items.sort(key=group)
+    """The modules on the shared demo service run one after another (a stable sort), so it starts once."""
+    items.sort(key=lambda item: 0 if "demo" in item.fixturenames else 1)
