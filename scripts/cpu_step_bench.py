@@ -82,7 +82,7 @@ def thread_case(checkpoint: str, case: str, repeats: int) -> list[float]:
 
 def greedy_agreement(checkpoint: str, requests: int = 16) -> tuple[int, list[int]]:
     """(requests whose 64 greedy ids agree packed vs plain, first differing position of each other one)."""
-    from serve_app.bench.engine import PromptVocab, random_prompts
+    from serve_app.bench.engine_bench import PromptVocab, random_prompts
     from serve_app.engine.params import SamplingParams
     from serve_app.engine.sequential import generate
     from serve_app.model.loader import load_model

@@ -4,7 +4,7 @@ For each batch size, the time of one decode step's four block linears (qkv, dens
 weights (F.linear, cuBLAS) and with every int8/int4 kernel QuantizedLinear offers on CUDA, each checked against
 the dequantize reference first. Prints a table: microseconds per layer set, speed-up over fp16, and the share of
 the HBM roofline for the bytes each reads (weights only), at the bandwidth of the device's name
-(serve_app.bench.engine's table) or --bandwidth-gbs. Each layer set is timed as a CUDA graph replay, because at
+(serve_app.bench.engine_bench's table) or --bandwidth-gbs. Each layer set is timed as a CUDA graph replay, because at
 small batches eager dispatch (30-50 us a set) costs more than the kernels (4-25 us each at one row) and would be
 all the table measured. Written without a GPU to run it on: its numbers are the first GPU measurement of these
 kernels.
@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from serve_app.bench.engine import device_bandwidth
+from serve_app.bench.engine_bench import device_bandwidth
 from serve_app.model.quant import KernelUnavailable, QuantizedLinear, pack_int4, quantize_rows
 
 SHAPES = {"qkv": (4608, 4096), "dense": (4096, 4096), "h_to_4h": (27392, 4096), "4h_to_h": (4096, 13696)}

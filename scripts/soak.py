@@ -3,7 +3,7 @@
 
 N async workers loop for --minutes, each request drawn at random from a mix of
   * OpenAI chat completions and text completions, streaming and non-streaming,
-  * the official api.py `POST /`, and the seeds' SSE `POST /stream`,
+  * the official api.py `POST /`, and the explorer's SSE `POST /stream`,
 against a pool chosen at random from GET /v1/models (or no model: the default pool), with random
 max_tokens (4..200) and prompt lengths. About 10% of streams are abandoned on purpose (the client closes the
 connection after a few chunks) and about 5% of all requests are deliberately bad (unknown model -> 404,

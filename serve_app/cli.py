@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _load_bench_model(args: argparse.Namespace):
     """(LoadedModel, PromptVocab) from --checkpoint, or random weights of --preset made on the device."""
-    from serve_app.bench.engine import PromptVocab
+    from serve_app.bench.engine_bench import PromptVocab
 
     if args.random_weights:
         from serve_app.model.demo import PRESETS, random_model
@@ -110,7 +110,7 @@ def _add_random_weight_args(parser: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from serve_app.bench.engine import BenchConfig, format_report, run_benchmark
+    from serve_app.bench.engine_bench import BenchConfig, format_report, run_benchmark
 
     try:
         concurrency = [int(level) for level in args.concurrency.split(",")]
@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_http(args: argparse.Namespace, concurrency: list[int]) -> int:
-    from serve_app.bench.http import format_http_report, plot, run_http_benchmark
+    from serve_app.bench.served import format_http_report, plot, run_http_benchmark
 
     models = [m for m in (args.models or "").split(",") if m]
     results = run_http_benchmark(args.url, models, concurrency, args.requests, args.prompt_tokens,
@@ -169,7 +169,7 @@ def _bench_compare(args: argparse.Namespace, concurrency: list[int]) -> int:
     import torch
 
     from serve_app.bench.compare import CompareConfig, format_comparison, run_comparison
-    from serve_app.bench.http import models_of
+    from serve_app.bench.served import models_of
 
     models = [m for m in (args.models or "").split(",") if m] or models_of(args.url.rstrip("/"))[:1]
     if len(models) != 1:
@@ -306,7 +306,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # The choices and defaults are the implementing modules' own (one definition each).
-    from serve_app.engine.config import EngineConfig
+    from serve_app.engine.engine_config import EngineConfig
     from serve_app.model.attention import BACKENDS
     from serve_app.model.demo import PRESETS
 

@@ -19,8 +19,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from serve_app.api.ingress_config import FrozenArgs, GenerationDefaults, IngressArgs, IngressConfig
-from serve_app.api.routing import AUTO
-from serve_app.engine.config import EngineConfig
+from serve_app.api.pool_choice import AUTO
+from serve_app.engine.engine_config import EngineConfig
 from serve_app.model.demo import PRESETS
 from serve_app.model.loader import DEVICES, PRECISIONS
 from serve_app.model.quant_kernels import QUANT_KERNELS

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.config import AppArgs
-from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine_config import EngineConfig
 
 
 def _error(**args) -> dict:

@@ -1,4 +1,4 @@
-"""The seeds' gRPC service (serve_app/api/protos/chatglm2.proto) as methods of the ingress deployment.
+"""The explorer's gRPC service (serve_app/api/protos/chatglm2.proto) as methods of the ingress deployment.
 
 Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one message, `StreamGenerate` and
 `StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
@@ -23,7 +23,7 @@ from contextlib import aclosing
 from pydantic import TypeAdapter, ValidationError
 from ray.serve.grpc_util import RayServegRPCContext
 
-from serve_app.api.errors import APIError, validation_error
+from serve_app.api.error_table import APIError, validation_error
 from serve_app.api.grpc_servicer import UndecodableRequest
 from serve_app.api.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
 from serve_app.api.requests import RequestBuilder

@@ -1,6 +1,6 @@
 """The `grpc_servicer_functions` entry of the Serve config, imported by every Serve proxy.
 
-It registers the seeds' service (serve_app/api/protos/chatglm2.proto) as the generated `add_ChatGLM2Servicer_to_server`
+It registers the explorer's gRPC service (serve_app/api/protos/chatglm2.proto) as the generated `add_ChatGLM2Servicer_to_server`
 would, but with request decoders that never raise: bytes that are not a valid message (corrupt wire format, a string
 field that is not UTF-8) reach the ingress as an `UndecodableRequest`, which answers INVALID_ARGUMENT with the reason,
 where a raising decoder would make gRPC answer UNKNOWN.

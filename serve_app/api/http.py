@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from serve_app.api.errors import APIError, internal_error, status_description, validation_error
+from serve_app.api.error_table import APIError, internal_error, status_description, validation_error
 from serve_app.api.schemas import ErrorResponse
 from serve_app.api.security import SecurityMiddleware, SecuritySettings
 

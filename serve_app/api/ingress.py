@@ -1,11 +1,11 @@
 """The ingress deployment: every protocol in, one pool out, text streamed back through the deployment graph.
 
-Routes: the official api.py (`POST /`, alias `POST /chatglm`), the seeds' streaming API (`POST /chat`, `POST /stream`
+Routes: the official api.py (`POST /`, alias `POST /chatglm`), the explorer's streaming API (`POST /chat`, `POST /stream`
 as Server-Sent Events), the OpenAI API (`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`) and
 `GET /health`, vLLM's `POST /tokenize` and `POST /detokenize` (answered by a pool: the ingress has no tokenizer);
 WebSocket and the web page (api/websocket.py) and gRPC (api/grpc.py) are mixed in. Every handler
 builds its pool request with `RequestBuilder` and reaches the pool through `PoolClient`. Every error is OpenAI-style
-JSON with a 4xx/5xx status (api/errors.py); errors that happen before the first token are reported as a status code
+JSON with a 4xx/5xx status (api/error_table.py); errors that happen before the first token are reported as a status code
 even on streaming routes, later ones as a final stream event. Responses are built from the models in api/schemas.py,
 so the OpenAPI document is the response shape.
 """
@@ -13,16 +13,17 @@ so the OpenAPI document is the response shape.
 # No `from __future__ import annotations`: FastAPI reads the route handlers' annotations at import.
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
 
-from serve_app.api.errors import APIError
+from serve_app.api.error_table import APIError
 from serve_app.api.grpc import GrpcMixin
 from serve_app.api.http import EventStream, app, configure, errors, json_or_sse, sse, sse_only
-from serve_app.api.pool_client import PoolClient, Stream
+from serve_app.api.pool_client import PoolClient
 from serve_app.api.requests import RequestBuilder
 from serve_app.api.schemas import (
     ApiPyRequest,
@@ -85,6 +86,61 @@ def _history(history: list, query: str, response: str) -> list[list[str]]:
     return [list(pair) for pair in history] + [[query, response]]
 
 
+@dataclass
+class ChatChunks:
+    """The chat.completion.chunk events of one stream (an empty assistant delta first, as OpenAI sends)."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, **fields) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
+                                   model=self.model, **fields)
+
+    def _choice(self, delta: ChunkDelta, finish_reason: str | None) -> ChatCompletionChunk:
+        return self._chunk(choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason,
+                                                    logprobs=None)])
+
+    def start(self) -> ChatCompletionChunk:
+        return self._choice(ChunkDelta(role="assistant", content=""), None)
+
+    def text(self, text: str) -> ChatCompletionChunk:
+        return self._choice(ChunkDelta(content=text), None)
+
+    def finish(self, finish_reason: str | None) -> ChatCompletionChunk:
+        return self._choice(ChunkDelta(), finish_reason)
+
+    def usage(self, usage: UsageInfo) -> ChatCompletionChunk:
+        return self._chunk(choices=[], usage=usage)
+
+
+@dataclass
+class CompletionChunks:
+    """The text_completion chunk events of one stream."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, **fields) -> CompletionChunk:
+        return CompletionChunk(id=self.id, object="text_completion", created=self.created, model=self.model,
+                               **fields)
+
+    def start(self) -> None:
+        return None
+
+    def text(self, text: str, finish_reason: str | None = None) -> CompletionChunk:
+        return self._chunk(choices=[CompletionChunkChoice(index=0, text=text, finish_reason=finish_reason,
+                                                          logprobs=None)])
+
+    def finish(self, finish_reason: str | None) -> CompletionChunk:
+        return self.text("", finish_reason)
+
+    def usage(self, usage: UsageInfo) -> CompletionChunk:
+        return self._chunk(choices=[], usage=usage)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ChatIngress(WebSocketMixin, GrpcMixin):
@@ -109,7 +165,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         return _json(ApiPyResponse(response=answer.text, history=_history(body.history, body.prompt, answer.text),
                                    time=datetime.now().strftime("%Y-%m-%d %H:%M:%S")), answer.pool)
 
-    # --- the seeds' streaming API ----------------------------------------------------------------------------
+    # --- the explorer's streaming API ----------------------------------------------------------------------------
 
     @app.post("/chat", responses={200: {"model": StreamChatResponse}} | GENERATION_ERRORS)
     async def chat(self, body: StreamChatRequest) -> JSONResponse:
@@ -161,29 +217,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                                 finish_reason=answer.finish_reason, logprobs=None)
             return _json(ChatCompletion(id=request.request_id, object="chat.completion", created=int(time.time()),
                                         model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
-        stream = await self.client.open(body.model, request)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(self._chat_chunks(request, stream, include_usage), headers={POOL_HEADER: stream.pool},
-                           source=stream)
-
-    async def _chat_chunks(self, request: TextRequest, stream: Stream, include_usage: bool) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> str:
-            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)
-            return _event(ChatCompletionChunk(id=request.request_id, object="chat.completion.chunk", created=created,
-                                              model=stream.pool, choices=[choice]))
-
-        yield chunk(ChunkDelta(role="assistant", content=""))
-        async for event in self._openai_events(stream, include_usage):
-            if isinstance(event, str):
-                yield event
-            elif isinstance(event, UsageInfo):
-                yield _event(ChatCompletionChunk(id=request.request_id, object="chat.completion.chunk",
-                                                 created=created, model=stream.pool, choices=[], usage=event))
-            else:
-                text, finish_reason = event
-                yield chunk(ChunkDelta(content=text) if text is not None else ChunkDelta(), finish_reason)
+        return await self._openai_stream(body, request, ChatChunks)
 
     @app.post("/v1/completions", responses=OPENAI_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest):
@@ -193,43 +227,31 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             choice = CompletionChoice(index=0, text=answer.text, finish_reason=answer.finish_reason, logprobs=None)
             return _json(Completion(id=request.request_id, object="text_completion", created=int(time.time()),
                                     model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
+        return await self._openai_stream(body, request, CompletionChunks)
+
+    async def _openai_stream(self, body, request: TextRequest, chunks: type[ChatChunks | CompletionChunks]):
+        """Both OpenAI streams: the builder's first chunk (if any), a chunk per piece of text, a chunk with the
+        finish_reason, the usage (with include_usage) and `[DONE]`; an error after the first token is an error event
+        instead of the rest."""
         stream = await self.client.open(body.model, request)
+        build = chunks(request.request_id, stream.pool)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(self._completion_chunks(request, stream, include_usage),
-                           headers={POOL_HEADER: stream.pool}, source=stream)
 
-    async def _completion_chunks(self, request: TextRequest, stream: Stream,
-                                 include_usage: bool) -> AsyncIterator[str]:
-        created = int(time.time())
+        async def events() -> AsyncIterator[str]:
+            if (start := build.start()) is not None:
+                yield _event(start)
+            try:
+                async for piece in stream.pieces():
+                    yield _event(build.text(piece))
+            except APIError as exc:
+                yield sse(ErrorResponse.model_validate(exc.body()).model_dump_json())
+                return
+            yield _event(build.finish(stream.finish_reason))
+            if include_usage and stream.usage:
+                yield _event(build.usage(_usage(stream.usage)))
+            yield sse("[DONE]")
 
-        def chunk(choices: list[CompletionChunkChoice], **usage) -> str:
-            return _event(CompletionChunk(id=request.request_id, object="text_completion", created=created,
-                                          model=stream.pool, choices=choices, **usage))
-
-        async for event in self._openai_events(stream, include_usage):
-            if isinstance(event, str):
-                yield event
-            elif isinstance(event, UsageInfo):
-                yield chunk([], usage=event)
-            else:
-                text, finish_reason = event
-                yield chunk([CompletionChunkChoice(index=0, text=text or "", finish_reason=finish_reason,
-                                                   logprobs=None)])
-
-    @staticmethod
-    async def _openai_events(stream: Stream, include_usage: bool) -> AsyncIterator:
-        """The shared shape of both OpenAI streams: (text, None) per piece, (None, finish_reason) at the end, then
-        the usage (with include_usage) and `[DONE]`; an error after the first token is an error event instead."""
-        try:
-            async for piece in stream.pieces():
-                yield piece, None
-        except APIError as exc:
-            yield sse(ErrorResponse.model_validate(exc.body()).model_dump_json())
-            return
-        yield None, stream.finish_reason
-        if include_usage and stream.usage:
-            yield _usage(stream.usage)
-        yield sse("[DONE]")
+        return EventStream(events(), headers={POOL_HEADER: stream.pool}, source=stream)
 
     # --- tokens (vLLM's routes, for clients that count tokens) ----------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.api.routing import ROUTING_POLICIES
+from serve_app.api.pool_choice import ROUTING_POLICIES
 
 
 class FrozenArgs(BaseModel):

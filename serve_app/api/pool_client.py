@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.api.errors import APIError, internal_error
-from serve_app.api.routing import Router
+from serve_app.api.error_table import APIError, internal_error
+from serve_app.api.pool_choice import Router
 from serve_app.api.ingress_config import IngressConfig
 from serve_app.server.messages import TextDelta, TextRequest, Tokens, Usage
 

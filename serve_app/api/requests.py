@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from serve_app.api.errors import APIError
+from serve_app.api.error_table import APIError
 from serve_app.api.schemas import (
     ApiPyRequest,
     ChatCompletionRequest,
@@ -58,13 +58,13 @@ class RequestBuilder:
         )
 
     def chat_turn(self, body: StreamChatRequest) -> TextRequest:
-        """The seeds' streaming API over HTTP (/chat, /stream) and WebSocket."""
+        """The explorer's streaming API over HTTP (/chat, /stream) and WebSocket."""
         return self.turn(body.query, body.history, temperature=body.temperature, top_p=body.top_p,
                          max_length=body.max_length)
 
     def turn(self, query: str, history: list[tuple[str, str]], *, temperature: float | None = None,
              top_p: float | None = None, max_length: int | None = None) -> TextRequest:
-        """A turn of the seeds' streaming API (HTTP, WebSocket, gRPC) from values already within its fields' bounds:
+        """A turn of the explorer's streaming API (HTTP, WebSocket, gRPC) from values already within its fields' bounds:
         the last `max_history_rounds` rounds kept."""
         self.check_prompt(query, "query")
         keep = self.args.max_history_rounds

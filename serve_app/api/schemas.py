@@ -1,6 +1,6 @@
 """Request and response shapes of every API, as pydantic models.
 
-Requests are validated at the ingress (failures become OpenAI-style 400s, serve_app/api/errors.py); responses are
+Requests are validated at the ingress (failures become OpenAI-style 400s, serve_app/api/error_table.py); responses are
 built from the response models, so the OpenAPI document describes what is sent. What travels between the ingress and
 the pools is in serve_app/server/messages.py.
 """
@@ -22,7 +22,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from serve_app.api.errors import APIError
+from serve_app.api.error_table import APIError
 
 
 def _unicode(value: str) -> str:
@@ -152,7 +152,7 @@ class ApiPyResponse(BaseModel):
     time: str = Field(description="YYYY-MM-DD HH:MM:SS")
 
 
-# --- the seeds' streaming API ------------------------------------------------------------------------------------
+# --- the explorer's streaming API ------------------------------------------------------------------------------------
 
 
 class StreamChatRequest(_Strict):

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from serve_app.api.errors import APIError
+from serve_app.api.error_table import APIError
 
 logger = logging.getLogger("ray.serve")
 

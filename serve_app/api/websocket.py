@@ -1,6 +1,6 @@
-"""Browser-facing routes of the ingress: the seeds' WebSocket chat (`/ws`) and the chat page (`GET /ui`).
+"""Browser-facing routes of the ingress: the explorer's WebSocket chat (`/ws`) and the chat page (`GET /ui`).
 
-WebSocket protocol (seed 000): the client sends one JSON object `{query, history, max_length?, top_p?, temperature?,
+The explorer's WebSocket protocol: the client sends one JSON object `{query, history, max_length?, top_p?, temperature?,
 model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>, "history": [...]}` each time the
 answer grows (history ends with the current turn), then closes with 1000. Bad input (invalid JSON, wrong types,
 unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
@@ -19,7 +19,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 
-from serve_app.api.errors import APIError, internal_error, validation_error
+from serve_app.api.error_table import APIError, internal_error, validation_error
 from serve_app.api.http import app
 from serve_app.api.pool_client import Stream
 from serve_app.api.schemas import StreamChatRequest
@@ -28,7 +28,7 @@ from serve_app.server.messages import TextRequest
 
 logger = logging.getLogger("ray.serve")
 
-CLOSE_NORMAL = 1000  # the answer is complete; an error's close code is in the error table (api/errors.py)
+CLOSE_NORMAL = 1000  # the answer is complete; an error's close code is in the error table (api/error_table.py)
 
 
 async def _fail(websocket: WebSocket, exc: APIError) -> None:

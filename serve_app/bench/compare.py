@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from serve_app.bench.engine import LoadSummary, format_table, run_engine_load, summarize
-from serve_app.bench.http import http_client, level_result, run_level, token_counts, tokenized_prompts
+from serve_app.bench.engine_bench import LoadSummary, format_table, run_engine_load, summarize
+from serve_app.bench.served import http_client, level_result, run_level, token_counts, tokenized_prompts
 from serve_app.engine.engine import Engine, EngineConfig
 from serve_app.engine.params import SamplingParams
 from serve_app.model.loader import load_model

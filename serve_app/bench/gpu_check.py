@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from serve_app.bench.engine import (
+from serve_app.bench.engine_bench import (
     PromptVocab,
     device_bandwidth,
     format_table,

@@ -36,7 +36,7 @@ def load(source: str, precision: str, device: str):
 def measure(source: str, precision: str, device: str, batches: list[int], steps: int, prompt_len: int,
             bandwidth_gbs: float | None = None) -> dict:
     """Runs inside the subprocess: load, then time `steps` decode steps at each batch size."""
-    from serve_app.bench.engine import device_bandwidth
+    from serve_app.bench.engine_bench import device_bandwidth
     from serve_app.engine.params import SamplingParams
     from serve_app.engine.runner import ModelRunner, Work
 

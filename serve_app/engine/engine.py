@@ -31,7 +31,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine_config import EngineConfig
 from serve_app.engine.errors import (
     EngineError,
     EngineOverloaded,

@@ -1,4 +1,4 @@
-"""The engine's errors. Each has a `code`: the API layer's error table (serve_app/api/errors.py) maps it to an HTTP
+"""The engine's errors. Each has a `code`: the API layer's error table (serve_app/api/error_table.py) maps it to an HTTP
 status, an OpenAI error type and a gRPC status."""
 
 

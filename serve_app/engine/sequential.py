@@ -1,6 +1,6 @@
 """One request at a time: prefill the prompt, then decode token by token with a one-slot KV cache.
 
-This is what the seeds' servers do for every request. The CLI uses it, and the benchmark uses it as the sequential
+This is what the official api.py and the explorer's servers do for every request. The CLI uses it, and the benchmark uses it as the sequential
 baseline the batching engine is compared with. Token ids only: text is the caller's.
 
 The one-slot runner (its KV cache, and on CUDA its compiled attention kernel) is kept for the next call with the

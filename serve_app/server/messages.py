@@ -1,7 +1,7 @@
 """What travels between the ingress and a pool: `TextRequest` in, `TextDelta`s back.
 
 Plain dataclasses (no torch, no pydantic): Ray pickles them between the ingress and pool replicas. An error raised
-inside a pool travels as data, an `ErrorInfo` with a code from the API's error table (serve_app/api/errors.py),
+inside a pool travels as data, an `ErrorInfo` with a code from the API's error table (serve_app/api/error_table.py),
 because exceptions lose their type in transit.
 """
 
@@ -35,7 +35,7 @@ class TextRequest:
 
 @dataclass
 class ErrorInfo:
-    """An error raised inside a pool: `code` is a key of serve_app.api.errors.ERRORS."""
+    """An error raised inside a pool: `code` is a key of serve_app.api.error_table.ERRORS."""
 
     code: str
     message: str

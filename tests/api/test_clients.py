@@ -1,4 +1,4 @@
-"""The seeds' other clients against the running application: WebSocket, gRPC (generated stub) and the CLI chat.
+"""The explorer's other clients against the running application: WebSocket, gRPC (generated stub) and the CLI chat.
 
 One Ray + Serve start for the module (HTTP and gRPC proxies on free ports), two pools on the tiny demo checkpoint.
 """

@@ -1,4 +1,4 @@
-"""The one error table (serve_app/api/errors.py) and what HTTP and WebSocket answer from it. Fast: no Ray."""
+"""The one error table (serve_app/api/error_table.py) and what HTTP and WebSocket answer from it. Fast: no Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.testclient import TestClient
 
 from serve_app.api import http, websocket
-from serve_app.api.errors import ERRORS, WS_POLICY, WS_SERVER_ERROR, APIError, status_description
+from serve_app.api.error_table import ERRORS, WS_POLICY, WS_SERVER_ERROR, APIError, status_description
 
 
 @pytest.mark.parametrize("code", sorted(ERRORS))

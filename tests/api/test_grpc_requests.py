@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.api import grpc as grpc_api
-from serve_app.api.errors import APIError, validation_error
+from serve_app.api.error_table import APIError, validation_error
 from serve_app.api.grpc import GrpcMixin, GrpcRequestError
 from serve_app.api.grpc_servicer import UndecodableRequest
 from serve_app.api.pool_client import PoolClient

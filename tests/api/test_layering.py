@@ -8,7 +8,7 @@ import sys
 import grpc
 import pytest
 
-from serve_app.api.errors import ERRORS, APIError
+from serve_app.api.error_table import ERRORS, APIError
 from serve_app.engine import errors as engine_errors
 from serve_app.server.messages import ErrorInfo
 

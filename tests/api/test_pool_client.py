@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import ClientDisconnect
 
 from serve_app.api import pool_client
-from serve_app.api.errors import APIError
+from serve_app.api.error_table import APIError
 from serve_app.api.http import EventStream
 from serve_app.api.pool_client import BEFORE_FIRST_TOKEN, MID_STREAM, REPLICA_FAILED, PoolClient, Stream
 from serve_app.api.requests import RequestBuilder

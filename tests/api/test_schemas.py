@@ -11,7 +11,7 @@ import json
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from serve_app.api.errors import APIError, validation_error
+from serve_app.api.error_table import APIError, validation_error
 from serve_app.api.schemas import (
     ApiPyRequest,
     ChatCompletionRequest,

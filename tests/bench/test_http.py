@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.bench.engine import RequestRecord
-from serve_app.bench.http import Served, UsageMismatch, check_usage
+from serve_app.bench.engine_bench import RequestRecord
+from serve_app.bench.served import Served, UsageMismatch, check_usage
 
 
 def served(prompt_tokens: int, output_tokens: int) -> Served:

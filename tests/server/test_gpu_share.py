@@ -3,7 +3,7 @@ and the workspace estimate checked against the live tensor bytes of real engine 
 
 import pytest
 
-from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine_config import EngineConfig
 from serve_app.model.demo import PRESETS
 from serve_app.server.gpu_share import (
     DEFAULT_CONTEXT_BYTES,

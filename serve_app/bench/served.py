@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
-from serve_app.bench.engine import LoadSummary, RequestRecord, format_table, summarize
+from serve_app.bench.engine_bench import LoadSummary, RequestRecord, format_table, summarize
 from serve_app.client import aopenai_chunks
 
 _WORDS = ("天气", "今天", "我们", "服务", "模型", "问题", "回答", "请", "介绍", "一下", "model", "serve", "chat",

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from serve_app.api.errors import APIError
+from serve_app.api.error_table import APIError
 from serve_app.server.messages import ReplicaStats
 
 AUTO = "auto"  # the policy's name; also accepted as a request's `model`, so no pool may be called that
