@@ -18,13 +18,19 @@ from serve_app.config import AppArgs, PoolArgs, PoolConfig
 from serve_app.server.deployment import ChatGLM2Server
 from serve_app.server.engine_factory import ReplicaEngine, build_engine
 
-__all__ = ["AppArgs", "PoolArgs", "build_app"]
+__all__ = ["AppArgs", "PoolArgs", "build_app", "build_graph"]
 
 
-def build_app(args: AppArgs, engine_factory: Callable[[PoolConfig], ReplicaEngine] = build_engine) -> Application:
+def build_app(args: AppArgs) -> Application:
     """Serve validates the YAML `args` into AppArgs (annotated parameter) before calling this; a bad value fails
-    here, at deploy time, with the field's path. `engine_factory` is what each pool replica builds its engine with
-    (tests pass a fake one: tests/fake_engine.py)."""
+    here, at deploy time, with the field's path. (Serve calls a builder with the args alone: the engine factory is
+    `build_graph`'s.)"""
+    return build_graph(args)
+
+
+def build_graph(args: AppArgs, engine_factory: Callable[[PoolConfig], ReplicaEngine] = build_engine) -> Application:
+    """The ingress bound to one pool deployment per pool; `engine_factory` is what each pool replica builds its
+    engine with (tests pass a fake one: tests/fake_engine.py)."""
     if not isinstance(args, AppArgs):  # called from Python with a dict
         args = AppArgs.model_validate(args)
     pools = {pool.name: ChatGLM2Server.options(name=pool.name).bind(pool, engine_factory)

@@ -3,7 +3,7 @@ placement and autoscaling): everything the pool deployment does around its engin
 building, stop strings, coalescing, metrics, Ray, the proxies), only the model is not there.
 
     config = local_config(checkpoint, fake_engine={"token_delay_s": 0.005})   # tests/serving.py
-    # import_path tests.fake_engine:build_fake_app: `build_app` with `engine_factory=FakeFactory(settings)`
+    # import_path tests.fake_engine:build_fake_app: `build_graph` with `engine_factory=FakeFactory(settings)`
 
 `FakeEngine` keeps the real engine's contract (serve_app/engine/engine.py): the same token budget and errors raised at
 once (`token_budget`), `max_batch_size` sequences at a time with up to `max_waiting` more queued and `EngineOverloaded`
@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.app import build_app
+from serve_app.app import build_graph
 from serve_app.config import AppArgs, PoolConfig
 from serve_app.engine.errors import EngineOverloaded, InvalidRequest
 from serve_app.engine.outputs import EngineStats, RequestStats, TokenDelta
@@ -119,4 +119,4 @@ def build_fake_app(args: dict[str, Any]):
     """The Serve `import_path` target of a fake-engine config: the app's args plus `fake_engine:` (FakeSettings)."""
     args = dict(args)
     settings = FakeSettings(**(args.pop("fake_engine", None) or {}))
-    return build_app(AppArgs.model_validate(args), engine_factory=FakeFactory(settings))
+    return build_graph(AppArgs.model_validate(args), engine_factory=FakeFactory(settings))

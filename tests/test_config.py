@@ -109,3 +109,17 @@ def test_each_value_set_is_the_one_its_implementation_defines():
     assert choices(AppArgs, "demo_preset") == tuple(demo.PRESETS)
     assert choices(QuantArgs, "kernel") == quant_kernels.QUANT_KERNELS
     assert _error(engine={"attention": "paged"})["loc"][:2] == ("engine", "attention")
+
+
+def test_serve_can_call_both_app_builders_with_the_yaml_args():
+    """Serve calls an import_path builder with the args alone (and refuses a builder with more parameters)."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve_app.app import build_app
+    from tests.fake_engine import build_fake_app
+
+    args = {"checkpoint": "/m", "pools": [{"model": "a", "precision": "fp32"}]}
+    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
+    fake = call_user_app_builder_with_args_if_necessary(build_fake_app, {**args, "fake_engine": {}})
+    assert isinstance(fake, Application)
