@@ -1,6 +1,6 @@
 """GPU shares and autoscaling, verified without GPUs: Ray is started with two logical GPUs, the pools ask for
 1.0 / 0.5 / 0.25 GPU per replica in the Serve config, and load on the INT4 pool scales it up and back down. The
-pools run the fake engine (tests/fake_engine.py, a token every 5 ms): placement and autoscaling are Serve's."""
+pools run the fake engine (tests/fake_engine.py, a token every 2 ms): placement and autoscaling are Serve's."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ SHARES = {"chatglm2-6b": 1.0, "chatglm2-6b-int8": 0.5, "chatglm2-6b-int4": 0.25}
 
 
 def gpu_config(checkpoint):
-    config = local_config(checkpoint, fake_engine={"token_delay_s": 0.005},
+    config = local_config(checkpoint, fake_engine={"token_delay_s": 0.002},
                           engine={"max_batch_size": 2, "max_seq_len": 2048, "max_waiting": 64})
     for deployment in config["applications"][0]["deployments"]:
         name = deployment["name"]

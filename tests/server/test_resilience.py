@@ -2,7 +2,7 @@
 replica fails only its own requests (with an error event) and is replaced.
 
 One Ray + Serve start for the module: configs/local.yaml with two pools of two replicas each, on the fake engine
-(tests/fake_engine.py: these are properties of the Serve graph, not of the model; a token every 5 ms). SMALL has
+(tests/fake_engine.py: these are properties of the Serve graph, not of the model; a token every 2 ms). SMALL has
 tight limits (2 ongoing per replica, 2 queued at the ingress, engine batch 2); WIDE has room for many clients at once.
 """
 
@@ -28,7 +28,7 @@ WIDE = "chatglm2-6b-int8"
 def resilience_config(checkpoint) -> dict:
     small_engine = {"max_batch_size": 2, "max_seq_len": 2048, "max_waiting": 0}
     wide_engine = {"max_batch_size": 8, "max_seq_len": 2048, "max_waiting": 64}
-    config = local_config(checkpoint, fake_engine={"token_delay_s": 0.005}, engine=small_engine, pools=[
+    config = local_config(checkpoint, fake_engine={"token_delay_s": 0.002}, engine=small_engine, pools=[
         {"model": SMALL, "precision": "int4"},
         {"model": WIDE, "precision": "int8", "engine": wide_engine},
     ])
