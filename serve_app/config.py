@@ -124,10 +124,6 @@ class AppArgs(IngressArgs):
         """Pool names, highest precision first."""
         return [pool.model for pool in self.pools]
 
-    @property
-    def default_pool(self) -> str:
-        return self.default_model or self.pools[0].model
-
     def ingress_config(self) -> IngressConfig:
         return IngressConfig(pool_names=self.pool_names, **{key: getattr(self, key) for key in IngressArgs.model_fields})
 

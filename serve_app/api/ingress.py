@@ -14,6 +14,7 @@ so the OpenAPI document is the response shape.
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 from datetime import datetime
 
 from fastapi.responses import JSONResponse
@@ -87,59 +88,56 @@ def _history(history: list, query: str, response: str) -> list[list[str]]:
 
 
 @dataclass
-class ChatChunks:
-    """The chat.completion.chunk events of one stream (an empty assistant delta first, as OpenAI sends)."""
+class _Chunks:
+    """The chunk events of one OpenAI stream: `start()` (None when there is none), `text(piece)`,
+    `finish(reason)`, `usage(usage)`. A subclass says which chunk model and `object` they are."""
 
     id: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
+    chunk_model: ClassVar[type[BaseModel]]
+    object: ClassVar[str]
 
-    def _chunk(self, **fields) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
-                                   model=self.model, **fields)
+    def _chunk(self, **fields) -> BaseModel:
+        return self.chunk_model(id=self.id, object=self.object, created=self.created, model=self.model, **fields)
 
-    def _choice(self, delta: ChunkDelta, finish_reason: str | None) -> ChatCompletionChunk:
-        return self._chunk(choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason,
-                                                    logprobs=None)])
-
-    def start(self) -> ChatCompletionChunk:
-        return self._choice(ChunkDelta(role="assistant", content=""), None)
-
-    def text(self, text: str) -> ChatCompletionChunk:
-        return self._choice(ChunkDelta(content=text), None)
-
-    def finish(self, finish_reason: str | None) -> ChatCompletionChunk:
-        return self._choice(ChunkDelta(), finish_reason)
-
-    def usage(self, usage: UsageInfo) -> ChatCompletionChunk:
+    def usage(self, usage: UsageInfo) -> BaseModel:
         return self._chunk(choices=[], usage=usage)
 
 
-@dataclass
-class CompletionChunks:
-    """The text_completion chunk events of one stream."""
+class ChatChunks(_Chunks):
+    """chat.completion.chunk events (an empty assistant delta first, as OpenAI sends)."""
 
-    id: str
-    model: str
-    created: int = field(default_factory=lambda: int(time.time()))
+    chunk_model, object = ChatCompletionChunk, "chat.completion.chunk"
 
-    def _chunk(self, **fields) -> CompletionChunk:
-        return CompletionChunk(id=self.id, object="text_completion", created=self.created, model=self.model,
-                               **fields)
+    def _choice(self, delta: ChunkDelta, finish_reason: str | None) -> BaseModel:
+        return self._chunk(choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason,
+                                                    logprobs=None)])
+
+    def start(self) -> BaseModel:
+        return self._choice(ChunkDelta(role="assistant", content=""), None)
+
+    def text(self, text: str) -> BaseModel:
+        return self._choice(ChunkDelta(content=text), None)
+
+    def finish(self, finish_reason: str | None) -> BaseModel:
+        return self._choice(ChunkDelta(), finish_reason)
+
+
+class CompletionChunks(_Chunks):
+    """text_completion chunk events."""
+
+    chunk_model, object = CompletionChunk, "text_completion"
 
     def start(self) -> None:
         return None
 
-    def text(self, text: str, finish_reason: str | None = None) -> CompletionChunk:
+    def text(self, text: str, finish_reason: str | None = None) -> BaseModel:
         return self._chunk(choices=[CompletionChunkChoice(index=0, text=text, finish_reason=finish_reason,
                                                           logprobs=None)])
 
-    def finish(self, finish_reason: str | None) -> CompletionChunk:
+    def finish(self, finish_reason: str | None) -> BaseModel:
         return self.text("", finish_reason)
-
-    def usage(self, usage: UsageInfo) -> CompletionChunk:
-        return self._chunk(choices=[], usage=usage)
-
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
@@ -229,7 +227,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                                     model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
         return await self._openai_stream(body, request, CompletionChunks)
 
-    async def _openai_stream(self, body, request: TextRequest, chunks: type[ChatChunks | CompletionChunks]):
+    async def _openai_stream(self, body, request: TextRequest, chunks: type[_Chunks]):
         """Both OpenAI streams: the builder's first chunk (if any), a chunk per piece of text, a chunk with the
         finish_reason, the usage (with include_usage) and `[DONE]`; an error after the first token is an error event
         instead of the rest."""
