@@ -83,7 +83,8 @@ class Router:
     async def _poll(self, name: str) -> None:
         load = self.load[name]
         try:
-            stats: ReplicaStats = await asyncio.wait_for(self.handles[name].engine_stats.remote(), timeout=2.0)
+            async with asyncio.timeout(2.0):  # not wait_for, which can drop a cancellation on 3.11 (coalescing.py)
+                stats: ReplicaStats = await self.handles[name].engine_stats.remote()
         except Exception:  # overloaded (backpressure), restarting or unreachable: no headroom for now
             load.reachable = False
             return

@@ -16,7 +16,6 @@ stream (a client that went away) closes the source at once, which is what stops 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from serve_app.server.messages import TextDelta
@@ -80,8 +79,12 @@ async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIt
                     if remaining <= 0:
                         break
                     try:
-                        nxt = await asyncio.wait_for(ready.get(), remaining)
-                    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+                        # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns a value that arrives
+                        # together with a cancellation and drops the cancellation, and the engine runs on for a
+                        # client that went away (tests/server/test_coalescing.py).
+                        async with asyncio.timeout(remaining):
+                            nxt = await ready.get()
+                    except TimeoutError:
                         break
                 if nxt is _END or isinstance(nxt, Exception) or nxt.error:
                     held = nxt  # sent after this batch's text, as it came
@@ -92,5 +95,4 @@ async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIt
             yield merge(batch)
     finally:
         pumping.cancel()  # closes `source`: the engine stops generating for a client that went away
-        with contextlib.suppress(asyncio.CancelledError):
-            await pumping
+        await asyncio.wait({pumping})  # unlike awaiting it, keeps a cancellation of this task itself

@@ -10,6 +10,7 @@ their bounds hold with wide margins on a loaded machine; nothing here measures s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -215,3 +216,36 @@ def test_cancelling_a_coalesced_engine_stream_frees_the_engine(tiny_fp32, tiny_t
 
     stats = run(scenario())
     assert stats.running == 0 and stats.free_slots == 2 and stats.finished.get("abort") == 1
+
+
+def test_cancelling_the_consumer_mid_window_is_never_swallowed():
+    """A client that goes away cancels the task reading the pool's stream (Serve injects the cancellation); it must
+    end that task and close the source whatever the coalescer was awaiting at that moment. The sweep cancels at
+    every tick offset of a source that has a delta ready on every tick (so cancellations land while a delta is
+    arriving, the race in which Python 3.11's asyncio.wait_for returns the value and drops the cancellation)."""
+
+    async def scenario(ticks: int) -> tuple[bool, bool]:
+        closed = asyncio.Event()
+
+        async def source():
+            try:
+                for _ in range(5_000):
+                    yield TextDelta("x")
+                    await asyncio.sleep(0)
+            finally:
+                closed.set()
+
+        async def consume():
+            async for _ in coalesce(source(), 0.05):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return task.cancelled(), closed.is_set()
+
+    outcomes = {ticks: run(scenario(ticks)) for ticks in range(1, 120)}
+    assert {ticks: o for ticks, o in outcomes.items() if o != (True, True)} == {}
