@@ -169,7 +169,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
     async def chat(self, body: StreamChatRequest) -> JSONResponse:
         request = self.requests.chat_turn(body)
         answer = await self.client.collect(body.model, request)
-        history = _history(request.history, body.query, answer.text)
+        history = _history(request.prompt.history, body.query, answer.text)
         return _json(StreamChatResponse(query=body.query, response=answer.text, history=history, success=True),
                      answer.pool)
 
@@ -191,7 +191,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             except APIError as exc:
                 yield _event(StreamErrorEvent.model_validate(exc.body() | {"finished": True}), "error")
                 return
-            history = _history(request.history, body.query, response)
+            history = _history(request.prompt.history, body.query, response)
             yield _event(StreamDeltaEvent(query=body.query, delta="[EOS]", response=response, history=history,
                                           finished=True), "delta")
 

@@ -16,7 +16,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.api.ingress_config import IngressConfig
 from serve_app.engine.params import SamplingParams
-from serve_app.server.messages import TextRequest
+from serve_app.server.messages import ChatPrompt, RawPrompt, TextRequest, TokenPrompt
 
 
 class RequestBuilder:
@@ -53,8 +53,7 @@ class RequestBuilder:
         return TextRequest(
             request_id=uuid.uuid4().hex,
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
-            query=body.prompt,
-            history=list(body.history),
+            prompt=ChatPrompt(body.prompt, list(body.history)),
         )
 
     def chat_turn(self, body: StreamChatRequest) -> TextRequest:
@@ -71,8 +70,7 @@ class RequestBuilder:
         return TextRequest(
             request_id=uuid.uuid4().hex,
             params=self.params(temperature=temperature, top_p=top_p, max_length=max_length),
-            query=query,
-            history=list(history)[-keep:] if keep else [],
+            prompt=ChatPrompt(query, list(history)[-keep:] if keep else []),
         )
 
     def chat_completion(self, body: ChatCompletionRequest) -> TextRequest:
@@ -83,24 +81,23 @@ class RequestBuilder:
             params=self.params(temperature=body.temperature, top_p=body.top_p,
                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
                                ignore_eos=body.ignore_eos),
-            query=query,
-            history=history,
-            system=system,
+            prompt=ChatPrompt(query, history, system),
             stop=body.stop or [],
             context_strict=True,
         )
 
     def completion(self, body: CompletionRequest) -> TextRequest:
         """A text prompt gets the [gMASK] sop prefix; token ids are the model's whole input, as given."""
-        ids = body.prompt if isinstance(body.prompt, list) else None
-        if ids is None:
+        if isinstance(body.prompt, list):
+            prompt = TokenPrompt(body.prompt)
+        else:
             self.check_prompt(body.prompt, "prompt")
+            prompt = RawPrompt(body.prompt)
         return TextRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
                                seed=body.seed, ignore_eos=body.ignore_eos),
-            raw_prompt=None if ids is not None else body.prompt,
-            prompt_ids=ids,
+            prompt=prompt,
             stop=body.stop or [],
             context_strict=True,
         )
@@ -110,7 +107,6 @@ class RequestBuilder:
         if isinstance(body, TokenizeChatRequest):
             system, history, query = split_messages(body.messages)
             self.check_length(query, "messages")
-            return TextRequest(request_id=uuid.uuid4().hex, params=SamplingParams(), query=query, history=history,
-                               system=system)
+            return TextRequest(uuid.uuid4().hex, SamplingParams(), ChatPrompt(query, history, system))
         self.check_length(body.prompt, "prompt")
-        return TextRequest(request_id=uuid.uuid4().hex, params=SamplingParams(), raw_prompt=body.prompt)
+        return TextRequest(uuid.uuid4().hex, SamplingParams(), RawPrompt(body.prompt))

@@ -94,7 +94,7 @@ async def _send_answer(websocket: WebSocket, body: StreamChatRequest, request: T
     """A message with the whole answer so far each time it grows (and at least one), then a normal close."""
     try:
         async for response in stream.growing():
-            history = [list(pair) for pair in request.history] + [[body.query, response]]
+            history = [list(pair) for pair in request.prompt.history] + [[body.query, response]]
             await websocket.send_text(json.dumps({"resp": response, "history": history}, ensure_ascii=False))
         await websocket.close(CLOSE_NORMAL)
     except APIError as exc:

@@ -21,7 +21,9 @@ from serve_app.engine.errors import EngineError
 from serve_app.model.tokenizer import TokenizerError
 from serve_app.server.coalescing import coalesce
 from serve_app.server.engine_factory import ReplicaEngine, build_engine
-from serve_app.server.messages import ErrorInfo, ReplicaStats, TextDelta, TextRequest, Tokens
+from serve_app.server.messages import (
+    ChatPrompt, ErrorInfo, RawPrompt, ReplicaStats, TextDelta, TextRequest, TokenPrompt, Tokens,
+)
 from serve_app.server.metrics import PoolMetrics, RequestTrace
 from serve_app.server.reply_text import ReplyText
 
@@ -42,12 +44,14 @@ class ChatGLM2Server:
 
     def _prompt_ids(self, request: TextRequest, special_tokens: bool = True) -> list[int]:
         """The model input of `request`; `special_tokens=False` leaves the [gMASK] sop prefix off a raw prompt."""
-        if request.prompt_ids is not None:
-            return self._checked_ids(request.prompt_ids)
-        if request.raw_prompt is not None:
-            prefix = self.tokenizer.prefix_ids() if special_tokens else []
-            return prefix + self.tokenizer.encode(request.raw_prompt)
-        return self.tokenizer.build_chat_input(request.query or "", request.history, request.system)
+        match request.prompt:
+            case ChatPrompt(query, history, system):
+                return self.tokenizer.build_chat_input(query, history, system)
+            case RawPrompt(text):
+                return (self.tokenizer.prefix_ids() if special_tokens else []) + self.tokenizer.encode(text)
+            case TokenPrompt(ids):
+                return self._checked_ids(ids)
+        raise TypeError(f"not a prompt: {request.prompt!r}")
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
         vocab = self.tokenizer.vocab_size
@@ -85,7 +89,7 @@ class ChatGLM2Server:
         finally:  # also when the ingress cancels the stream
             fields = trace.log_fields()
             if self.log_prompts:
-                fields |= {"prompt": request.raw_prompt or request.query, "reply": "".join(reply)}
+                fields |= {"prompt": request.prompt.summary(), "reply": "".join(reply)}
             logger.info("request finished %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
 
     async def _generate(self, request: TextRequest, trace: RequestTrace) -> AsyncIterator[TextDelta]:

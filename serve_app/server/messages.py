@@ -15,8 +15,43 @@ from serve_app.engine.params import SamplingParams
 
 
 @dataclass
+class ChatPrompt:
+    """A chat turn: the pool applies ChatGLM2's chat template (`[Round n]` rounds, an optional system text)."""
+
+    query: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    system: str | None = None
+
+    def summary(self) -> str:  # for the request log line
+        return self.query
+
+
+@dataclass
+class RawPrompt:
+    """A completion prompt (/v1/completions, /tokenize): no chat template, just the [gMASK] sop prefix."""
+
+    text: str
+
+    def summary(self) -> str:
+        return self.text
+
+
+@dataclass
+class TokenPrompt:
+    """Prompt token ids (/v1/completions with ids): the model's whole input, as given."""
+
+    ids: list[int]
+
+    def summary(self) -> str:
+        return f"<{len(self.ids)} token ids>"
+
+
+Prompt = ChatPrompt | RawPrompt | TokenPrompt  # turned into model input in one place: ChatGLM2Server._prompt_ids
+
+
+@dataclass
 class TextRequest:
-    """What the ingress asks of a pool: a chat turn (query + history), a raw completion prompt, or prompt token ids.
+    """What the ingress asks of a pool: a prompt (one of the three kinds) and how to sample its reply.
 
     `context_strict` asks for OpenAI's semantics: a prompt plus `params.max_new_tokens` past the pool's context is a
     `context_length_exceeded` error. Without it (the official api.py) the reply is capped by the context instead.
@@ -24,11 +59,7 @@ class TextRequest:
 
     request_id: str
     params: SamplingParams
-    query: str | None = None
-    history: list[tuple[str, str]] = field(default_factory=list)
-    system: str | None = None
-    raw_prompt: str | None = None  # /v1/completions: no chat template, just the [gMASK] sop prefix
-    prompt_ids: list[int] | None = None  # /v1/completions with token ids: the model's whole input, as given
+    prompt: Prompt
     stop: list[str] = field(default_factory=list)
     context_strict: bool = False
 

@@ -11,7 +11,7 @@ pool, and the reuse is lost exactly when the pool scales out. This router, confi
           request_router_class: serve_app.server.router.ConversationAffinityRouter
           request_router_kwargs: {max_imbalance: 8}
 
-picks for each chat turn (a `TextRequest` with a query) a preferred replica:
+picks for each chat turn (a `TextRequest` with a `ChatPrompt`) a preferred replica:
 
 1. the replica this router sent the conversation's previous turn to (keyed by a hash of system, history and query,
    so the next turn, whose history ends with this turn, finds it), else
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from serve_app.server.messages import TextRequest
+from serve_app.server.messages import ChatPrompt, TextRequest
 
 
 class AffinityArgs(BaseModel):
@@ -73,13 +73,13 @@ class Turn:
     leaves: str  # system + history + this query: what the replica holds KV for after this turn
 
     @classmethod
-    def of(cls, request: TextRequest) -> Turn:
-        history = [[query, answer] for query, answer in request.history]
-        first = history[0][0] if history else request.query
+    def of(cls, prompt: ChatPrompt) -> Turn:
+        history = [[query, answer] for query, answer in prompt.history]
+        first = history[0][0] if history else prompt.query
         continues = None
         if history:
-            continues = _digest(request.system, history[:-1], history[-1][0])
-        return cls(_digest(request.system, [], first), continues, _digest(request.system, history, request.query))
+            continues = _digest(prompt.system, history[:-1], history[-1][0])
+        return cls(_digest(prompt.system, [], first), continues, _digest(prompt.system, history, prompt.query))
 
 
 def chat_turn(pending_request: PendingRequest | None) -> Turn | None:
@@ -87,8 +87,8 @@ def chat_turn(pending_request: PendingRequest | None) -> Turn | None:
     if pending_request is None:
         return None
     for arg in pending_request.args:
-        if isinstance(arg, TextRequest) and arg.raw_prompt is None and arg.query is not None:
-            return Turn.of(arg)
+        if isinstance(arg, TextRequest) and isinstance(arg.prompt, ChatPrompt):
+            return Turn.of(arg.prompt)
     return None
 
 

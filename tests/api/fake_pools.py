@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 from serve_app.api.pool_client import PoolClient
 from serve_app.engine.params import SamplingParams
-from serve_app.server.messages import TextDelta, TextRequest, Tokens, Usage
+from serve_app.server.messages import ChatPrompt, TextDelta, TextRequest, Tokens, Usage
 
 POOL = "pool-a"
 ARGS = SimpleNamespace(pool_names=[POOL], default_pool=POOL, routing="default", max_prompt_chars=100,
                        max_history_rounds=10, defaults=SimpleNamespace(temperature=0.95, top_p=0.7, max_length=2048))
-REQUEST = TextRequest(request_id="r", params=SamplingParams(), query="hi")
+REQUEST = TextRequest(request_id="r", params=SamplingParams(), prompt=ChatPrompt("hi"))
 DONE = TextDelta(text="!", finish_reason="stop", usage=Usage(3, 2))
 
 

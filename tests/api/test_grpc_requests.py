@@ -53,7 +53,7 @@ def answer(build) -> tuple:
         request = build()
     except APIError as exc:
         return "error", exc.code, exc.status, exc.message, exc.param
-    return "request", request.query, request.history, request.params
+    return "request", request.prompt.query, request.prompt.history, request.params
 
 
 FIELDS = [

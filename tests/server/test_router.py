@@ -12,7 +12,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Requ
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from serve_app.engine.params import SamplingParams
-from serve_app.server.messages import TextRequest
+from serve_app.server.messages import ChatPrompt, RawPrompt, TextRequest
 from serve_app.server.router import ConversationAffinityRouter, chat_turn
 
 POOL = DeploymentID(name="chatglm2-6b-int4", app_name="chatglm2")
@@ -37,9 +37,12 @@ def make_router(**kwargs) -> ConversationAffinityRouter:
     return router
 
 
-def request(query: str, history=(), system=None, raw_prompt=None) -> TextRequest:
-    return TextRequest("id", SamplingParams(), query=query, history=[list(turn) for turn in history], system=system,
-                       raw_prompt=raw_prompt)
+def request(query: str, history=(), system=None) -> TextRequest:
+    return TextRequest("id", SamplingParams(), ChatPrompt(query, [list(turn) for turn in history], system))
+
+
+def completion(text: str) -> TextRequest:
+    return TextRequest("id", SamplingParams(), RawPrompt(text))
 
 
 def pending(*args) -> PendingRequest:
@@ -127,9 +130,9 @@ def test_a_full_replica_never_gets_the_turn():
 def test_requests_that_are_not_chat_turns_go_to_the_least_loaded():
     router, replicas = make_router(), fake_replicas(3)
     loads = {replicas[0]: 2, replicas[1]: 0, replicas[2]: 1}
-    assert turn(request(None, raw_prompt="[Round 1]")) is None
+    assert turn(completion("[Round 1]")) is None
     assert turn() is None  # engine_stats
-    assert route(router, replicas, request(None, raw_prompt="[Round 1]"), loads=loads) is replicas[1]
+    assert route(router, replicas, completion("[Round 1]"), loads=loads) is replicas[1]
     assert route(router, replicas, loads=loads) is replicas[1]
 
 
