@@ -58,7 +58,7 @@ from serve_app.api.schemas import (
 from serve_app.api.security import SecuritySettings
 from serve_app.api.websocket import WebSocketMixin
 from serve_app.api.ingress_config import IngressConfig
-from serve_app.server.messages import TextRequest, Usage
+from serve_app.server.messages import TextRequest
 
 POOL_HEADER = "x-chatglm2-model"
 # OpenAPI `responses=` of the generating routes: their answer, and the errors any of them can give.
@@ -77,10 +77,6 @@ def _json(model: BaseModel, pool: str) -> JSONResponse:
 def _event(model: BaseModel, event: str | None = None) -> str:
     # exclude_unset: a field the handler did not set is left out (OpenAI's chunks have no `usage` until the last)
     return sse(model.model_dump_json(exclude_unset=True), event)
-
-
-def _usage(usage: Usage) -> UsageInfo:
-    return UsageInfo.model_validate(usage.openai())
 
 
 def _history(history: list, query: str, response: str) -> list[list[str]]:
@@ -214,7 +210,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=answer.text),
                                 finish_reason=answer.finish_reason, logprobs=None)
             return _json(ChatCompletion(id=request.request_id, object="chat.completion", created=int(time.time()),
-                                        model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
+                                        model=answer.pool, choices=[choice], usage=UsageInfo.of(answer.usage)), answer.pool)
         return await self._openai_stream(body, request, ChatChunks)
 
     @app.post("/v1/completions", responses=OPENAI_COMPLETION_RESPONSES)
@@ -224,7 +220,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             answer = await self.client.collect(body.model, request)
             choice = CompletionChoice(index=0, text=answer.text, finish_reason=answer.finish_reason, logprobs=None)
             return _json(Completion(id=request.request_id, object="text_completion", created=int(time.time()),
-                                    model=answer.pool, choices=[choice], usage=_usage(answer.usage)), answer.pool)
+                                    model=answer.pool, choices=[choice], usage=UsageInfo.of(answer.usage)), answer.pool)
         return await self._openai_stream(body, request, CompletionChunks)
 
     async def _openai_stream(self, body, request: TextRequest, chunks: type[_Chunks]):
@@ -246,7 +242,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                 return
             yield _event(build.finish(stream.finish_reason))
             if include_usage and stream.usage:
-                yield _event(build.usage(_usage(stream.usage)))
+                yield _event(build.usage(UsageInfo.of(stream.usage)))
             yield sse("[DONE]")
 
         return EventStream(events(), headers={POOL_HEADER: stream.pool}, source=stream)

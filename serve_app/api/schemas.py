@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from serve_app.api.error_table import APIError
+from serve_app.server.messages import Usage
 
 
 def _unicode(value: str) -> str:
@@ -294,6 +295,12 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageInfo:
+        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens))
 
 
 FinishReason = Literal["stop", "length"]

@@ -8,7 +8,6 @@ because exceptions lose their type in transit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from serve_app.engine.outputs import EngineStats
 from serve_app.engine.params import SamplingParams
@@ -81,14 +80,6 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-    def openai(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
-        }
 
 
 @dataclass
