@@ -39,12 +39,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
-    groups, heads, dim, slots, max_len = 2, 8, 128, 16, 1024
+    groups, heads, dim, slots, slot_len = 2, 8, 128, 16, 1024
     backends = [GatherAttention(), SlotViewAttention()]
     if args.flex:
         backends.append(FlexSlotAttention(compile=args.device.startswith("cuda")))
-    cache_k = torch.randn(groups, slots, max_len, dim, generator=generator).to(args.device)
-    cache_v = torch.randn(groups, slots, max_len, dim, generator=generator).to(args.device)
+    cache_k = torch.randn(groups, slots, slot_len, dim, generator=generator).to(args.device)
+    cache_v = torch.randn(groups, slots, slot_len, dim, generator=generator).to(args.device)
     print("| decode rows x context | " + " | ".join(b.name for b in backends) + " |")
     print("|---|" + "---|" * len(backends))
     for rows, context in ((1, 192), (16, 192), (16, 600)):
@@ -52,9 +52,9 @@ def main() -> None:
         lengths[0] = context
         row_slots = torch.randperm(slots, generator=generator)[:rows].tolist()
         spans = [Span(i, 1, s, n - 1) for i, (s, n) in enumerate(zip(row_slots, lengths))]
-        plan = plan_step(spans, [0] * rows, max_len, args.device)
+        plan = plan_step(spans, [0] * rows, slot_len, args.device)
         q = torch.randn(rows, heads, dim, generator=generator).to(args.device)
-        cache = SimpleNamespace(k=[cache_k], v=[cache_v], max_len=max_len)
+        cache = SimpleNamespace(k=[cache_k], v=[cache_v], slot_len=slot_len)
         for b in backends:
             b.prepare(plan, cache)  # once per step, as forward_packed does: not timed per layer
         cells = [f"{best_ms(lambda b=b, q=q, plan=plan: b(q, cache_k, cache_v, plan), args.runs):.3f} ms"

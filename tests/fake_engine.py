@@ -42,7 +42,7 @@ class FakeEngine:
     def __init__(self, config: PoolConfig, settings: FakeSettings):
         model = read_config(config.checkpoint)
         self.engine_config, self.settings = config.engine, settings
-        self.max_seq_len = config.engine.context_len(model.seq_length)
+        self.max_seq_len = config.engine.max_seq_len_for(model.seq_length)
         self.failure: str | None = None
         self._slots = asyncio.Semaphore(config.engine.max_batch_size)
         self._running = self._waiting = self._total = 0

@@ -254,7 +254,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         """The prompt ids of a completion (`prompt`) or chat completion (`messages`), as `usage` counts them."""
         special_tokens = getattr(body, "add_special_tokens", True)
         tokens = await self.client.tokenize(body.model, self.requests.tokenize(body), special_tokens)
-        return TokenizeResponse(count=len(tokens.ids), max_model_len=tokens.max_model_len,
+        return TokenizeResponse(count=len(tokens.ids), max_model_len=tokens.max_seq_len,
                                 tokens=tokens.ids).model_dump()
 
     @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}} | GENERATION_ERRORS)

@@ -61,10 +61,10 @@ def run_comparison(config: CompareConfig, progress=lambda line: print(line, file
 
             # Fresh prompts for every (round, level), the same on both sides: a prompt seen before would hit the
             # prefix cache of one side only, and time to first token would compare cached with uncached work.
-            warmup, max_model_len = await prompts(config.seed)
+            warmup, max_seq_len = await prompts(config.seed)
             levels = [(round_, level) for round_ in range(config.rounds) for level in config.concurrency]
             sets = {key: (await prompts(config.seed + 1 + i))[0] for i, key in enumerate(levels)}
-            engine = Engine(loaded, EngineConfig(config.max_batch_size, max_model_len,
+            engine = Engine(loaded, EngineConfig(config.max_batch_size, max_seq_len,
                                                  max_waiting=config.requests))
             # Warm-up on both sides: the first forward passes and the first connections are slower.
             warm = SamplingParams(max_new_tokens=2, ignore_eos=True)
@@ -86,7 +86,7 @@ def run_comparison(config: CompareConfig, progress=lambda line: print(line, file
                     progress(f"round {round_ + 1}, concurrency {level}, {side}: "
                              f"{row['output_tokens_per_s']:.1f} output tok/s")
             await engine.shutdown()
-            return {"max_model_len": max_model_len, "rows": rows}
+            return {"max_model_len": max_seq_len, "rows": rows}
 
     result = asyncio.run(both())
     return {**asdict(config), "torch_threads": torch.get_num_threads(), "niceness": os.nice(0),

@@ -123,8 +123,8 @@ def count_step(runner: ModelRunner, rows: int, *, context: int = 64, sampled: bo
     and capture what it needs), then profile exactly one decode step of `rows` rows at position `context`."""
     if rows > runner.cache.num_slots:
         raise ValueError(f"{rows} rows need {rows} KV slots; the runner has {runner.cache.num_slots}")
-    if context + 1 > runner.cache.max_len:
-        raise ValueError(f"position {context} does not fit the runner's {runner.cache.max_len}-token slots")
+    if context + 1 > runner.cache.slot_len:
+        raise ValueError(f"position {context} does not fit the runner's {runner.cache.slot_len}-token slots")
     work = decode_work(rows, context, sampled)
     if full_warmup:
         runner.warmup()

@@ -40,7 +40,7 @@ async def tokenized_prompts(client: httpx.AsyncClient, url: str, model: str, cou
     """`count` prompts of exactly `length` token ids ([gMASK] sop first), from the pool's /tokenize; and the pool's
     context (max_model_len)."""
     rng = random.Random(seed)
-    prompts, max_model_len = [], 0
+    prompts, max_seq_len = [], 0
     for _ in range(count):
         words = length
         while True:
@@ -52,8 +52,8 @@ async def tokenized_prompts(client: httpx.AsyncClient, url: str, model: str, cou
                 break
             words *= 2
         prompts.append(body["tokens"][:length])
-        max_model_len = body["max_model_len"]
-    return prompts, max_model_len
+        max_seq_len = body["max_model_len"]
+    return prompts, max_seq_len
 
 
 @dataclass

@@ -75,7 +75,7 @@ def run_device_check(runner: ModelRunner, *, rows: int = 4, steps: int = 4, prom
     start = time.perf_counter()
     loaded = runner.loaded
     rows = min(rows, runner.cache.num_slots)
-    steps = max(1, min(steps, runner.cache.max_len - prompt_len - 1))
+    steps = max(1, min(steps, runner.cache.slot_len - prompt_len - 1))
     greedy = SamplingParams()
     prompts = _prompts(rows, prompt_len, min(loaded.config.padded_vocab_size, 64000))
     reference = ModelRunner(loaded, rows, prompt_len + steps + 1, attention="slot-view", graphs=False)

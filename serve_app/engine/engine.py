@@ -189,7 +189,7 @@ class Engine:
         self.loaded = loaded
         self.config = config
         model_config = loaded.config
-        self.max_seq_len = config.context_len(model_config.seq_length)
+        self.max_seq_len = config.max_seq_len_for(model_config.seq_length)
         if self.max_seq_len > model_config.seq_length:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's seq_length={model_config.seq_length}")
         slot_bytes = model_config.kv_bytes_per_token(loaded.dtype) * self.max_seq_len

@@ -56,7 +56,7 @@ class EngineConfig:
         "without graphs (and dequantize + matmul if the kernels fail too), with a warning, the path in the engine "
         "stats and the chatglm2_decode_fallback metric")
 
-    def context_len(self, model_seq_length: int) -> int:
+    def max_seq_len_for(self, model_seq_length: int) -> int:
         """The engine's context cap for a model: max_seq_len, else min(the model's seq_length, 8192)."""
         return self.max_seq_len or min(model_seq_length, 8192)
 

@@ -95,10 +95,10 @@ class StaticDecode:
         long = {"dtype": torch.int64, "device": device}
         self.rows = rows
         self.scratch = cache.scratch_slot
-        self.max_len = cache.max_len
+        self.slot_len = cache.slot_len
         self.input_ids = torch.zeros(rows, **long)
         self.positions = torch.zeros(rows, **long)
-        self.write_index = torch.full((rows,), self.scratch * self.max_len, **long)
+        self.write_index = torch.full((rows,), self.scratch * self.slot_len, **long)
         self.slots = torch.full((rows,), self.scratch, **long)
         self.lens = torch.ones(rows, **long)
         self.logit_rows = torch.arange(rows, **long)
@@ -120,12 +120,12 @@ class StaticDecode:
     def fill(self, rows: DecodeRows, settings: SamplingTensors) -> None:
         """Copy the step in (one host tensor, one copy) and reset the padding rows."""
         n, pad = len(rows.token_ids), self.rows - len(rows.token_ids)
-        scratch_write = self.scratch * self.max_len
+        scratch_write = self.scratch * self.slot_len
         host = torch.tensor(
             [
                 rows.token_ids + [0] * pad,
                 rows.positions + [0] * pad,
-                [s * self.max_len + p for s, p in zip(rows.slots, rows.positions)] + [scratch_write] * pad,
+                [s * self.slot_len + p for s, p in zip(rows.slots, rows.positions)] + [scratch_write] * pad,
                 rows.slots + [self.scratch] * pad,
                 [p + 1 for p in rows.positions] + [1] * pad,
                 [p + 1 for p in rows.positions] + [1] * pad,
@@ -177,7 +177,7 @@ class DecodeGraphs:
 
     def read_addresses(self) -> tuple[int, ...]:
         """Where the graphs' inputs outside this object live now: the KV cache and the rotary tables."""
-        cos, sin = self.model.rope(self.cache.max_len)
+        cos, sin = self.model.rope(self.cache.slot_len)
         return tuple(t.data_ptr() for t in self.cache.k + self.cache.v) + (cos.data_ptr(), sin.data_ptr())
 
     def capture_all(self) -> dict:

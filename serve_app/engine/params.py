@@ -49,15 +49,15 @@ def stop_ids(params: SamplingParams, eos_token_id: int) -> frozenset[int]:
     return frozenset(ids)
 
 
-def token_budget(prompt_len: int, params: SamplingParams, context_len: int) -> int:
+def token_budget(prompt_len: int, params: SamplingParams, max_seq_len: int) -> int:
     """How many tokens may be generated; raises ContextLengthExceeded when none may.
 
     `max_length` counts prompt plus generated tokens (the official meaning); `max_new_tokens` counts generated ones;
     both are capped by the context window.
     """
-    total = min(context_len, params.max_length or context_len)
+    total = min(max_seq_len, params.max_length or max_seq_len)
     if prompt_len >= total:
-        limit = "max_length" if params.max_length and params.max_length < context_len else "context window"
+        limit = "max_length" if params.max_length and params.max_length < max_seq_len else "context window"
         raise ContextLengthExceeded(
             f"the prompt is {prompt_len} tokens, which leaves no room to generate within the {limit} of {total} tokens"
         )

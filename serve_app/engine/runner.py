@@ -137,7 +137,7 @@ class ModelRunner:
             start += len(w.token_ids)
             if w.params is not None:
                 rows.append(start - 1)
-        plan = plan_step(spans, tokens, self.cache.max_len, self.device, rows)
+        plan = plan_step(spans, tokens, self.cache.slot_len, self.device, rows)
         logits = self.loaded.model.forward_packed(plan, self.cache, self.attention)
         # A due row's token goes at its span's kv_len: one past the last position just run.
         return logits, plan.positions[plan.logit_rows] + 1

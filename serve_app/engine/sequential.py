@@ -32,15 +32,15 @@ _lock = threading.Lock()
 _kept: ModelRunner | None = None  # the last call's runner, while no call uses it
 
 
-def _take_runner(loaded: LoadedModel, needed: int, context_len: int) -> ModelRunner:
+def _take_runner(loaded: LoadedModel, needed: int, max_seq_len: int) -> ModelRunner:
     """A one-slot runner for `loaded` whose cache holds `needed` tokens: the kept one when it fits."""
     global _kept
     with _lock:
         kept, _kept = _kept, None
     if kept is not None and kept.loaded is loaded:
-        if kept.cache.max_len >= needed:
+        if kept.cache.slot_len >= needed:
             return kept
-        needed = max(needed, min(2 * kept.cache.max_len, context_len))  # growing prompts (a chat) allocate rarely
+        needed = max(needed, min(2 * kept.cache.slot_len, max_seq_len))  # growing prompts (a chat) allocate rarely
     kept = None  # the old cache goes before the new one is allocated
     # Eager, one slot: the same model and sampling code as the engine, without its batching or decode graphs.
     return ModelRunner(loaded, 1, needed, graphs=False)
@@ -65,15 +65,15 @@ def generate(
     prompt_ids: list[int],
     params: SamplingParams,
     on_token: Callable[[int], None] | None = None,
-    context_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> GenerationOutput:
     """Generate for one prompt; `on_token` is called with each new id as soon as it is chosen."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    context_len = context_len or loaded.config.seq_length
-    budget = token_budget(len(prompt_ids), params, context_len)
+    max_seq_len = max_seq_len or loaded.config.seq_length
+    budget = token_budget(len(prompt_ids), params, max_seq_len)
     stops = stop_ids(params, loaded.config.eos_token_id)
-    runner = _take_runner(loaded, len(prompt_ids) + budget, context_len)
+    runner = _take_runner(loaded, len(prompt_ids) + budget, max_seq_len)
     try:
         return _generate(runner, prompt_ids, params, budget, stops, on_token)
     finally:

@@ -11,7 +11,7 @@ Two backends, chosen by measurement (docs/design.md, "Attention"), and the old f
   by their key/value head, so multi-query attention is a [G, heads/G * T, D] x [G, D, L] product, never an expansion
   of K/V to all heads.
 - `FlexSlotAttention` (the GPU decode path): `flex_attention` with the whole layer cache as one key/value sequence
-  of `slots * max_len` tokens and a block mask that points each decode row at its own slot's blocks up to its length,
+  of `slots * slot_len` tokens and a block mask that points each decode row at its own slot's blocks up to its length,
   so the kernel skips every other block. The mask is built once per step (`prepare`) from tensors of fixed shape
   (slot and length per row, padded to a row bucket), so a decode step can be captured in a CUDA graph and compiled
   for a few static batch sizes. In a mixed step the decode rows still go through flex and the prefill spans through
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FLEX_BLOCK = 128  # key block of the flex block mask; the cache's max_len is a multiple of it for this backend
+FLEX_BLOCK = 128  # key block of the flex block mask; the cache's slot_len is a multiple of it for this backend
 # Query block of the decode block mask: a multiple of every BLOCK_M of inductor's CUDA flex kernels (16..128), which
 # skip any config it is not a multiple of and then have none left (torch's own default block size).
 FLEX_Q_BLOCK = 128
@@ -83,7 +83,7 @@ class Span:
 class StepPlan:
     """What every layer of one packed forward needs. Built on the host from spans; its tensors are on the device.
 
-    input_ids, positions, write_index: [N] int64 (write_index = slot * max_len + position: where each token's K/V goes).
+    input_ids, positions, write_index: [N] int64 (write_index = slot * slot_len + position: where each token's K/V goes).
     logit_rows: [R] int64, the packed rows whose logits are wanted (usually each span's last token).
     decode_rows, decode_slots, decode_lens: [D] int64 for the one-token spans (the flex backend's inputs), None when
     there are none; decode_rows is None too when every span is one token (then the decode rows are all rows).
@@ -121,13 +121,13 @@ class StepPlan:
 
 
 def plan_step(
-    spans: list[Span], token_ids: list[int], max_len: int, device, logit_rows: list[int] | None = None
+    spans: list[Span], token_ids: list[int], slot_len: int, device, logit_rows: list[int] | None = None
 ) -> StepPlan:
     """One host-to-device copy of the step's tokens and integer metadata (pinned, asynchronous on CUDA).
 
     token_ids [N] are the packed tokens in span order; logit_rows defaults to every span's last token."""
     positions = [p for s in spans for p in range(s.position, s.kv_len)]
-    write_index = [s.slot * max_len + p for s in spans for p in range(s.position, s.kv_len)]
+    write_index = [s.slot * slot_len + p for s in spans for p in range(s.position, s.kv_len)]
     rows = logit_rows if logit_rows is not None else [s.start + s.length - 1 for s in spans]
     decode = [s for s in spans if s.length == 1]
     host = token_ids + positions + write_index + rows
@@ -157,7 +157,7 @@ class SlotViewAttention:
         """Nothing to build per step (the flex backend builds its block mask here)."""
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan, skip_single: bool = False):
-        """q [N, heads, D]; layer_k/v [kv_heads, slots, max_len, D] (the cache, already holding this step's keys).
+        """q [N, heads, D]; layer_k/v [kv_heads, slots, slot_len, D] (the cache, already holding this step's keys).
 
         Returns [N, heads * D]. With skip_single, one-token spans are left for the caller (their rows unset)."""
         tokens, heads, dim = q.shape
@@ -215,14 +215,14 @@ class FlexSlotAttention:
         if pad:  # padding rows repeat the first row's reads; their outputs are dropped
             slots = torch.cat((slots, slots[:1].expand(pad)))
             lens = torch.cat((lens, lens[:1].expand(pad)))
-        plan.block_mask = decode_block_mask(slots, lens, cache.k[0].shape[1], cache.max_len)
+        plan.block_mask = decode_block_mask(slots, lens, cache.k[0].shape[1], cache.slot_len)
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
         if plan.decode_slots is None:
             return self._fallback(q, layer_k, layer_v, plan)
-        groups, slots, max_len, dim = layer_k.shape
-        keys = layer_k.view(1, groups, slots * max_len, dim)  # the cache as one sequence: no copy
-        values = layer_v.view(1, groups, slots * max_len, dim)
+        groups, slots, slot_len, dim = layer_k.shape
+        keys = layer_k.view(1, groups, slots * slot_len, dim)  # the cache as one sequence: no copy
+        values = layer_v.view(1, groups, slots * slot_len, dim)
         rows = q if plan.decode_rows is None else q[plan.decode_rows]  # [D, heads, D]
         count, padded = rows.shape[0], plan.block_mask.kv_num_blocks.shape[0]
         rows = rows[:, :, None].to(keys.dtype)  # [D, heads, 1, D]
@@ -266,7 +266,7 @@ class FlexSlotAttention:
 
 
 def _flex_call(q: Tensor, keys: Tensor, values: Tensor, block_mask) -> Tensor:
-    """q [B, heads, 1, D]; keys/values [1, G, slots * max_len, D] -> [B, heads, 1, D]."""
+    """q [B, heads, 1, D]; keys/values [1, G, slots * slot_len, D] -> [B, heads, 1, D]."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q, keys, values, block_mask=block_mask, enable_gqa=True)
@@ -296,22 +296,22 @@ class GatherAttention:
         return out.reshape(q.shape[0], -1)
 
 
-def flex_decode(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lens: Tensor, max_len: int) -> Tensor:
-    """q [B, heads, 1, D]; keys/values [1, G, slots * max_len, D]; slots, lens [B] -> [B, heads, 1, D]."""
-    return _flex_call(q, keys, values, decode_block_mask(slots, lens, keys.shape[2] // max_len, max_len))
+def flex_decode(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lens: Tensor, slot_len: int) -> Tensor:
+    """q [B, heads, 1, D]; keys/values [1, G, slots * slot_len, D]; slots, lens [B] -> [B, heads, 1, D]."""
+    return _flex_call(q, keys, values, decode_block_mask(slots, lens, keys.shape[2] // slot_len, slot_len))
 
 
-def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, max_len: int):
-    """Block mask for rows [B] of one query each over keys [slots * max_len]: row b sees its slot's first lens[b].
+def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, slot_len: int):
+    """Block mask for rows [B] of one query each over keys [slots * slot_len]: row b sees its slot's first lens[b].
 
     Built from device tensors with tensor ops only (no host reads), so it can be captured in a CUDA graph. Its query
     block is FLEX_Q_BLOCK although each row has one query: inductor's CUDA kernels (flex decoding and flex
     attention) skip every config whose BLOCK_M (16 or more) does not divide the mask's query block."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if max_len % FLEX_BLOCK:
-        raise ValueError(f"the flex backend needs a cache length that is a multiple of {FLEX_BLOCK}, not {max_len}")
-    per_slot = max_len // FLEX_BLOCK
+    if slot_len % FLEX_BLOCK:
+        raise ValueError(f"the flex backend needs a cache length that is a multiple of {FLEX_BLOCK}, not {slot_len}")
+    per_slot = slot_len // FLEX_BLOCK
     total = num_slots * per_slot
     num_blocks = ((lens + FLEX_BLOCK - 1) // FLEX_BLOCK).to(torch.int32)[:, None, None]  # [B, 1, 1]
     # The slot's blocks first, then the rest in order (from_kv_blocks wants every column listed once).
@@ -320,12 +320,12 @@ def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, max_len: int)
 
     def mask_mod(b, h, q_idx, kv_idx):
         # Exact on its own (eager flex evaluates it everywhere); the block list is what makes it sparse.
-        offset = kv_idx - slots[b] * max_len
+        offset = kv_idx - slots[b] * slot_len
         return (offset >= 0) & (offset < lens[b])
 
     return BlockMask.from_kv_blocks(
         num_blocks, indices, BLOCK_SIZE=(FLEX_Q_BLOCK, FLEX_BLOCK), mask_mod=mask_mod, compute_q_blocks=False,
-        seq_lengths=(1, num_slots * max_len),
+        seq_lengths=(1, num_slots * slot_len),
     )
 
 

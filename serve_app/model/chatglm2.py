@@ -32,12 +32,12 @@ class RMSNorm(nn.Module):
         return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
 
-def rotary_tables(config: ChatGLM2Config, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, kv_channels // 4] for the rotated first half of each head."""
+def rotary_tables(config: ChatGLM2Config, num_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [num_positions, kv_channels // 4] for the rotated first half of each head."""
     rot_dim = config.kv_channels // 2
     base = 10000.0 * config.rope_ratio
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.outer(torch.arange(num_positions, dtype=torch.float32, device=device), inv_freq)
     # The official cache is computed in fp32 and then cast to the model's dtype.
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -54,22 +54,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys (after rotation) and values for `num_slots` sequences of up to `max_len` tokens each.
+    """Keys (after rotation) and values for `num_slots` sequences of up to `slot_len` tokens each.
 
-    k[layer], v[layer]: [kv_heads, slots, max_len, head_dim], one tensor per layer, each of them its own allocation: a
-    layer's [kv_heads, slots * max_len, head_dim] is one contiguous view, which the flex backend reads as a single
+    k[layer], v[layer]: [kv_heads, slots, slot_len, head_dim], one tensor per layer, each of them its own allocation: a
+    layer's [kv_heads, slots * slot_len, head_dim] is one contiguous view, which the flex backend reads as a single
     key sequence, and no layer's view starts at an offset into a larger tensor (inductor's CPU flex kernel ignores
     such an offset and reads layer 0's keys for every layer). With `scratch`, one more slot past `num_slots` takes the
     writes of padding rows (CUDA-graph buckets) so they never touch a real sequence. Memory is allocated once, up
     front.
     """
 
-    def __init__(self, config: ChatGLM2Config, num_slots: int, max_len: int, *, dtype, device, scratch: bool = False):
-        shape = (config.kv_heads, num_slots + int(scratch), max_len, config.kv_channels)
+    def __init__(self, config: ChatGLM2Config, num_slots: int, slot_len: int, *, dtype, device, scratch: bool = False):
+        shape = (config.kv_heads, num_slots + int(scratch), slot_len, config.kv_channels)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.num_slots = num_slots
-        self.max_len = max_len
+        self.slot_len = slot_len
         self.scratch_slot = num_slots if scratch else None
 
     @property
@@ -98,8 +98,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, plan: StepPlan, cache: KVCache, attention) -> torch.Tensor:
         """x [N, hidden] packed tokens; writes their K/V into the cache, then attends through `attention`."""
         q, k, v = self._qkv(x, cos, sin)  # q [N, heads, D], k/v [N, kv_heads, D]
-        layer_k, layer_v = cache.k[self.layer_number], cache.v[self.layer_number]  # [G, slots, max_len, D]
-        flat_k = layer_k.view(self.kv_heads, -1, self.head_dim)  # [G, slots * max_len, D]
+        layer_k, layer_v = cache.k[self.layer_number], cache.v[self.layer_number]  # [G, slots, slot_len, D]
+        flat_k = layer_k.view(self.kv_heads, -1, self.head_dim)  # [G, slots * slot_len, D]
         flat_v = layer_v.view(self.kv_heads, -1, self.head_dim)
         flat_k.index_copy_(1, plan.write_index, k.transpose(0, 1).to(flat_k.dtype))
         flat_v.index_copy_(1, plan.write_index, v.transpose(0, 1).to(flat_v.dtype))
@@ -174,16 +174,16 @@ class ChatGLM2ForCausalLM(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.transformer.encoder.final_layernorm.weight.dtype
 
-    def rope(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, slot_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering every position up to seq_length (rounded up to a multiple of 1024, which covers a
         cache whose slots were rounded up to whole attention blocks), made once and never reallocated: captured CUDA
-        graphs read them by address. max_len is checked against them."""
+        graphs read them by address. slot_len is checked against them."""
         if self._rope is None:
             device = self.transformer.encoder.final_layernorm.weight.device
             length = -(-self.config.seq_length // 1024) * 1024
             self._rope = rotary_tables(self.config, length, device, self.compute_dtype)
-        if max_len > self._rope[0].shape[0]:
-            raise ValueError(f"positions up to {max_len} exceed the model's seq_length={self.config.seq_length}")
+        if slot_len > self._rope[0].shape[0]:
+            raise ValueError(f"positions up to {slot_len} exceed the model's seq_length={self.config.seq_length}")
         return self._rope
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,7 @@ class ChatGLM2ForCausalLM(nn.Module):
         t = self.transformer
         attention = attention or _SLOT_VIEWS
         attention.prepare(plan, cache)  # what every layer shares (the flex block mask), built once per step
-        cos, sin = self.rope(cache.max_len)  # tables as long as the cache, so no position needs reading here
+        cos, sin = self.rope(cache.slot_len)  # tables as long as the cache, so no position needs reading here
         cos, sin = cos[plan.positions], sin[plan.positions]  # [N, D/4]
         x = t.embedding.word_embeddings(plan.input_ids).to(self.compute_dtype)  # [N, hidden]
         for layer in t.encoder.layers:
@@ -240,7 +240,7 @@ class ChatGLM2ForCausalLM(nn.Module):
         starts, slot_ids = positions[:, 0].tolist(), slots.tolist()
         spans = [Span(b * length, length, slot_ids[b], starts[b]) for b in range(batch)]
         rows = [s.start + length - 1 for s in spans] if last_only else list(range(batch * length))
-        plan = plan_step(spans, input_ids.reshape(-1).tolist(), cache.max_len, input_ids.device, rows)
+        plan = plan_step(spans, input_ids.reshape(-1).tolist(), cache.slot_len, input_ids.device, rows)
         logits = self.forward_packed(plan, cache)
         return logits.view(batch, 1 if last_only else length, -1)
 

@@ -126,7 +126,7 @@ class ChatGLM2Server:
             ids = self._prompt_ids(request, special_tokens)
         except TokenizerError as exc:
             return Tokens(error=ErrorInfo("invalid_request", str(exc)))
-        return Tokens(ids=ids, max_model_len=self.engine.max_seq_len)
+        return Tokens(ids=ids, max_seq_len=self.engine.max_seq_len)
 
     async def detokenize(self, ids: list[int]) -> Tokens:
         """The text of `ids`, special ids left out (as replies are decoded)."""
@@ -134,7 +134,7 @@ class ChatGLM2Server:
             ids = self._checked_ids(ids)
         except TokenizerError as exc:
             return Tokens(error=ErrorInfo("invalid_request", str(exc)))
-        return Tokens(text=self.tokenizer.decode(ids), max_model_len=self.engine.max_seq_len)
+        return Tokens(text=self.tokenizer.decode(ids), max_seq_len=self.engine.max_seq_len)
 
     async def engine_stats(self) -> ReplicaStats:
         """Live load of this replica's engine (the ingress routes on it), and where the replica runs."""

@@ -308,7 +308,7 @@ def plan_replica(loaded, *, share: float, engine, context_bytes: int = DEFAULT_C
     import torch
 
     device = loaded.device
-    max_seq_len = engine.context_len(loaded.config.seq_length)
+    max_seq_len = engine.max_seq_len_for(loaded.config.seq_length)
     free, total = torch.cuda.mem_get_info(device)
     dtype_bytes = torch.empty((), dtype=loaded.dtype).element_size()
     return plan_memory(

@@ -98,7 +98,7 @@ class Tokens:
 
     ids: list[int] = field(default_factory=list)
     text: str = ""
-    max_model_len: int = 0
+    max_seq_len: int = 0
     error: ErrorInfo | None = None
 
 

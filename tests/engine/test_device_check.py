@@ -74,7 +74,7 @@ def broken_flex(monkeypatch):
 class _Cache:
     def __init__(self, layer_k):
         self.k = layer_k[None]
-        self.max_len = layer_k.shape[2]
+        self.slot_len = layer_k.shape[2]
 
 
 def test_a_broken_fast_path_refuses_to_start_and_names_it(broken_flex):

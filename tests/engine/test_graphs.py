@@ -48,7 +48,7 @@ def test_graph_replay_equals_the_eager_step(tiny_fp32):
     # Buckets 4 (sampled rows), 8 (sampled, with top_p/top_k) and 1 (sampled, top_k): one capture per variant.
     assert len(captured) == 3
     scratch = graphed.cache.scratch_slot
-    keys = torch.stack(graphed.cache.k)  # [layers, G, slots + 1, max_len, D]
+    keys = torch.stack(graphed.cache.k)  # [layers, G, slots + 1, slot_len, D]
     assert keys[:, :, scratch, 0].abs().sum() > 0  # padding rows wrote there, and only there
     assert keys[:, :, scratch, 1:].abs().sum() == 0
 

@@ -80,9 +80,9 @@ def test_calls_reuse_one_kv_cache_and_give_the_same_tokens(tiny_fp32, prompt, mo
     allocated = []
 
     class CountingCache(runner_module.KVCache):
-        def __init__(self, config, num_slots, max_len, **kwargs):
-            allocated.append(max_len)
-            super().__init__(config, num_slots, max_len, **kwargs)
+        def __init__(self, config, num_slots, slot_len, **kwargs):
+            allocated.append(slot_len)
+            super().__init__(config, num_slots, slot_len, **kwargs)
 
     monkeypatch.setattr(runner_module, "KVCache", CountingCache)
     loaded = dataclasses.replace(tiny_fp32)  # another LoadedModel: nothing kept for it yet

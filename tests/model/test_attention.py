@@ -25,7 +25,7 @@ def full_logits(loaded, tokens: list[int]) -> torch.Tensor:
 def test_packed_step_equals_each_sequence_alone(tiny_fp32, backend):
     model, config = tiny_fp32.model, tiny_fp32.config
     a, b, c = ids(20, 1), ids(9, 2), ids(13, 3)
-    cache = KVCache(config, num_slots=4, max_len=128, dtype=torch.float32, device="cpu")
+    cache = KVCache(config, num_slots=4, slot_len=128, dtype=torch.float32, device="cpu")
     # Step 1: a's first 12 tokens (chunk), b's whole prompt but its last token, in one call.
     first = [Span(0, 12, 3, 0), Span(12, 8, 1, 0)]
     model.forward_packed(plan_step(first, a[:12] + b[:8], 128, "cpu"), cache, backend)
@@ -44,7 +44,7 @@ def test_packed_step_equals_each_sequence_alone(tiny_fp32, backend):
 
 
 def test_a_step_writes_only_its_own_slots(tiny_fp32):
-    cache = KVCache(tiny_fp32.config, num_slots=3, max_len=32, dtype=torch.float32, device="cpu", scratch=True)
+    cache = KVCache(tiny_fp32.config, num_slots=3, slot_len=32, dtype=torch.float32, device="cpu", scratch=True)
     tiny_fp32.model.forward_packed(plan_step([Span(0, 5, 1, 0)], ids(5, 4), 32, "cpu"), cache)
     touched = torch.stack(cache.k).abs().sum(dim=(0, 1, 3, 4)) > 0  # per slot
     assert touched.tolist() == [False, True, False, False] and cache.scratch_slot == 3
@@ -84,7 +84,7 @@ def test_compiled_flex_decode_equals_eager():
     from serve_app.model.attention import flex_decode
 
     generator = torch.Generator().manual_seed(0)
-    keys, values = torch.randn(2, 1, 2, 4 * 256, 32, generator=generator)  # [1, G, slots * max_len, D] each
+    keys, values = torch.randn(2, 1, 2, 4 * 256, 32, generator=generator)  # [1, G, slots * slot_len, D] each
     slots, lens = torch.tensor([2, 0, 3]), torch.tensor([5, 140, 256])
     q = torch.randn(3, 8, 1, 32, generator=generator)
     compiled = torch.compile(flex_decode)(q, keys, values, slots, lens, 256)

@@ -49,8 +49,8 @@ def _surviving(configs, q_block: int, kv_block: int, block_m_of) -> list:
     return [c for c in configs if q_block % block_m_of(c) == 0 and kv_block % min(c.block_n, kv_block) == 0]
 
 
-def _mask(rows: int = 3, slots: int = 4, max_len: int = 256):
-    return decode_block_mask(torch.arange(rows) % slots, torch.full((rows,), 5), slots, max_len)
+def _mask(rows: int = 3, slots: int = 4, slot_len: int = 256):
+    return decode_block_mask(torch.arange(rows) % slots, torch.full((rows,), 5), slots, slot_len)
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
@@ -97,14 +97,14 @@ class Recorder:
         return graph_module.forward
 
 
-def _decode_inputs(rows: int, slots: int = 4, max_len: int = 256, heads: int = 4, groups: int = 2, dim: int = 32):
+def _decode_inputs(rows: int, slots: int = 4, slot_len: int = 256, heads: int = 4, groups: int = 2, dim: int = 32):
     generator = torch.Generator().manual_seed(rows)
-    layer_k = torch.randn(groups, slots, max_len, dim, generator=generator)
-    layer_v = torch.randn(groups, slots, max_len, dim, generator=generator)
+    layer_k = torch.randn(groups, slots, slot_len, dim, generator=generator)
+    layer_v = torch.randn(groups, slots, slot_len, dim, generator=generator)
     q = torch.randn(rows, heads, dim, generator=generator)
     long = torch.zeros(0, dtype=torch.int64)
-    plan = StepPlan([], long, long, long, long, torch.arange(rows) % slots, torch.arange(rows) * 7 % max_len + 1)
-    cache = type("Cache", (), {"k": layer_k[None], "v": layer_v[None], "max_len": max_len})()
+    plan = StepPlan([], long, long, long, long, torch.arange(rows) % slots, torch.arange(rows) * 7 % slot_len + 1)
+    cache = type("Cache", (), {"k": layer_k[None], "v": layer_v[None], "slot_len": slot_len})()
     return q, layer_k, layer_v, plan, cache
 
 
