@@ -138,16 +138,16 @@ class CompletionChunks(_Chunks):
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class ChatIngress(WebSocketMixin, GrpcMixin):
-    def __init__(self, pools: dict, args: IngressConfig):
-        self.args = args
+    def __init__(self, pools: dict, config: IngressConfig):
+        self.config = config
         # Read here, in the replica: the keys come from this process's environment and are never logged.
-        self.security = SecuritySettings.from_env(args.api_keys_env, args.max_body_bytes)
-        self.client = PoolClient(pools, args)
-        self.requests = RequestBuilder(args)
+        self.security = SecuritySettings.from_env(config.api_keys_env, config.max_body_bytes)
+        self.client = PoolClient(pools, config)
+        self.requests = RequestBuilder(config)
 
     def __serve_build_asgi_app__(self):
         """Serve calls this once the replica is built: this replica's copy of the app gets its settings."""
-        return configure(self.app, self.security, self.args.cors_origins, self.args.pool_names)
+        return configure(self.app, self.security, self.config.cors_origins, self.config.pool_names)
 
     # --- the official api.py ---------------------------------------------------------------------------------
 
@@ -199,7 +199,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
     async def models(self) -> dict:
         created = int(time.time())
         cards = [ModelCard(id=name, object="model", created=created, owned_by="chatglm2-serve")
-                 for name in self.args.pool_names]
+                 for name in self.config.pool_names]
         return ModelList(object="list", data=cards).model_dump(mode="json")
 
     @app.post("/v1/chat/completions", responses=OPENAI_CHAT_RESPONSES)
@@ -264,4 +264,4 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
 
     @app.get("/health", responses={200: {"model": Health}})
     async def health(self) -> dict:
-        return Health(status="ok", pools=self.args.pool_names, default_model=self.args.default_pool).model_dump()
+        return Health(status="ok", pools=self.config.pool_names, default_model=self.config.default_pool).model_dump()

@@ -1,6 +1,6 @@
 """PoolClient: how every front end (HTTP, SSE, WebSocket, gRPC) reaches a pool.
 
-    client = PoolClient(handles, args)
+    client = PoolClient(handles, config)
     async with await client.open(model, request) as stream:  # route, start, wait for the first delta
         async for piece in stream.pieces(): ...                # text as it comes; an error delta raises APIError
     answer = await client.collect(model, request)  # the whole answer
@@ -118,11 +118,11 @@ class Answer:
 
 
 class PoolClient:
-    def __init__(self, handles: dict, args: IngressConfig):
+    def __init__(self, handles: dict, config: IngressConfig):
         self.handles = handles
         # Cached once: `options(stream=True)` per request would rebuild the handle's state.
         self.streams = {name: handle.options(stream=True) for name, handle in handles.items()}
-        self.router = Router(handles, args.pool_names, args.default_pool, args.routing)
+        self.router = Router(handles, config.pool_names, config.default_pool, config.routing)
 
     async def open(self, model: str | None, request: TextRequest) -> Stream:
         """Route and start a generation, and wait for its first delta. Errors before any text raise APIError."""

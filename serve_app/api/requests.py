@@ -20,12 +20,12 @@ from serve_app.server.messages import ChatPrompt, RawPrompt, TextRequest, TokenP
 
 
 class RequestBuilder:
-    def __init__(self, args: IngressConfig):
-        self.args = args
+    def __init__(self, config: IngressConfig):
+        self.config = config
 
     def params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
                ignore_eos=False) -> SamplingParams:
-        d = self.args.defaults
+        d = self.config.defaults
         if max_length is None and max_new_tokens is None:
             max_length = d.max_length
         return SamplingParams(
@@ -43,9 +43,9 @@ class RequestBuilder:
         self.check_length(text, param)
 
     def check_length(self, text: str, param: str) -> None:
-        if len(text) > self.args.max_prompt_chars:
+        if len(text) > self.config.max_prompt_chars:
             raise APIError("context_length_exceeded",
-                           f"{param} is longer than {self.args.max_prompt_chars} characters", param=param)
+                           f"{param} is longer than {self.config.max_prompt_chars} characters", param=param)
 
     def api_py(self, body: ApiPyRequest) -> TextRequest:
         """The official api.py: the whole history is kept."""
@@ -66,7 +66,7 @@ class RequestBuilder:
         """A turn of the explorer's streaming API (HTTP, WebSocket, gRPC) from values already within its fields' bounds:
         the last `max_history_rounds` rounds kept."""
         self.check_prompt(query, "query")
-        keep = self.args.max_history_rounds
+        keep = self.config.max_history_rounds
         return TextRequest(
             request_id=uuid.uuid4().hex,
             params=self.params(temperature=temperature, top_p=top_p, max_length=max_length),
