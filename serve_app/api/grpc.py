@@ -110,8 +110,7 @@ class GrpcMixin:
 
         async with aclosing(self._grpc_answers(turn, request, grpc_context)) as answers:
             async for pool, text_request, text in answers:
-                turns = [Turn(query=q, response=r) for q, r in text_request.prompt.history]
-                turns.append(Turn(query=request.query, response=text))
+                turns = [Turn(query=q, response=r) for q, r in text_request.prompt.history_after(text)]
                 yield ChatResponse(generated_text=text, new_history=turns, model=pool)
 
     async def _grpc_answers(self, turn: Callable[[], tuple[str, list[tuple[str, str]]]],

@@ -79,10 +79,6 @@ def _event(model: BaseModel, event: str | None = None) -> str:
     return sse(model.model_dump_json(exclude_unset=True), event)
 
 
-def _history(history: list, query: str, response: str) -> list[list[str]]:
-    return [list(pair) for pair in history] + [[query, response]]
-
-
 @dataclass
 class _Chunks:
     """The chunk events of one OpenAI stream: `start()` (None when there is none), `text(piece)`,
@@ -155,8 +151,9 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
     @app.post("/chatglm", responses=API_PY_RESPONSES)
     async def api_py(self, body: ApiPyRequest) -> JSONResponse:
         """The official api.py: one JSON answer with the updated history and a timestamp."""
-        answer = await self.client.collect(body.model, self.requests.api_py(body))
-        return _json(ApiPyResponse(response=answer.text, history=_history(body.history, body.prompt, answer.text),
+        request = self.requests.api_py(body)
+        answer = await self.client.collect(body.model, request)
+        return _json(ApiPyResponse(response=answer.text, history=request.prompt.history_after(answer.text),
                                    time=datetime.now().strftime("%Y-%m-%d %H:%M:%S")), answer.pool)
 
     # --- the explorer's streaming API ----------------------------------------------------------------------------
@@ -165,7 +162,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
     async def chat(self, body: StreamChatRequest) -> JSONResponse:
         request = self.requests.chat_turn(body)
         answer = await self.client.collect(body.model, request)
-        history = _history(request.prompt.history, body.query, answer.text)
+        history = request.prompt.history_after(answer.text)
         return _json(StreamChatResponse(query=body.query, response=answer.text, history=history, success=True),
                      answer.pool)
 
@@ -187,7 +184,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             except APIError as exc:
                 yield _event(StreamErrorEvent.model_validate(exc.body() | {"finished": True}), "error")
                 return
-            history = _history(request.prompt.history, body.query, response)
+            history = request.prompt.history_after(response)
             yield _event(StreamDeltaEvent(query=body.query, delta="[EOS]", response=response, history=history,
                                           finished=True), "delta")
 

@@ -77,7 +77,7 @@ class WebSocketMixin:
             return
 
         async with stream:  # closed however the exchange ends: a client that went away stops the engine
-            answer = asyncio.ensure_future(_send_answer(websocket, body, request, stream))
+            answer = asyncio.ensure_future(_send_answer(websocket, request, stream))
             client_gone = asyncio.ensure_future(_until_disconnect(websocket))
             try:
                 await asyncio.wait({answer, client_gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -90,11 +90,11 @@ class WebSocketMixin:
                     await answer
 
 
-async def _send_answer(websocket: WebSocket, body: StreamChatRequest, request: TextRequest, stream: Stream) -> None:
+async def _send_answer(websocket: WebSocket, request: TextRequest, stream: Stream) -> None:
     """A message with the whole answer so far each time it grows (and at least one), then a normal close."""
     try:
         async for response in stream.growing():
-            history = [list(pair) for pair in request.prompt.history] + [[body.query, response]]
+            history = request.prompt.history_after(response)
             await websocket.send_text(json.dumps({"resp": response, "history": history}, ensure_ascii=False))
         await websocket.close(CLOSE_NORMAL)
     except APIError as exc:

@@ -21,6 +21,10 @@ class ChatPrompt:
     history: list[tuple[str, str]] = field(default_factory=list)
     system: str | None = None
 
+    def history_after(self, answer: str) -> list[list[str]]:
+        """The history a client keeps after this turn: the rounds kept, then [query, answer]."""
+        return [list(pair) for pair in self.history] + [[self.query, answer]]
+
     def summary(self) -> str:  # for the request log line
         return self.query
 
