@@ -1,18 +1,18 @@
-"""Fake pools for the front end's fast tests: Serve handles whose generations follow a script, and the args an
-ingress reads. No Ray is started."""
+"""Fake pools for the front end's fast tests: Serve handles whose generations follow a script, and a real
+IngressConfig for the ingress parts under test. No Ray is started."""
 
 from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
 
+from serve_app.api.ingress_config import IngressConfig
 from serve_app.api.pool_client import PoolClient
 from serve_app.engine.params import SamplingParams
 from serve_app.server.messages import ChatPrompt, TextDelta, TextRequest, Tokens, Usage
 
 POOL = "pool-a"
-ARGS = SimpleNamespace(pool_names=[POOL], default_pool=POOL, routing="default", max_prompt_chars=100,
-                       max_history_rounds=10, defaults=SimpleNamespace(temperature=0.95, top_p=0.7, max_length=2048))
+CONFIG = IngressConfig(pool_names=[POOL], max_prompt_chars=100)
 REQUEST = TextRequest(request_id="r", params=SamplingParams(), prompt=ChatPrompt("hi"))
 DONE = TextDelta(text="!", finish_reason="stop", usage=Usage(3, 2))
 
@@ -74,7 +74,7 @@ class Handle:
 
 
 def client_of(handle: Handle) -> PoolClient:
-    return PoolClient({POOL: handle}, ARGS)
+    return PoolClient({POOL: handle}, CONFIG)
 
 
 def in_flight(client: PoolClient) -> int:

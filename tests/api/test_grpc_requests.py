@@ -26,9 +26,9 @@ from serve_app.api.requests import RequestBuilder
 from serve_app.api.schemas import StreamChatRequest
 from serve_app.api.security import SecuritySettings
 from serve_app.server.messages import TextDelta, Usage
-from tests.api.fake_pools import ARGS, POOL, Handle, in_flight
+from tests.api.fake_pools import CONFIG, POOL, Handle, in_flight
 
-REQUESTS = RequestBuilder(ARGS)
+REQUESTS = RequestBuilder(CONFIG)
 
 
 def reference(query: str, history: list, message) -> tuple:
@@ -67,7 +67,7 @@ FIELDS = [
     {"max_length": -1, "top_p": 2.0, "temperature": 9.0},  # the first bad field in the model's order is reported
     {"top_p": 2.0, "temperature": 9.0}, {"max_length": 16, "temperature": 0.0, "top_p": 0.5, "model": "x"},
 ]
-PROMPTS = ["hi", "", "  \n", "x" * (ARGS.max_prompt_chars + 1), "x" * ARGS.max_prompt_chars]
+PROMPTS = ["hi", "", "  \n", "x" * (CONFIG.max_prompt_chars + 1), "x" * CONFIG.max_prompt_chars]
 
 
 @pytest.mark.parametrize("fields", FIELDS, ids=str)
@@ -118,7 +118,7 @@ class Ingress(GrpcMixin):
     def __init__(self, handle: Handle):
         self.security = SecuritySettings(api_keys=(), max_body_bytes=1 << 20)
         self.requests = REQUESTS
-        self.client = PoolClient({POOL: handle}, ARGS)
+        self.client = PoolClient({POOL: handle}, CONFIG)
 
 
 DELTAS = [TextDelta(text="a"), TextDelta(text="b"), TextDelta(finish_reason="stop", usage=Usage(1, 2))]

@@ -25,7 +25,7 @@ from serve_app.api.requests import RequestBuilder
 from serve_app.api.security import SecuritySettings
 from serve_app.api.websocket import WebSocketMixin
 from serve_app.server.messages import ErrorInfo, TextDelta, Tokens, Usage
-from tests.api.fake_pools import ARGS, DONE, POOL, REQUEST, Handle, client_of, in_flight
+from tests.api.fake_pools import CONFIG, DONE, POOL, REQUEST, Handle, client_of, in_flight
 
 @pytest.fixture
 def mapped(monkeypatch) -> list[tuple]:
@@ -212,7 +212,7 @@ class ChatSocket:
 class WebSocketIngress(WebSocketMixin):
     def __init__(self, client: PoolClient):
         self.security = SecuritySettings(api_keys=(), max_body_bytes=1 << 20)
-        self.requests = RequestBuilder(ARGS)
+        self.requests = RequestBuilder(CONFIG)
         self.client = client
 
 

@@ -1,7 +1,9 @@
 """API keys on every protocol, CORS and the body limit, against the running application.
 
 One Ray + Serve start for the module: configs/local.yaml with one pool, `api_keys_env` set and the keys passed to the
-replicas the documented way (the application's `runtime_env.env_vars`), HTTP and gRPC proxies on free ports.
+replicas the documented way (the application's `runtime_env.env_vars`), HTTP and gRPC proxies on free ports. Keys,
+CORS and the body limit are the ingress's: the pool runs the fake engine (tests/fake_engine.py), whose replies still
+stream through the real pool deployment, Ray and both proxies.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ APP = (("application", "chatglm2"),)
 def cluster(tiny_checkpoint):
     import ray
 
-    config = local_config(tiny_checkpoint, pools=[{"model": POOL, "precision": "fp32"}], api_keys_env=ENV,
-                          cors_origins=[ALLOWED], max_body_bytes=LIMIT)
+    config = local_config(tiny_checkpoint, fake_engine={"token_delay_s": 0.002},
+                          pools=[{"model": POOL, "precision": "fp32"}], api_keys_env=ENV, cors_origins=[ALLOWED],
+                          max_body_bytes=LIMIT)
     app = config["applications"][0]
     app["runtime_env"] = {"env_vars": {ENV: f"{OTHER_KEY}, {KEY}"}}
     with running(config, grpc=True) as (url, grpc_port):
