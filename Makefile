@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: setup
-	$(BIN)/serve run configs/local.yaml
+	# The gRPC proxy's own cap on a message (Ray's default is 2 GiB); the app's limits are in the config.
+	RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304 $(BIN)/serve run configs/local.yaml
 
 test: setup /usr/bin/chromium
 	$(BIN)/python -m pytest -q -ra

@@ -61,7 +61,7 @@ def test_each_deployment_gets_its_own_config_with_the_apps_fallbacks_and_absolut
     assert full.demo_preset == "tiny" and q4.demo_preset is None  # never written into q4-ckpt
     assert full.quant.kernel == q4.quant.kernel == "dequant" and full.stream_coalesce_ms == 5
     ingress = args.ingress_config()
-    assert ingress.default_pool == "full" and ingress.pool_names == ["full", "q4"] and ingress.max_prompt_chars == 99
+    assert ingress.default_pool == "full" and ingress.pool_names == ["full", "q4"] and ingress.limits.max_prompt_chars == 99
     # Each config holds only its deployment's keys: the ingress has no checkpoint, a pool no API keys.
     assert not hasattr(ingress, "checkpoint") and not hasattr(full, "api_keys_env")
 

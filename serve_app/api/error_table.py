@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from serve_app.server.messages import ErrorInfo
 
-WS_POLICY, WS_SERVER_ERROR = 1008, 1011  # WebSocket close codes: the request's fault, the service's
+# WebSocket close codes: the request's fault, a message over the size limit, the service's fault
+WS_POLICY, WS_TOO_BIG, WS_SERVER_ERROR = 1008, 1009, 1011
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ ERRORS: dict[str, ErrorKind] = {
                            "no such route; see /openapi.json", framework=True),
     "method_not_allowed": ErrorKind(405, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED, WS_POLICY,
                                     "method not allowed on this route", framework=True),
-    "request_too_large": ErrorKind(413, *_INVALID, "request body over the configured limit"),
+    "request_too_large": ErrorKind(413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED, WS_TOO_BIG,
+                                   "request body (WebSocket or gRPC message) over the configured limit"),
     "client_closed": ErrorKind(499, "invalid_request_error", grpc.StatusCode.CANCELLED, WS_POLICY,
                                "the client went away before its answer"),
     # the service's state: retry later

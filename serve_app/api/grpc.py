@@ -4,7 +4,7 @@ Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one
 `StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
 Errors set a status on the Serve gRPC context (streaming methods then raise): INVALID_ARGUMENT for bad input (empty
 or too long prompt, out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
-RESOURCE_EXHAUSTED when a pool is overloaded, UNAUTHENTICATED when API keys are configured and the call's metadata
+RESOURCE_EXHAUSTED when a pool is overloaded or the request message is over `limits.max_body_bytes`, UNAUTHENTICATED when API keys are configured and the call's metadata
 has no valid `authorization: Bearer <key>`, INTERNAL otherwise.
 
 Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) get
@@ -28,7 +28,7 @@ from serve_app.api.grpc_servicer import UndecodableRequest
 from serve_app.api.protos.chatglm2_pb2 import ChatRequest, ChatResponse, GenerateRequest, GenerateResponse, Turn
 from serve_app.api.requests import RequestBuilder
 from serve_app.api.schemas import MaxLength, Temperature, TopP
-from serve_app.api.security import grpc_key_ok, unauthorized
+from serve_app.api.security import grpc_key_ok, too_large, unauthorized
 from serve_app.server.messages import TextRequest
 
 # The bounds of the streaming API's sampling fields: the types of POST /stream's fields, so the same 400s and
@@ -48,9 +48,11 @@ def _status(context: RayServegRPCContext, exc: APIError) -> GrpcRequestError:
     return GrpcRequestError(exc.message)
 
 
-def _check_decoded(request) -> None:
+def _check_decoded(request, security) -> None:
     if isinstance(request, UndecodableRequest):
         raise APIError("invalid_request", f"the request is not a valid {request.message_type} message: {request.problem}")
+    if request.ByteSize() > security.max_body_bytes:  # the proxy's own cap: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+        raise too_large(security.max_body_bytes, "request message")
 
 
 def _check_key(security, context: RayServegRPCContext) -> None:
@@ -85,7 +87,7 @@ class GrpcMixin:
         """One chat turn with no history; the whole answer in one message."""
         try:
             _check_key(self.security, grpc_context)
-            _check_decoded(request)
+            _check_decoded(request, self.security)
             text_request = _turn(self.requests, request.prompt, [], request)
             answer = await self.client.collect(request.model or None, text_request)
         except APIError as exc:
@@ -120,7 +122,7 @@ class GrpcMixin:
         message's (query, history), read once the message is known to have decoded."""
         try:
             _check_key(self.security, context)
-            _check_decoded(message)
+            _check_decoded(message, self.security)
             text_request = _turn(self.requests, *turn(), message)
             stream = await self.client.open(message.model or None, text_request)
             async with stream:  # closed however the call ends: a cancelled call stops the engine, not just the proxy

@@ -137,7 +137,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
     def __init__(self, pools: dict, config: IngressConfig):
         self.config = config
         # Read here, in the replica: the keys come from this process's environment and are never logged.
-        self.security = SecuritySettings.from_env(config.api_keys_env, config.max_body_bytes)
+        self.security = SecuritySettings.from_env(config.api_keys_env, config.limits.max_body_bytes)
         self.client = PoolClient(pools, config)
         self.requests = RequestBuilder(config)
 
@@ -256,6 +256,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
 
     @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}} | GENERATION_ERRORS)
     async def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.requests.check_token_ids(body.tokens, "tokens")
         tokens = await self.client.detokenize(body.model, body.tokens)
         return DetokenizeResponse(prompt=tokens.text).model_dump()
 

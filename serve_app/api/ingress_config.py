@@ -8,7 +8,9 @@ ingress alone. Torch-free, like the rest of the front end.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.api.pool_choice import ROUTING_POLICIES
 
@@ -27,6 +29,32 @@ class GenerationDefaults(FrozenArgs):
     max_length: int = Field(default=2048, ge=1, description="prompt + reply tokens when a request gives no limit")
 
 
+class RequestLimits(FrozenArgs):
+    """The bounds every request is held to at the ingress, on every protocol, before any tokenizing or Ray hop.
+
+    The defaults fit the largest pool (ChatGLM2-6B-32K: 32,768 tokens, about four characters a token at most); a
+    pool's context, in tokens, is checked by the pool itself.
+    """
+
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1, description="largest HTTP request body, WebSocket message or gRPC request message "
+        "(HTTP 413, WebSocket close 1009, gRPC RESOURCE_EXHAUSTED)")
+    max_prompt_chars: int = Field(default=32_768, ge=1,
+                                  description="longest new user message (query, prompt, the last user message)")
+    max_total_prompt_chars: int = Field(
+        default=131_072, ge=1, description="longest prompt in all: new message, kept history, system and other messages")
+    max_history_turns: int = Field(default=256, ge=0, description="most [query, response] rounds a request may send")
+    max_messages: int = Field(default=512, ge=1, description="most messages in an OpenAI chat request")
+    max_stop_chars: int = Field(default=256, ge=1, description="longest stop string (at most 4 of them)")
+    max_prompt_tokens: int = Field(
+        default=32_768, ge=1, description="most token ids in a prompt or a /detokenize request (the pool then checks "
+        "its own context)")
+
+
+# Keys written before the `limits:` section existed: still accepted at the top level of the args.
+_FLAT_LIMITS = ("max_body_bytes", "max_prompt_chars")
+
+
 class IngressArgs(FrozenArgs):
     """The app args the ingress reads."""
 
@@ -36,14 +64,30 @@ class IngressArgs(FrozenArgs):
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults,
                                          description="sampling defaults for requests that leave them out")
     max_history_rounds: int = Field(default=10, ge=0, description="history kept by /chat and /stream")
-    max_prompt_chars: int = Field(default=32768, ge=1, description="longest accepted user message")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="bounds on every request")
     api_keys_env: str | None = Field(
         default=None, description="environment variable (in the ingress replica) holding comma-separated API keys; "
         "when it is set and non-empty every protocol requires one of them (HTTP/WebSocket/gRPC: Bearer <key>)")
     cors_origins: list[str] = Field(default_factory=list,
                                     description="browser origins allowed by CORS (exact match; '*' allows any)")
-    max_body_bytes: int = Field(default=1_048_576, ge=1, description="largest accepted HTTP request body (else 413)")
     log_prompts: bool = Field(default=False, description="log prompt and reply text (off: counts and ids only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_limits(cls, values: Any) -> Any:
+        """`max_body_bytes: N` at the top level means `limits: {max_body_bytes: N}` (likewise max_prompt_chars)."""
+        if not isinstance(values, dict) or not any(key in values for key in _FLAT_LIMITS):
+            return values
+        values = dict(values)
+        limits = values.get("limits") or {}
+        limits = dict(limits) if isinstance(limits, dict) else limits.model_dump(exclude_unset=True)
+        for key in _FLAT_LIMITS:
+            if key in values:
+                if key in limits:
+                    raise ValueError(f"{key} is given twice: at the top level and under limits")
+                limits[key] = values.pop(key)
+        values["limits"] = limits
+        return values
 
 
 class IngressConfig(IngressArgs):

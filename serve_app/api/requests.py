@@ -1,4 +1,9 @@
-"""Request bodies of every protocol -> the `TextRequest` a pool runs, with the app's defaults and prompt checks."""
+"""Request bodies of every protocol -> the `TextRequest` a pool runs, with the app's defaults and prompt checks.
+
+Every request a protocol builds passes `RequestBuilder.bounded`, the one place the config's `limits` (api/ingress_config.py
+`RequestLimits`) are applied to a prompt: its new message, its whole text, its history and its stop strings. The size
+of the request itself (HTTP body, WebSocket message, gRPC message) is checked by each protocol before it is parsed.
+"""
 
 from __future__ import annotations
 
@@ -43,18 +48,51 @@ class RequestBuilder:
         self.check_length(text, param)
 
     def check_length(self, text: str, param: str) -> None:
-        if len(text) > self.config.max_prompt_chars:
-            raise APIError("context_length_exceeded",
-                           f"{param} is longer than {self.config.max_prompt_chars} characters", param=param)
+        limit = self.config.limits.max_prompt_chars
+        if len(text) > limit:
+            raise APIError("context_length_exceeded", f"{param} is longer than {limit} characters", param=param)
+
+    def check_count(self, items: list, limit: int, what: str, param: str) -> None:
+        if len(items) > limit:
+            raise APIError("invalid_request", f"{param} has {len(items)} {what}; at most {limit} are accepted",
+                           param=param)
+
+    def bounded(self, request: TextRequest, param: str) -> TextRequest:
+        """`request` if its prompt and stop strings are within the limits, else the 400 that says which is not;
+        `param` names the request field that holds the prompt."""
+        limits = self.config.limits
+        match request.prompt:
+            case ChatPrompt(query, history, system):
+                total = len(query) + len(system or "") + sum(len(q) + len(r) for q, r in history)
+                if total > limits.max_total_prompt_chars:
+                    raise APIError("context_length_exceeded", f"the prompt ({param}, with its history and system "
+                                   f"text) is longer than {limits.max_total_prompt_chars} characters", param=param)
+            case TokenPrompt(ids):
+                self.check_count(ids, limits.max_prompt_tokens, "token ids", param)
+        for stop in request.stop:
+            if len(stop) > limits.max_stop_chars:
+                raise APIError("invalid_request", f"a stop string is longer than {limits.max_stop_chars} characters",
+                               param="stop")
+        return request
+
+    def check_history(self, history: list, param: str = "history") -> None:
+        self.check_count(history, self.config.limits.max_history_turns, "rounds", param)
+
+    def check_messages(self, messages: list) -> None:
+        self.check_count(messages, self.config.limits.max_messages, "messages", "messages")
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        self.check_count(ids, self.config.limits.max_prompt_tokens, "token ids", param)
 
     def api_py(self, body: ApiPyRequest) -> TextRequest:
         """The official api.py: the whole history is kept."""
         self.check_prompt(body.prompt, "prompt")
-        return TextRequest(
+        self.check_history(body.history)
+        return self.bounded(TextRequest(
             request_id=uuid.uuid4().hex,
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
             prompt=ChatPrompt(body.prompt, list(body.history)),
-        )
+        ), "prompt")
 
     def chat_turn(self, body: StreamChatRequest) -> TextRequest:
         """The explorer's streaming API over HTTP (/chat, /stream) and WebSocket."""
@@ -66,17 +104,19 @@ class RequestBuilder:
         """A turn of the explorer's streaming API (HTTP, WebSocket, gRPC) from values already within its fields' bounds:
         the last `max_history_rounds` rounds kept."""
         self.check_prompt(query, "query")
+        self.check_history(history)
         keep = self.config.max_history_rounds
-        return TextRequest(
+        return self.bounded(TextRequest(
             request_id=uuid.uuid4().hex,
             params=self.params(temperature=temperature, top_p=top_p, max_length=max_length),
             prompt=ChatPrompt(query, list(history)[-keep:] if keep else []),
-        )
+        ), "query")
 
     def chat_completion(self, body: ChatCompletionRequest) -> TextRequest:
+        self.check_messages(body.messages)
         system, history, query = split_messages(body.messages)
         self.check_prompt(query, "messages")
-        return TextRequest(
+        return self.bounded(TextRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p,
                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
@@ -84,7 +124,7 @@ class RequestBuilder:
             prompt=ChatPrompt(query, history, system),
             stop=body.stop or [],
             context_strict=True,
-        )
+        ), "messages")
 
     def completion(self, body: CompletionRequest) -> TextRequest:
         """A text prompt gets the [gMASK] sop prefix; token ids are the model's whole input, as given."""
@@ -93,20 +133,22 @@ class RequestBuilder:
         else:
             self.check_prompt(body.prompt, "prompt")
             prompt = RawPrompt(body.prompt)
-        return TextRequest(
+        return self.bounded(TextRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
                                seed=body.seed, ignore_eos=body.ignore_eos),
             prompt=prompt,
             stop=body.stop or [],
             context_strict=True,
-        )
+        ), "prompt")
 
     def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TextRequest:
         """The request whose prompt ids /tokenize reports: the chat completion or completion it describes."""
         if isinstance(body, TokenizeChatRequest):
+            self.check_messages(body.messages)
             system, history, query = split_messages(body.messages)
             self.check_length(query, "messages")
-            return TextRequest(uuid.uuid4().hex, SamplingParams(), ChatPrompt(query, history, system))
+            return self.bounded(TextRequest(uuid.uuid4().hex, SamplingParams(), ChatPrompt(query, history, system)),
+                                "messages")
         self.check_length(body.prompt, "prompt")
-        return TextRequest(uuid.uuid4().hex, SamplingParams(), RawPrompt(body.prompt))
+        return self.bounded(TextRequest(uuid.uuid4().hex, SamplingParams(), RawPrompt(body.prompt)), "prompt")

@@ -442,17 +442,18 @@ def split_messages(messages: list[ChatMessage]) -> tuple[str | None, History, st
     The conversation must end with a user message.
     """
     system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer")) or None
-    turns: list[tuple[str, str]] = []
+    runs: list[tuple[str, list[str]]] = []  # (role, texts): joined once at the end, not once per message
     for message in messages:
         if message.role in ("system", "developer"):
             continue
-        if turns and turns[-1][0] == message.role:
-            turns[-1] = (message.role, turns[-1][1] + "\n\n" + message.text())
+        if runs and runs[-1][0] == message.role:
+            runs[-1][1].append(message.text())
         else:
-            turns.append((message.role, message.text()))
-    if not turns or turns[-1][0] != "user":
+            runs.append((message.role, [message.text()]))
+    if not runs or runs[-1][0] != "user":
         raise APIError("invalid_request", "messages must end with a user message", param="messages")
-    if turns[0][0] != "user":
-        turns.insert(0, ("user", ""))  # an assistant greeting first: its query is empty
-    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
-    return system, history, turns[-1][1]
+    if runs[0][0] != "user":
+        runs.insert(0, ("user", [""]))  # an assistant greeting first: its query is empty
+    turns = ["\n\n".join(texts) for _, texts in runs]
+    history = [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)]
+    return system, history, turns[-1]

@@ -13,8 +13,10 @@ instance per replica.
   the service is open. Keys are compared with hmac.compare_digest and never logged.
 - CORS: Starlette's CORSMiddleware, added around this one when `cors_origins` is set (api/http.py), so preflight
   requests need no key and refusals carry the CORS headers too.
-- Body limit: a Content-Length above `max_body_bytes` gets 413 (`request_too_large`) before the body is read; a body
-  without Content-Length (chunked) is read up to the limit and refused the same way if it goes over.
+- Size limit (`limits.max_body_bytes`): an HTTP Content-Length above it gets 413 (`request_too_large`) before the
+  body is read; a body without Content-Length (chunked) is read up to the limit and refused the same way if it goes
+  over. A WebSocket message over it is closed with 1009 (api/websocket.py), a gRPC request message over it gets
+  RESOURCE_EXHAUSTED (api/grpc.py); the gRPC proxy's own cap is Ray's RAY_SERVE_GRPC_MAX_MESSAGE_SIZE.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def unauthorized() -> APIError:
     return APIError("invalid_api_key", "missing or invalid API key: send Authorization: Bearer <key>")
 
 
-def too_large(limit: int) -> APIError:
-    return APIError("request_too_large", f"request body is larger than {limit} bytes")
+def too_large(limit: int, what: str = "request body") -> APIError:
+    return APIError("request_too_large", f"{what} is larger than {limit} bytes")
 
 
 def _headers(scope) -> dict[str, str]:

@@ -4,7 +4,7 @@ The explorer's WebSocket protocol: the client sends one JSON object `{query, his
 model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>, "history": [...]}` each time the
 answer grows (history ends with the current turn), then closes with 1000. Bad input (invalid JSON, wrong types,
 unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
-1008; so does a handshake without a valid API key when keys are configured (header `Authorization: Bearer <key>`, or
+1008 (1009 for a message over `limits.max_body_bytes`); so does a handshake without a valid API key when keys are configured (header `Authorization: Bearer <key>`, or
 `?api_key=<key>` from browsers). Server-side failures (overload included) get the same message shape and 1011. A
 client that disconnects mid-answer stops generation.
 """
@@ -23,7 +23,7 @@ from serve_app.api.error_table import APIError, internal_error, validation_error
 from serve_app.api.http import app
 from serve_app.api.pool_client import Stream
 from serve_app.api.schemas import StreamChatRequest
-from serve_app.api.security import unauthorized, websocket_key_ok
+from serve_app.api.security import too_large, unauthorized, websocket_key_ok
 from serve_app.server.messages import TextRequest
 
 logger = logging.getLogger("ray.serve")
@@ -62,6 +62,9 @@ class WebSocketMixin:
             if message["type"] == "websocket.disconnect":
                 return
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
+            limit = self.security.max_body_bytes
+            if (len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))) > limit:
+                raise too_large(limit, "message")  # close 1009
             body = StreamChatRequest.model_validate_json(raw)
             request = self.requests.chat_turn(body)
             stream = await self.client.open(body.model, request)

@@ -136,6 +136,11 @@ $serve_config
                   containerPort: 9000
                 - name: metrics
                   containerPort: 8080
+              env:
+                # The gRPC proxy's own cap on a message, sent or received (Ray's default is 2 GiB): above the app's
+                # limits.max_body_bytes, which the ingress enforces with RESOURCE_EXHAUSTED, and above the largest reply.
+                - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+                  value: "4194304"
               resources:
                 limits:
                   cpu: "2"
@@ -179,6 +184,8 @@ $serve_config
                   - name: metrics
                     containerPort: 8080
                 env:
+                  - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE  # as on the head: every node runs a gRPC proxy
+                    value: "4194304"
                   - name: CHATGLM2_API_KEYS
                     valueFrom:
                       secretKeyRef:

@@ -191,6 +191,31 @@ def test_the_same_requests_still_succeed(base_url):
         assert response.status_code == 200, (route, response.text)
 
 
+HUGE = 10**40  # past every machine integer
+ABSURD_INTEGERS = [  # (route, body, expected status, expected code)
+    ("/v1/chat/completions", GOOD["/v1/chat/completions"] | {"seed": HUGE}, 200, None),  # any integer seeds
+    ("/v1/completions", GOOD["/v1/completions"] | {"seed": -HUGE}, 200, None),
+    ("/", GOOD["/"] | {"max_length": HUGE}, 200, None),  # the official meaning: capped at the pool's context
+    ("/stream", GOOD["/stream"] | {"max_length": HUGE}, 200, None),
+    ("/v1/chat/completions", GOOD["/v1/chat/completions"] | {"max_tokens": HUGE}, 400, "context_length_exceeded"),
+    ("/v1/completions", GOOD["/v1/completions"] | {"max_tokens": HUGE}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": [64790, 64792, HUGE], "max_tokens": 4}, 400, "invalid_request"),
+    ("/detokenize", {"tokens": [HUGE]}, 400, "invalid_request"),
+    ("/v1/completions", raw("/v1/completions", max_tokens="9" * 5000), 400, None),  # past Python's int digits
+    ("/v1/chat/completions", raw("/v1/chat/completions", seed="9" * 5000), 400, None),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "code"), ABSURD_INTEGERS,
+                         ids=[f"{i}-{case[0]}" for i, case in enumerate(ABSURD_INTEGERS)])
+def test_absurd_integers_are_served_or_refused_never_a_5xx(base_url, route, body, status, code):
+    response = post(base_url, route, body)
+    if status == 200:
+        assert response.status_code == 200, response.text
+    else:
+        assert_error(response, status, code=code)
+
+
 def test_unknown_route_and_wrong_method_are_openai_style(base_url):
     assert_error(httpx.post(f"{base_url}/v2/chat", json={}, timeout=30), 404, code="not_found")
     wrong_method = httpx.get(f"{base_url}/v1/chat/completions", timeout=30)

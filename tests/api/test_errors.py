@@ -15,14 +15,15 @@ from starlette.exceptions import HTTPException
 from starlette.testclient import TestClient
 
 from serve_app.api import http, websocket
-from serve_app.api.error_table import ERRORS, WS_POLICY, WS_SERVER_ERROR, APIError, status_description
+from serve_app.api.error_table import ERRORS, WS_POLICY, WS_SERVER_ERROR, WS_TOO_BIG, APIError, status_description
 
 
 @pytest.mark.parametrize("code", sorted(ERRORS))
 def test_every_code_has_a_websocket_close_code_and_a_description(code):
     kind = ERRORS[code]
-    # The request's fault closes with 1008 (policy violation), the service's with 1011, as before the table had them.
-    assert kind.ws_close == (WS_POLICY if kind.status < 500 else WS_SERVER_ERROR)
+    # The request's fault closes with 1008 (policy violation), one too big to take with 1009, the service's with 1011.
+    expected = WS_TOO_BIG if kind.status == 413 else WS_POLICY if kind.status < 500 else WS_SERVER_ERROR
+    assert kind.ws_close == expected
     assert kind.description.strip() and kind.description == kind.description.strip()
 
 
@@ -31,7 +32,7 @@ def test_the_openapi_descriptions_come_from_the_table():
         400: "invalid request: bad JSON, wrong types, unknown fields, out-of-range values, empty or too long prompt",
         401: "missing or invalid API key (when the service is configured with keys)",
         404: "unknown model",
-        413: "request body over the configured limit",
+        413: "request body (WebSocket or gRPC message) over the configured limit",
         503: "the pool is overloaded or its replica failed; retry after `Retry-After` seconds",
     }
     assert http.errors(401) == {401: {"model": http.ErrorResponse, "description": status_description(401)}}

@@ -67,7 +67,7 @@ FIELDS = [
     {"max_length": -1, "top_p": 2.0, "temperature": 9.0},  # the first bad field in the model's order is reported
     {"top_p": 2.0, "temperature": 9.0}, {"max_length": 16, "temperature": 0.0, "top_p": 0.5, "model": "x"},
 ]
-PROMPTS = ["hi", "", "  \n", "x" * (CONFIG.max_prompt_chars + 1), "x" * CONFIG.max_prompt_chars]
+PROMPTS = ["hi", "", "  \n", "x" * (CONFIG.limits.max_prompt_chars + 1), "x" * CONFIG.limits.max_prompt_chars]
 
 
 @pytest.mark.parametrize("fields", FIELDS, ids=str)
