@@ -48,6 +48,8 @@ ERRORS: dict[str, ErrorKind] = {
                                          "the pool's context (on the OpenAI routes: with max_tokens)"),
     "invalid_api_key": ErrorKind(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED, WS_POLICY,
                                  "missing or invalid API key (when the service is configured with keys)"),
+    "origin_not_allowed": ErrorKind(403, "invalid_request_error", grpc.StatusCode.PERMISSION_DENIED, WS_POLICY,
+                                    "a browser Origin that is not in cors_origins (WebSocket handshakes)"),
     "model_not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.NOT_FOUND, WS_POLICY, "unknown model"),
     "not_found": ErrorKind(404, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED, WS_POLICY,
                            "no such route; see /openapi.json", framework=True),

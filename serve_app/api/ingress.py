@@ -137,7 +137,9 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
     def __init__(self, pools: dict, config: IngressConfig):
         self.config = config
         # Read here, in the replica: the keys come from this process's environment and are never logged.
-        self.security = SecuritySettings.from_env(config.api_keys_env, config.limits.max_body_bytes)
+        self.security = SecuritySettings.from_env(
+            config.api_keys_env, config.limits.max_body_bytes, require_api_keys=config.require_api_keys,
+            cors_origins=config.cors_origins)
         self.client = PoolClient(pools, config)
         self.requests = RequestBuilder(config)
 

@@ -68,9 +68,18 @@ class IngressArgs(FrozenArgs):
     api_keys_env: str | None = Field(
         default=None, description="environment variable (in the ingress replica) holding comma-separated API keys; "
         "when it is set and non-empty every protocol requires one of them (HTTP/WebSocket/gRPC: Bearer <key>)")
+    require_api_keys: bool = Field(
+        default=False, description="refuse to start when api_keys_env is unset or holds no key (instead of serving "
+        "openly with a warning)")
     cors_origins: list[str] = Field(default_factory=list,
                                     description="browser origins allowed by CORS (exact match; '*' allows any)")
     log_prompts: bool = Field(default=False, description="log prompt and reply text (off: counts and ids only)")
+
+    @model_validator(mode="after")
+    def _keys_named(self) -> IngressArgs:
+        if self.require_api_keys and not self.api_keys_env:
+            raise ValueError("require_api_keys needs api_keys_env: the variable that holds the keys")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -10,9 +10,13 @@ instance per replica.
   `Authorization: Bearer <key>` (401, OpenAI-style `authentication_error` / `invalid_api_key`) except `GET /health`
   and `GET /ui`; WebSocket handshakes need the same header or `?api_key=<key>` (browsers cannot set headers); gRPC
   calls need metadata `authorization: Bearer <key>` (UNAUTHENTICATED). An unset or empty variable means no keys:
-  the service is open. Keys are compared with hmac.compare_digest and never logged.
+  the service is open, with a warning, unless `require_api_keys: true`, when the ingress replica refuses to start
+  (`NoAPIKeys`) and the deployment fails. Keys are compared with hmac.compare_digest and never logged.
+- WebSocket handshakes are checked before they are accepted: a bad key is refused with HTTP 401, an `Origin` that is
+  neither the service's own nor in `cors_origins` with HTTP 403 (the OpenAI-style error as the body).
 - CORS: Starlette's CORSMiddleware, added around this one when `cors_origins` is set (api/http.py), so preflight
-  requests need no key and refusals carry the CORS headers too.
+  requests (which browsers send without credentials) are answered there and run no handler, and refusals carry the
+  CORS headers too.
 - Size limit (`limits.max_body_bytes`): an HTTP Content-Length above it gets 413 (`request_too_large`) before the
   body is read; a body without Content-Length (chunked) is read up to the limit and refused the same way if it goes
   over. A WebSocket message over it is closed with 1009 (api/websocket.py), a gRPC request message over it gets
@@ -35,15 +39,37 @@ logger = logging.getLogger("ray.serve")
 OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/ui"), ("HEAD", "/ui")}
 
 
+class NoAPIKeys(RuntimeError):
+    """`require_api_keys` is set and the keys' variable is unset or empty: the replica refuses to start."""
+
+
 @dataclass(frozen=True)
 class SecuritySettings:
     api_keys: tuple[bytes, ...]  # empty: no key required
     max_body_bytes: int
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed besides the service's own ('*': any)
 
     @classmethod
-    def from_env(cls, api_keys_env: str | None, max_body_bytes: int) -> SecuritySettings:
-        """The keys are read from this process's environment, never logged."""
-        return cls(api_keys=load_api_keys(api_keys_env), max_body_bytes=max_body_bytes)
+    def from_env(cls, api_keys_env: str | None, max_body_bytes: int, *, require_api_keys: bool = False,
+                 cors_origins: tuple[str, ...] | list[str] = ()) -> SecuritySettings:
+        """The keys are read from this process's environment, never logged. With `require_api_keys`, no keys is an
+        error (`NoAPIKeys`) instead of an open service."""
+        keys = load_api_keys(api_keys_env, quiet=require_api_keys)
+        if require_api_keys and not keys:
+            raise NoAPIKeys(f"require_api_keys is true but ${api_keys_env} is unset or holds no key: refusing to "
+                            "serve without keys")
+        return cls(api_keys=keys, max_body_bytes=max_body_bytes, cors_origins=tuple(cors_origins))
+
+    def origin_ok(self, scope) -> bool:
+        """A WebSocket handshake's Origin: none (not a browser), the service's own, or one of `cors_origins`.
+        Browsers send Origin on every WebSocket handshake and let any page open one, so this is what stops a page
+        elsewhere from driving /ws with the user's network position (and, with keys off, with no key at all)."""
+        headers = _headers(scope)
+        origin = headers.get("origin")
+        if origin is None or "*" in self.cors_origins or origin in self.cors_origins:
+            return True
+        host = headers.get("host")
+        return host is not None and origin.partition("://")[2] == host
 
     @property
     def keys_required(self) -> bool:
@@ -62,14 +88,15 @@ class SecuritySettings:
         return ok
 
 
-def load_api_keys(env_name: str | None) -> tuple[bytes, ...]:
+def load_api_keys(env_name: str | None, quiet: bool = False) -> tuple[bytes, ...]:
     if not env_name:
         return ()
     keys = tuple(key.strip().encode() for key in os.environ.get(env_name, "").split(",") if key.strip())
     if keys:
         logger.info("API keys required: %d key(s) from $%s", len(keys), env_name)
-    else:
-        logger.warning("api_keys_env is %s but that variable is unset or empty: no API key is required", env_name)
+    elif not quiet:
+        logger.warning("api_keys_env is %s but that variable is unset or empty: no API key is required (set "
+                       "require_api_keys: true to refuse to start instead)", env_name)
     return keys
 
 
@@ -123,9 +150,8 @@ class SecurityMiddleware:
         current: SecuritySettings = scope["app"].state.security  # set by ChatIngress for its replica
         headers = _headers(scope)
         method, path = scope["method"], scope["path"]
-        if method == "OPTIONS" and "access-control-request-method" in headers:
-            return await self.app(scope, receive, send)  # a CORS preflight that CORSMiddleware did not answer
-
+        # A CORS preflight is answered by CORSMiddleware, outside this one, when cors_origins is set; one that
+        # reaches here (no cors_origins) is checked like any request, so without a key it runs no handler.
         if (method, path) not in OPEN_ROUTES and not current.key_ok(bearer(headers.get("authorization"))):
             return await _error(send, unauthorized(), [(b"www-authenticate", b"Bearer")])
 

@@ -4,9 +4,12 @@ The explorer's WebSocket protocol: the client sends one JSON object `{query, his
 model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>, "history": [...]}` each time the
 answer grows (history ends with the current turn), then closes with 1000. Bad input (invalid JSON, wrong types,
 unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
-1008 (1009 for a message over `limits.max_body_bytes`); so does a handshake without a valid API key when keys are configured (header `Authorization: Bearer <key>`, or
-`?api_key=<key>` from browsers). Server-side failures (overload included) get the same message shape and 1011. A
-client that disconnects mid-answer stops generation.
+1008 (1009 for a message over `limits.max_body_bytes`). Server-side failures (overload included) get the same
+message shape and 1011. A client that disconnects mid-answer stops generation.
+
+The handshake is refused before it is accepted, with an HTTP status and the same error object as its body: 401 when
+keys are configured and it has no valid one (header `Authorization: Bearer <key>`, or `?api_key=<key>` from
+browsers), 403 when its `Origin` is neither the service's own nor in `cors_origins`.
 """
 
 import asyncio
@@ -16,7 +19,7 @@ import logging
 from importlib import resources
 
 from fastapi import WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 
 from serve_app.api.error_table import APIError, internal_error, validation_error
@@ -37,6 +40,15 @@ async def _fail(websocket: WebSocket, exc: APIError) -> None:
         await websocket.close(exc.kind.ws_close, reason=exc.type)
 
 
+async def _refuse(websocket: WebSocket, exc: APIError) -> None:
+    """Refuse the handshake with the error's HTTP status and body (ASGI's WebSocket denial response, which uvicorn
+    and Ray Serve's proxy pass on); a server without it answers 403."""
+    try:
+        await websocket.send_denial_response(JSONResponse(exc.body(), exc.status, headers=exc.headers))
+    except RuntimeError:  # no denial-response extension: closing before accepting is a 403
+        await websocket.close(exc.kind.ws_close, reason=exc.type)
+
+
 async def _until_disconnect(websocket: WebSocket) -> None:
     while (await websocket.receive())["type"] != "websocket.disconnect":
         pass  # messages after the request are ignored
@@ -53,10 +65,15 @@ class WebSocketMixin:
 
     @app.websocket("/ws")
     async def websocket_chat(self, websocket: WebSocket) -> None:
-        await websocket.accept()
+        # Checked before the handshake is accepted: a refused client never has an open socket.
         if not websocket_key_ok(self.security, websocket.scope):  # Authorization: Bearer <key> or ?api_key=<key>
-            await _fail(websocket, unauthorized())  # an error message, then close 1008
+            await _refuse(websocket, unauthorized())
             return
+        if not self.security.origin_ok(websocket.scope):
+            await _refuse(websocket, APIError("origin_not_allowed", "this Origin may not open the WebSocket; the "
+                                              "service's cors_origins lists the origins that may"))
+            return
+        await websocket.accept()
         try:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":

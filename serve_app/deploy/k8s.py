@@ -191,7 +191,7 @@ $serve_config
                       secretKeyRef:
                         name: chatglm2-api-keys
                         key: keys
-                        optional: true
+                        optional: false  # no Secret, no pod: never an open service
                 # Ray takes the node's CPUs, GPUs and memory from these. CPUs for the replicas a pod can host
                 # (fp16 2, or int8 2 + int4 1 + int4 1, plus ingress replicas at 0.5); memory for loading a checkpoint
                 # on the host before it moves to the GPU (the quantized pools load the fp16 weights first).

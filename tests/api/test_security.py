@@ -37,7 +37,7 @@ def cluster(tiny_checkpoint):
     import ray
 
     config = local_config(tiny_checkpoint, fake_engine={"token_delay_s": 0.002},
-                          pools=[{"model": POOL, "precision": "fp32"}], api_keys_env=ENV, cors_origins=[ALLOWED],
+                          pools=[{"model": POOL, "precision": "fp32"}], api_keys_env=ENV, require_api_keys=True, cors_origins=[ALLOWED],
                           max_body_bytes=LIMIT)
     app = config["applications"][0]
     app["runtime_env"] = {"env_vars": {ENV: f"{OTHER_KEY}, {KEY}"}}
@@ -63,23 +63,36 @@ def auth(key: str = KEY) -> dict:
 
 CHAT = {"model": POOL, "messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 4}
 ROUTES = [("/v1/chat/completions", CHAT), ("/", {"prompt": "你好", "history": [], "max_length": 32}),
-          ("/stream", {"query": "你好", "history": [], "max_length": 32})]
+          ("/chatglm", {"prompt": "你好", "history": [], "max_length": 32}),
+          ("/chat", {"query": "你好", "history": [], "max_length": 32}),
+          ("/stream", {"query": "你好", "history": [], "max_length": 32}),
+          ("/v1/completions", {"model": POOL, "prompt": "你好", "max_tokens": 4}),
+          ("/tokenize", {"prompt": "你好"}), ("/detokenize", {"tokens": [5, 6]}),
+          ("GET /v1/models", None), ("GET /openapi.json", None), ("GET /docs", None)]
+ROUTE_IDS = [path for path, _ in ROUTES]
+NO_KEYS = [{}, auth("sk-wrong"), {"Authorization": KEY}, {"Authorization": "Bearer"}]
 
 
-@pytest.mark.parametrize(("path", "body"), ROUTES)
-@pytest.mark.parametrize("headers", [{}, auth("sk-wrong"), {"Authorization": KEY}], ids=["none", "wrong", "no-scheme"])
+def call(base_url: str, path: str, body, headers: dict) -> httpx.Response:
+    if path.startswith("GET "):
+        return httpx.get(base_url + path.removeprefix("GET "), headers=headers, timeout=60)
+    return httpx.post(base_url + path, json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(("path", "body"), ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize("headers", NO_KEYS, ids=["none", "wrong", "no-scheme", "empty"])
 def test_http_routes_need_a_key(base_url, path, body, headers):
-    response = httpx.post(base_url + path, json=body, headers=headers, timeout=60)
+    response = call(base_url, path, body, headers)
     assert response.status_code == 401
     error = response.json()["error"]
     assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
     assert KEY not in response.text
 
 
-@pytest.mark.parametrize(("path", "body"), ROUTES)
+@pytest.mark.parametrize(("path", "body"), ROUTES, ids=ROUTE_IDS)
 def test_http_routes_with_a_key(base_url, path, body):
     for key in (KEY, OTHER_KEY):
-        response = httpx.post(base_url + path, json=body, headers=auth(key), timeout=60)
+        response = call(base_url, path, body, auth(key))
         assert response.status_code == 200, response.text
 
 
@@ -104,29 +117,58 @@ def ws_exchange(url: str, headers: dict | None = None) -> tuple[list[dict], int]
     return serving.ws_exchange(url, payload, headers)
 
 
-def test_websocket_needs_a_key(base_url):
+def ws_refused(url: str, headers: dict | None = None) -> tuple[int, dict]:
+    """A handshake the server refuses: (HTTP status, the error object of the body)."""
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:
+        ws_exchange(url, headers)
+    response = refused.value.response
+    return response.status_code, json.loads(response.body)["error"]
+
+
+def test_websocket_needs_a_key_before_the_handshake_is_accepted(base_url):
     for url, headers in [(f"{base_url}/ws", None), (f"{base_url}/ws", auth("sk-wrong")),
-                         (f"{base_url}/ws?api_key=sk-wrong", None)]:
-        messages, code = ws_exchange(url, headers)
-        assert code == 1008
-        assert len(messages) == 1 and messages[0]["error"]["code"] == "invalid_api_key"
+                         (f"{base_url}/ws?api_key=sk-wrong", None), (f"{base_url}/ws?api_key=", None)]:
+        status, error = ws_refused(url, headers)
+        assert (status, error["code"]) == (401, "invalid_api_key")
     for url, headers in [(f"{base_url}/ws", auth()), (f"{base_url}/ws?api_key={KEY}", None)]:
         messages, code = ws_exchange(url, headers)
         assert code == 1000 and messages and "resp" in messages[-1]
 
 
-def test_grpc_needs_a_key(stub):
+def test_websocket_origin_must_be_the_services_own_or_allowed(base_url):
+    """A page elsewhere cannot drive /ws from a user's browser; clients that send no Origin are not browsers."""
+    own = base_url  # the origin of the page the ingress serves at /ui
+    for origin in ("https://evil.example", "http://127.0.0.1.evil.example", "null"):
+        status, error = ws_refused(f"{base_url}/ws", {"Origin": origin, **auth()})
+        assert (status, error["code"]) == (403, "origin_not_allowed"), origin
+    for headers in ({"Origin": ALLOWED, **auth()}, {"Origin": own, **auth()}, auth()):
+        messages, code = ws_exchange(f"{base_url}/ws", headers)
+        assert code == 1000 and messages and "resp" in messages[-1], headers
+
+
+GRPC_METHODS = ["Generate", "StreamGenerate", "StreamChat"]
+
+
+def grpc_call(stub, method: str, metadata):
+    if method == "StreamChat":
+        return list(stub.StreamChat(pb.ChatRequest(query="你好", max_length=32), metadata=metadata, timeout=60))
     request = pb.GenerateRequest(prompt="你好", max_length=32)
-    for metadata in [APP, APP + (("authorization", "Bearer sk-wrong"),)]:
-        with pytest.raises(grpc.RpcError) as unary:
-            stub.Generate(request, metadata=metadata, timeout=60)
-        assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.RpcError) as streamed:
-            list(stub.StreamGenerate(request, metadata=metadata, timeout=60))
-        assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    good = APP + (("authorization", f"Bearer {KEY}"),)
-    assert stub.Generate(request, metadata=good, timeout=60).model == POOL
-    assert list(stub.StreamGenerate(request, metadata=good, timeout=60))
+    if method == "Generate":
+        return stub.Generate(request, metadata=metadata, timeout=60)
+    return list(stub.StreamGenerate(request, metadata=metadata, timeout=60))
+
+
+@pytest.mark.parametrize("method", GRPC_METHODS)
+def test_grpc_needs_a_key(stub, method):
+    for metadata in [APP, APP + (("authorization", "Bearer sk-wrong"),), APP + (("authorization", KEY),),
+                     APP + (("authorization", "Bearer"),)]:
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_call(stub, method, metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for key in (KEY, OTHER_KEY):
+        assert grpc_call(stub, method, APP + (("authorization", f"Bearer {key}"),))
 
 
 def test_cors_preflight_and_headers(base_url):

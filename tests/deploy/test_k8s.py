@@ -304,8 +304,11 @@ def test_manifest_follows_the_kuberay_conventions(manifest):
         assert env["CHATGLM2_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
             "name": "chatglm2-api-keys",
             "key": "keys",
-            "optional": True,
+            "optional": False,  # with require_api_keys in the serve config: no Secret is no service, never an open one
         }
+        assert yaml.safe_load(_rayservice(manifest)["spec"]["serveConfigV2"])["applications"][0]["args"][
+            "require_api_keys"] is True
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == "4194304"
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
