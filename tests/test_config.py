@@ -123,3 +123,16 @@ def test_serve_can_call_both_app_builders_with_the_yaml_args():
     assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
     fake = call_user_app_builder_with_args_if_necessary(build_fake_app, {**args, "fake_engine": {}})
     assert isinstance(fake, Application)
+
+
+@pytest.mark.parametrize("path", ["configs/local.yaml", "configs/gpu.yaml"])
+def test_the_ingress_has_bounded_concurrency_and_queue_in_the_serving_configs(path):
+    """Past its max_queued_requests Serve's proxy refuses at once: nothing piles up without bound at the ingress."""
+    from pathlib import Path
+
+    import yaml
+
+    app = yaml.safe_load(Path(path).read_text())["applications"][0]
+    ingress = next(d for d in app["deployments"] if d["name"] == "ChatIngress")
+    assert ingress["max_ongoing_requests"] >= 1 and ingress["max_queued_requests"] >= 1
+    AppArgs.model_validate(app["args"])  # and the args, limits included, are valid

@@ -55,6 +55,8 @@ ERRORS: dict[str, ErrorKind] = {
                            "no such route; see /openapi.json", framework=True),
     "method_not_allowed": ErrorKind(405, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED, WS_POLICY,
                                     "method not allowed on this route", framework=True),
+    "request_timeout": ErrorKind(408, "invalid_request_error", grpc.StatusCode.DEADLINE_EXCEEDED, WS_POLICY,
+                                 "the request did not arrive in full within the configured time"),
     "request_too_large": ErrorKind(413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED, WS_TOO_BIG,
                                    "request body (WebSocket or gRPC message) over the configured limit"),
     "client_closed": ErrorKind(499, "invalid_request_error", grpc.StatusCode.CANCELLED, WS_POLICY,

@@ -139,7 +139,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         # Read here, in the replica: the keys come from this process's environment and are never logged.
         self.security = SecuritySettings.from_env(
             config.api_keys_env, config.limits.max_body_bytes, require_api_keys=config.require_api_keys,
-            cors_origins=config.cors_origins)
+            cors_origins=config.cors_origins, request_timeout_s=config.limits.request_timeout_s)
         self.client = PoolClient(pools, config)
         self.requests = RequestBuilder(config)
 

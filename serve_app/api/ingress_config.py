@@ -49,6 +49,9 @@ class RequestLimits(FrozenArgs):
     max_prompt_tokens: int = Field(
         default=32_768, ge=1, description="most token ids in a prompt or a /detokenize request (the pool then checks "
         "its own context)")
+    request_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="longest a client may take to send its request: an HTTP body to arrive in "
+        "full (else 408), a WebSocket's request message after the handshake (else close 1008)")
 
 
 # Keys written before the `limits:` section existed: still accepted at the top level of the args.

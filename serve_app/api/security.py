@@ -19,12 +19,14 @@ instance per replica.
   CORS headers too.
 - Size limit (`limits.max_body_bytes`): an HTTP Content-Length above it gets 413 (`request_too_large`) before the
   body is read; a body without Content-Length (chunked) is read up to the limit and refused the same way if it goes
-  over. A WebSocket message over it is closed with 1009 (api/websocket.py), a gRPC request message over it gets
+  over. The body must arrive in full within `limits.request_timeout_s` (else 408 `request_timeout`). A WebSocket
+  message over it is closed with 1009 (api/websocket.py), a gRPC request message over it gets
   RESOURCE_EXHAUSTED (api/grpc.py); the gRPC proxy's own cap is Ray's RAY_SERVE_GRPC_MAX_MESSAGE_SIZE.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -48,17 +50,19 @@ class SecuritySettings:
     api_keys: tuple[bytes, ...]  # empty: no key required
     max_body_bytes: int
     cors_origins: tuple[str, ...] = ()  # browser origins allowed besides the service's own ('*': any)
+    request_timeout_s: float = 30.0  # to receive a request in full (HTTP body, a WebSocket's request message)
 
     @classmethod
     def from_env(cls, api_keys_env: str | None, max_body_bytes: int, *, require_api_keys: bool = False,
-                 cors_origins: tuple[str, ...] | list[str] = ()) -> SecuritySettings:
+                 cors_origins: tuple[str, ...] | list[str] = (), request_timeout_s: float = 30.0) -> SecuritySettings:
         """The keys are read from this process's environment, never logged. With `require_api_keys`, no keys is an
         error (`NoAPIKeys`) instead of an open service."""
         keys = load_api_keys(api_keys_env, quiet=require_api_keys)
         if require_api_keys and not keys:
             raise NoAPIKeys(f"require_api_keys is true but ${api_keys_env} is unset or holds no key: refusing to "
                             "serve without keys")
-        return cls(api_keys=keys, max_body_bytes=max_body_bytes, cors_origins=tuple(cors_origins))
+        return cls(api_keys=keys, max_body_bytes=max_body_bytes, cors_origins=tuple(cors_origins),
+                   request_timeout_s=request_timeout_s)
 
     def origin_ok(self, scope) -> bool:
         """A WebSocket handshake's Origin: none (not a browser), the service's own, or one of `cors_origins`.
@@ -112,6 +116,10 @@ def unauthorized() -> APIError:
     return APIError("invalid_api_key", "missing or invalid API key: send Authorization: Bearer <key>")
 
 
+def timed_out(limit_s: float, what: str) -> APIError:
+    return APIError("request_timeout", f"{what} did not arrive within {limit_s:g} s")
+
+
 def too_large(limit: int, what: str = "request body") -> APIError:
     return APIError("request_too_large", f"{what} is larger than {limit} bytes")
 
@@ -156,30 +164,51 @@ class SecurityMiddleware:
             return await _error(send, unauthorized(), [(b"www-authenticate", b"Bearer")])
 
         length = headers.get("content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > current.max_body_bytes:
-                return await _error(send, too_large(current.max_body_bytes), [])
-        elif method in ("POST", "PUT", "PATCH"):  # no Content-Length (chunked): read it here, up to the limit
-            body, more = bytearray(), True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > current.max_body_bytes:
-                    return await _error(send, too_large(current.max_body_bytes), [])
-            replayed = False
-
-            async def receive_buffered():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": bytes(body), "more_body": False}
-                return await receive()
-
-            receive = receive_buffered
+        if length is not None and length.isdigit() and int(length) > current.max_body_bytes:
+            return await _error(send, too_large(current.max_body_bytes), [])
+        if method in ("POST", "PUT", "PATCH"):
+            # The body is read here, whole, up to the limit and within request_timeout_s, so a slow or stalled
+            # upload is a 408 instead of an ingress slot held for as long as the client likes (Serve's proxy hands the
+            # body to the replica as it arrives). A chunked body (no Content-Length) gets the size limit here too.
+            try:
+                async with asyncio.timeout(current.request_timeout_s):
+                    body = await _read_body(receive, current.max_body_bytes)
+            except TimeoutError:
+                return await _error(send, timed_out(current.request_timeout_s, "the request body"), [])
+            if body is None:
+                return  # the client went away
+            if isinstance(body, APIError):
+                return await _error(send, body, [])
+            receive = _replaying(bytes(body), receive)
         await self.app(scope, receive, send)
+
+
+def _replaying(body: bytes, upstream):
+    """A `receive` that gives the body already read as one message, then what `upstream` gives (the disconnect)."""
+    replayed = False
+
+    async def receive():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await upstream()
+
+    return receive
+
+
+async def _read_body(receive, limit: int) -> bytearray | APIError | None:
+    """The whole body; the 413 when it goes over `limit`; None when the client disconnects first."""
+    body, more = bytearray(), True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > limit:
+            return too_large(limit)
+    return body
 
 
 async def _error(send, exc: APIError, extra_headers: list[tuple[bytes, bytes]]) -> None:

@@ -4,7 +4,8 @@ The explorer's WebSocket protocol: the client sends one JSON object `{query, his
 model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>, "history": [...]}` each time the
 answer grows (history ends with the current turn), then closes with 1000. Bad input (invalid JSON, wrong types,
 unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
-1008 (1009 for a message over `limits.max_body_bytes`). Server-side failures (overload included) get the same
+1008 (1009 for a message over `limits.max_body_bytes`; 1008 with `request_timeout` when no request message comes
+within `limits.request_timeout_s`). Server-side failures (overload included) get the same
 message shape and 1011. A client that disconnects mid-answer stops generation.
 
 The handshake is refused before it is accepted, with an HTTP status and the same error object as its body: 401 when
@@ -26,7 +27,7 @@ from serve_app.api.error_table import APIError, internal_error, validation_error
 from serve_app.api.http import app
 from serve_app.api.pool_client import Stream
 from serve_app.api.schemas import StreamChatRequest
-from serve_app.api.security import too_large, unauthorized, websocket_key_ok
+from serve_app.api.security import timed_out, too_large, unauthorized, websocket_key_ok
 from serve_app.server.messages import TextRequest
 
 logger = logging.getLogger("ray.serve")
@@ -75,7 +76,11 @@ class WebSocketMixin:
             return
         await websocket.accept()
         try:
-            message = await websocket.receive()
+            try:
+                async with asyncio.timeout(self.security.request_timeout_s):
+                    message = await websocket.receive()
+            except TimeoutError:
+                raise timed_out(self.security.request_timeout_s, "the request message") from None
             if message["type"] == "websocket.disconnect":
                 return
             raw = message.get("text") if message.get("text") is not None else message.get("bytes") or b""

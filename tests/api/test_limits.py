@@ -35,7 +35,7 @@ from tests import serving
 from tests.serving import engine_stats, local_config, running
 
 LIMITS = RequestLimits(max_body_bytes=16_384, max_prompt_chars=200, max_total_prompt_chars=1000, max_history_turns=8,
-                       max_messages=10, max_stop_chars=16, max_prompt_tokens=50)
+                       max_messages=10, max_stop_chars=16, max_prompt_tokens=50, request_timeout_s=2.0)
 POOL = "chatglm2-6b"
 GRPC_PROXY_CAP = 65_536  # RAY_SERVE_GRPC_MAX_MESSAGE_SIZE for the test cluster's proxies
 METADATA = (("application", "chatglm2"),)
@@ -288,8 +288,83 @@ def test_grpc_past_a_count_limit_is_invalid_argument(stub):
     assert answers and len(answers[-1].new_history) == 9  # the 8 rounds sent (max_history_rounds is 10), then this one
 
 
+def http_exchange(base_url: str, head: bytes, parts: list[bytes], pause_s: float) -> tuple[bytes, float]:
+    """Send `head`, then each part with `pause_s` between them, over a raw socket; (the response, seconds from the
+    last byte sent to the response's first byte)."""
+    import socket
+    import time
+
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        for part in parts:
+            time.sleep(pause_s)
+            sock.sendall(part)
+        sent = time.monotonic()
+        response = sock.recv(65536)
+        waited = time.monotonic() - sent
+        head, _, body = response.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length and (more := sock.recv(65536)):
+            body += more
+        return head + b"\r\n\r\n" + body, waited
+
+
+def slow_post(path: str, length: int | None) -> bytes:
+    size = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{size}\r\n\r\n".encode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_http_body_that_stalls_is_408(base_url, framing):
+    """A client that sends part of its body and stops holds nothing past request_timeout_s (2 s here)."""
+    body = json.dumps(chat(messages(1))).encode()
+    if framing == "content-length":
+        head, first = slow_post("/v1/chat/completions", len(body)), body[:10]
+    else:
+        head, first = slow_post("/v1/chat/completions", None), b"%x\r\n%s\r\n" % (10, body[:10])
+    response, waited = http_exchange(base_url, head + first, [], 0)
+    status = response.split(b"\r\n", 1)[0]
+    assert status == b"HTTP/1.1 408 Request Timeout", response[:300]
+    assert b'"request_timeout"' in response
+
+
+@pytest.mark.slow
+def test_http_body_that_arrives_slowly_but_in_time_is_served(base_url):
+    body = json.dumps(chat(messages(1))).encode()
+    parts = [body[i : i + 8] for i in range(0, len(body), 8)]
+    response, _ = http_exchange(base_url, slow_post("/v1/chat/completions", len(body)) + parts[0], parts[1:],
+                                pause_s=1.5 / len(parts))
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+
+
+@pytest.mark.slow
+def test_chunked_body_to_a_streaming_route_is_served(base_url):
+    """A body without Content-Length is read by the ingress's middleware and replayed to the route; the stream's
+    disconnect listener then reads past the replayed body (this once recursed without end)."""
+    data = json.dumps({"query": "hi", "history": []}).encode()
+    response = httpx.post(base_url + "/stream", content=iter([data[:5], data[5:]]),
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 200 and '"finished": true' in response.text.replace('"finished":true', '"finished": true')
+
+
+@pytest.mark.slow
+def test_websocket_that_sends_no_request_is_closed(base_url):
+    from websockets.sync.client import connect
+
+    with connect(base_url.replace("http", "ws", 1) + "/ws", open_timeout=30) as ws:
+        error = json.loads(ws.recv(timeout=30))["error"]
+        assert error["code"] == "request_timeout"
+        with pytest.raises(Exception):
+            ws.recv(timeout=30)
+        assert ws.close_code == 1008
+
+
 @pytest.mark.slow
 def test_only_the_accepted_requests_reached_the_engine(service):
     """Runs last: the engine's request count grew by the requests served above, not by any refused one."""
-    served = len([r for r, _ in AT if r not in ("/tokenize", "/detokenize")]) + 1 + 1  # HTTP, WebSocket, gRPC
+    http = len([r for r, _ in AT if r not in ("/tokenize", "/detokenize")]) + 2  # + the slow body, the chunked one
+    served = http + 1 + 1  # + WebSocket, gRPC
     assert engine_stats(POOL).engine.total_requests - service[2] == served
