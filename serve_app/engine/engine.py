@@ -52,6 +52,30 @@ logger = logging.getLogger(__name__)
 FALLBACK_SUFFIX = " (fallback after a failed device check)"  # ends EngineStats.decode_path on the fallback
 # A cached prefix is worth a slot when it covers this many prompt tokens (or the whole prompt but its last token).
 MIN_PREFIX_TOKENS = 16
+# Steps in a row in which every request failed, even run alone: the device or the process is unfit to serve.
+MAX_FAILED_STEPS = 3
+REPLICA_FAILED_MESSAGE = "this replica failed and is being replaced; retry"
+
+
+class EngineUnfit(Exception):
+    """The engine can no longer run steps (a device error, or MAX_FAILED_STEPS failing steps in a row)."""
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """A fault of the device rather than of one request: after it (a CUDA error is sticky) no step can succeed."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises it for CUDA errors
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return "CUDA error" in text or "device-side assert" in text or "CUBLAS_STATUS" in text
+
+
+def generation_failed(request_id: str) -> GenerationError:
+    """What the client of a request that failed in the model is told; the exception itself goes to the log."""
+    return GenerationError(f"the model failed while generating this request (request id {request_id}); the "
+                           "service's log has the details")
 
 
 class Status(enum.Enum):
@@ -218,6 +242,7 @@ class Engine:
         self._lock = threading.Lock()  # guards the scheduler, _requests and the counters
         self._stopping = False
         self._failed: str | None = None  # why the loop stopped for good (a ReplicaFailed fault)
+        self._failed_steps = 0  # steps in a row in which every request failed
         self._total_requests = 0
         self._finished: Counter[str] = Counter()
         self._steps = 0
@@ -314,7 +339,7 @@ class Engine:
     def _submit(self, seq: Sequence) -> None:
         with self._lock:
             if self._failed is not None:
-                raise ReplicaFailed(self._failed)
+                raise ReplicaFailed(REPLICA_FAILED_MESSAGE)
             if self._stopping:
                 raise EngineError("the engine has been shut down")
             if seq.request_id in self._requests:
@@ -394,26 +419,68 @@ class Engine:
                 return False
         try:
             self.step()
-        except CompileLimitHit as exc:  # the process is unfit to serve: fail everything and stop for good
-            logger.exception("engine stopped: this replica must be replaced")
-            with self._lock:
-                self._failed = f"the replica failed and is being replaced; retry ({exc})"
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self._fail(seq, ReplicaFailed(self._failed))
-            self._loop.stop()
+        except (CompileLimitHit, EngineUnfit) as exc:  # the process is unfit to serve
+            self._stop_for_good(exc)
             return False
-        except Exception as exc:  # a failed forward pass: fail what was running, keep serving new requests
-            logger.exception("engine step failed")
+        except Exception as exc:
+            if is_device_error(exc):
+                self._stop_for_good(exc)
+                return False
+            logger.exception("engine step failed outside the model: failing the running requests")
             with self._lock:
                 for seq in list(self.scheduler.running):
-                    self._fail(seq, GenerationError(f"the model failed while generating: {exc}"))
+                    self._fail(seq, generation_failed(seq.request_id))
         return True
+
+    def _stop_for_good(self, exc: BaseException) -> None:
+        """Fail everything, refuse new requests and report unhealthy, so that Serve replaces this replica."""
+        logger.error("engine stopped: this replica must be replaced", exc_info=exc)
+        with self._lock:
+            self._failed = f"{type(exc).__name__}: {exc}"  # for check_health and the log, not for clients
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self._fail(seq, ReplicaFailed(REPLICA_FAILED_MESSAGE))
+        self._loop.stop()
 
     def step(self) -> None:
         """One iteration of continuous batching."""
         batch = self._schedule()
-        results = self._run(batch)
+        try:
+            results = self._run(batch)
+        except CompileLimitHit:
+            raise
+        except Exception as exc:
+            if is_device_error(exc):
+                raise
+            results = self._run_apart(batch, exc)
+        if batch.prefills or batch.decodes:
+            self._failed_steps = 0 if results else self._failed_steps + 1
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise EngineUnfit(f"{self._failed_steps} steps in a row failed for every request")
         self._postprocess(results)
+
+    def _run_apart(self, batch: Batch, exc: Exception) -> list[tuple[Sequence, int, int | None]]:
+        """After a failed step: each sequence's work run alone, so that a request that makes the model fail fails
+        alone. Safe to repeat: a step writes KV at explicit positions and `num_computed` moves only after it, and a
+        token's noise is a function of (seed, position). Returns the results of the runs that succeeded."""
+        parts = [Batch([prefill], []) for prefill in batch.prefills] + [Batch([], [seq]) for seq in batch.decodes]
+        logger.error("engine step failed (%d sequences): running each alone", len(parts), exc_info=exc)
+        results, failed = [], []
+        for part in parts if len(parts) > 1 else []:
+            try:
+                results += self._run(part)
+            except CompileLimitHit:
+                raise
+            except Exception as part_exc:
+                if is_device_error(part_exc):
+                    raise
+                seq = (part.prefills[0][0] if part.prefills else part.decodes[0])
+                logger.error("request %s fails the model", seq.request_id, exc_info=part_exc)
+                failed.append(seq)
+        failed = failed if len(parts) > 1 else [seq for seq, _ in batch.prefills] + list(batch.decodes)
+        with self._lock:
+            for seq in failed:
+                self._fail(seq, generation_failed(seq.request_id))
+        return results
 
     def _schedule(self) -> Batch:
         with self._lock:

@@ -217,20 +217,78 @@ def test_an_error_in_one_request_leaves_the_others_intact(make_engine, tiny_fp32
     assert stats.finished == {"error": 1, "length": 3} and stats.free_slots == stats.num_slots
 
 
-def test_a_failed_forward_fails_the_running_requests_and_the_engine_recovers(make_engine, tiny_fp32):
-    # The first decode step that batches both requests (two tokens) fails.
+def test_a_failed_batched_step_is_run_again_one_sequence_at_a_time(make_engine, tiny_fp32):
+    # The first decode step that batches both requests (two tokens) fails once: each sequence then runs alone.
     engine = make_engine(dataclasses.replace(tiny_fp32, model=GatedModel(tiny_fp32.model, fail_tokens=2)))
     prompt = random_prompt(11, 4)
 
     async def main():
-        streams = [collect(engine, prompt, greedy(10)) for _ in range(2)]
-        failed = await asyncio.gather(*streams, return_exceptions=True)
-        return failed, await collect(engine, prompt, greedy(10))
+        return await asyncio.gather(*(collect(engine, prompt, greedy(10)) for _ in range(2)))
 
-    failed, (tokens, _) = asyncio.run(main())
-    assert all(isinstance(result, GenerationError) for result in failed)
-    assert tokens == sequential.generate(tiny_fp32, prompt, greedy(10)).token_ids
+    reference = sequential.generate(tiny_fp32, prompt, greedy(10)).token_ids
+    assert [tokens for tokens, _ in asyncio.run(main())] == [reference, reference]
     assert engine.healthy() and engine.stats().free_slots == engine.stats().num_slots
+
+
+class PoisonModel(GatedModel):
+    """Every forward whose input holds `poison` raises; with `device_error_after` forwards, every later one raises a
+    CUDA-style error (sticky, as a device fault is); with `always`, every forward raises."""
+
+    def __init__(self, model, poison: int | None = None, error: Exception | None = None, always: bool = False):
+        super().__init__(model, error=error)
+        self.poison, self.always = poison, always
+
+    def forward_packed(self, plan, *args, **kwargs):
+        if self.always or (self.poison is not None and self.poison in plan.input_ids.tolist()):
+            raise self.error
+        return self.model.forward_packed(plan, *args, **kwargs)
+
+
+def test_a_request_that_fails_the_model_fails_alone_with_a_generic_message(make_engine, tiny_fp32):
+    poison = 7
+    engine = make_engine(dataclasses.replace(tiny_fp32, model=PoisonModel(
+        tiny_fp32.model, poison, RuntimeError("simulated kernel failure: secret internals"))), max_batch_size=4)
+    prompts = [[p for p in random_prompt(9, seed) if p != poison] for seed in range(3)]
+    poisoned = [*prompts[0][:4], poison, *prompts[0][4:]]
+
+    async def bad():
+        with pytest.raises(GenerationError) as info:
+            await collect(engine, poisoned, greedy(8), request_id="req-poisoned")
+        return info.value
+
+    async def main():
+        return await asyncio.gather(bad(), *(collect(engine, p, greedy(8)) for p in prompts))
+
+    error, *others = asyncio.run(main())
+    assert "req-poisoned" in str(error) and "secret internals" not in str(error) and error.code == "generation_error"
+    for (tokens, _), prompt in zip(others, prompts):
+        assert tokens == sequential.generate(tiny_fp32, prompt, greedy(8)).token_ids
+    stats = engine.stats()
+    assert engine.healthy() and stats.finished == {"error": 1, "length": 3} and stats.free_slots == stats.num_slots
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "illegal memory access"),
+    (RuntimeError("simulated: every step fails"), "steps in a row failed"),
+], ids=["device-error", "every-step-fails"])
+def test_a_broken_device_stops_the_engine_so_the_replica_is_replaced(make_engine, tiny_fp32, error, says):
+    """A device error at once, other errors after MAX_FAILED_STEPS steps in which every request failed: every
+    request fails with ReplicaFailed (503, retry), healthy() turns False with the reason for check_health, and
+    clients are not shown the exception."""
+    model = PoisonModel(tiny_fp32.model, error=error, always=True)
+    engine = make_engine(dataclasses.replace(tiny_fp32, model=model), max_batch_size=2)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, random_prompt(5, seed), greedy(4)) for seed in range(8)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    failed = [r for r in results if isinstance(r, ReplicaFailed)]
+    assert failed and all(isinstance(r, (ReplicaFailed, GenerationError)) for r in results), results
+    assert all(str(error) not in str(r) for r in results)
+    assert not engine.healthy() and says in engine.failure
+    with pytest.raises(ReplicaFailed):
+        asyncio.run(collect(engine, random_prompt(5, 0), greedy(1)))
 
 
 def test_a_compile_past_the_recompile_limit_stops_the_engine_for_good(make_engine, tiny_fp32):
@@ -248,8 +306,8 @@ def test_a_compile_past_the_recompile_limit_stops_the_engine_for_good(make_engin
 
     results = asyncio.run(main())
     assert all(isinstance(result, ReplicaFailed) for result in results), results
-    assert results[0].code == "replica_failed" and "recompile limit" in str(results[0])
-    assert not engine.healthy()
+    assert results[0].code == "replica_failed" and "recompile limit" not in str(results[0])
+    assert not engine.healthy() and "recompile limit" in engine.failure
     stats = engine.stats()
     assert stats.running == stats.waiting == 0 and stats.finished == {"error": 3}
     with pytest.raises(ReplicaFailed):  # at the first iteration, like the other submission errors
