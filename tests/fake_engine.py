@@ -22,7 +22,8 @@ from typing import Any
 
 from serve_app.app import build_graph
 from serve_app.config import AppArgs, PoolConfig
-from serve_app.engine.errors import EngineOverloaded, InvalidRequest
+from serve_app.engine.engine import REPLICA_FAILED_MESSAGE
+from serve_app.engine.errors import EngineOverloaded, InvalidRequest, ReplicaFailed
 from serve_app.engine.outputs import EngineStats, RequestStats, TokenDelta
 from serve_app.engine.params import SamplingParams, token_budget
 from serve_app.model.checkpoint import read_config
@@ -36,6 +37,9 @@ PREFIX_TOKENS = 2  # [gMASK] sop
 class FakeSettings:
     token_delay_s: float = 0.002  # between two tokens of a sequence
     max_reply_tokens: int | None = None  # end with "stop" after this many tokens (default: run to the budget)
+    # A prompt holding this token id breaks the engine for good, as a device fault does (serve_app/engine/engine.py
+    # `_stop_for_good`): the request fails with ReplicaFailed and healthy() turns False, so Serve replaces the replica.
+    unfit_token: int | None = None
 
 
 class FakeEngine:
@@ -50,9 +54,13 @@ class FakeEngine:
         self._finished: Counter[str] = Counter()
 
     def healthy(self) -> bool:
-        return True
+        return self.failure is None
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        if self.failure is None and self.settings.unfit_token in prompt_ids:
+            self.failure = "simulated device fault"
+        if self.failure is not None:
+            raise ReplicaFailed(REPLICA_FAILED_MESSAGE)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
         budget = token_budget(len(prompt_ids), params, self.max_seq_len)  # raises ContextLengthExceeded

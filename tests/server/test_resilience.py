@@ -23,12 +23,14 @@ pytestmark = pytest.mark.slow
 APP = "chatglm2"
 SMALL = "chatglm2-6b-int4"
 WIDE = "chatglm2-6b-int8"
+UNFIT_TOKEN = 1000  # a prompt holding it breaks the fake engine for good (FakeSettings.unfit_token)
 
 
 def resilience_config(checkpoint) -> dict:
     small_engine = {"max_batch_size": 2, "max_seq_len": 2048, "max_waiting": 0}
     wide_engine = {"max_batch_size": 8, "max_seq_len": 2048, "max_waiting": 64}
-    config = local_config(checkpoint, fake_engine={"token_delay_s": 0.002}, engine=small_engine, pools=[
+    config = local_config(checkpoint, fake_engine={"token_delay_s": 0.002, "unfit_token": UNFIT_TOKEN},
+                          engine=small_engine, pools=[
         {"model": SMALL, "precision": "int4"},
         {"model": WIDE, "precision": "int8", "engine": wide_engine},
     ])
@@ -36,7 +38,7 @@ def resilience_config(checkpoint) -> dict:
     limits = {SMALL: (2, 2), WIDE: (64, 64)}
     app["deployments"] = [d for d in app["deployments"] if d["name"] == "ChatIngress"] + [
         {"name": name, "num_replicas": 2, "max_ongoing_requests": ongoing, "max_queued_requests": queued,
-         "ray_actor_options": {"num_cpus": 0.25}}
+         "health_check_period_s": 1, "ray_actor_options": {"num_cpus": 0.25}}
         for name, (ongoing, queued) in limits.items()
     ]
     return config
@@ -214,3 +216,27 @@ def test_overload_script_reports_refusals_beside_running_streams(base_url):
     refused = re.search(r"^\| 503 \| (\d+) \| [\d.]+ \| [\d.]+ \| 1 \|$", run.stdout, re.MULTILINE)
     assert served and refused, run.stdout  # and no other status: every burst request is one or the other
     assert int(served.group(1)) + int(refused.group(1)) == 16, run.stdout
+
+
+def test_a_broken_engine_fails_its_health_check_and_is_replaced(base_url):
+    """Runs last. An engine that can no longer serve (a sticky device fault) answers 503 `replica_failed` with a
+    generic message, its replica's check_health fails, Serve replaces it, and the pool serves again on two
+    replicas."""
+    before = set(engine_stats_by_replica(WIDE))
+    assert len(before) == 2
+    response = httpx.post(f"{base_url}/v1/completions", json={"model": WIDE, "prompt": [5, UNFIT_TOKEN],
+                                                              "max_tokens": 4}, timeout=60)
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "replica_failed" and "simulated" not in error["message"]
+    assert response.headers["retry-after"]
+
+    def replaced() -> bool:
+        now = set(engine_stats_by_replica(WIDE))
+        return len(now) == 2 and now != before
+
+    wait_for(replaced, 90, "Serve to replace the broken replica", interval_s=1.0)
+    for _ in range(6):  # both replicas, the new one included, serve
+        ok = httpx.post(f"{base_url}/v1/completions", json={"model": WIDE, "prompt": [5, 6], "max_tokens": 4},
+                        timeout=60)
+        assert ok.status_code == 200, ok.text
