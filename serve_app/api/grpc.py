@@ -14,7 +14,8 @@ an `UndecodableRequest` instead of raising (gRPC would report a raising decoder 
 A cancelled call that reaches this replica stops generation (the stream is closed, which aborts the engine request).
 Ray Serve 2.60's gRPC proxy does not always forward a client's cancel: when it lands while the proxy is writing a
 message, the proxy's generator is closed (GeneratorExit in proxy.py `send_request_to_replica`) without cancelling
-the replica call, and the request runs to its token limit. Clients that may cancel should send `max_length`.
+the replica call, and the request would run to its token limit: a call that sets no `max_length` gets
+`limits.grpc_default_max_length` (1,024 tokens) where that is below `defaults.max_length`.
 """
 
 from collections.abc import AsyncIterator, Callable
@@ -71,7 +72,10 @@ def _turn(requests: RequestBuilder, query: str, history: list[tuple[str, str]],
           message: GenerateRequest | ChatRequest) -> TextRequest:
     """A request message's chat turn, its fields checked in the order and with the bounds of the streaming API's;
     unset fields (0 max_length) take the defaults, and do_sample=false means greedy."""
-    max_length = _bounded("max_length", message.max_length) if message.max_length else None
+    if message.max_length:
+        max_length = _bounded("max_length", message.max_length)
+    else:  # the server's cap (limits.grpc_default_max_length): a cancel may not reach this replica
+        max_length = min(requests.config.defaults.max_length, requests.config.limits.grpc_default_max_length)
     top_p = _bounded("top_p", message.top_p) if message.HasField("top_p") else None
     if message.HasField("do_sample") and not message.do_sample:
         temperature = 0.0

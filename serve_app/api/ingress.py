@@ -140,7 +140,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         self.security = SecuritySettings.from_env(
             config.api_keys_env, config.limits.max_body_bytes, require_api_keys=config.require_api_keys,
             cors_origins=config.cors_origins, request_timeout_s=config.limits.request_timeout_s)
-        self.client = PoolClient(pools, config)
+        self.client = PoolClient(pools, config, caller=serve.get_replica_context().replica_id.to_full_id_str())
         self.requests = RequestBuilder(config)
 
     def __serve_build_asgi_app__(self):

@@ -49,6 +49,10 @@ class RequestLimits(FrozenArgs):
     max_prompt_tokens: int = Field(
         default=32_768, ge=1, description="most token ids in a prompt or a /detokenize request (the pool then checks "
         "its own context)")
+    grpc_default_max_length: int = Field(
+        default=1024, ge=1, description="max_length (prompt + reply tokens) of a gRPC call that sets none, when below "
+        "defaults.max_length: Ray's gRPC proxy does not always pass a client's cancel on, so an unbounded call could "
+        "run to the pool's context for nobody")
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, description="longest a client may take to send its request: an HTTP body to arrive in "
         "full (else 408), a WebSocket's request message after the handshake (else close 1008)")

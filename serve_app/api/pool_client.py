@@ -16,6 +16,8 @@ early (a client that went away) leaves the `async with` it holds the stream in. 
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -101,6 +103,13 @@ class Stream:
             if not sent:
                 yield text
 
+    def __del__(self) -> None:
+        # The last resort for a stream its handler opened but that nothing came to read or close (the handler
+        # cancelled between `open()` and its response, a response object dropped unsent): the pool stops generating.
+        if not getattr(self, "_closed", True):
+            logger.warning("pool %s: a stream was dropped unread; stopping its generation", self.pool)
+            self._close()
+
     def _close(self) -> None:
         """Stop the pool's generation (if it still runs) and release the routing slot; idempotent."""
         if not self._closed:
@@ -118,8 +127,10 @@ class Answer:
 
 
 class PoolClient:
-    def __init__(self, handles: dict, config: IngressConfig):
-        self.handles = handles
+    def __init__(self, handles: dict, config: IngressConfig, caller: str | None = None):
+        """`caller`: this ingress replica's Ray actor name, sent with each generation so that the pool stops it if
+        this replica dies mid-stream (server/caller_watch.py)."""
+        self.handles, self.caller = handles, caller
         # Cached once: `options(stream=True)` per request would rebuild the handle's state.
         self.streams = {name: handle.options(stream=True) for name, handle in handles.items()}
         self.router = Router(handles, config.pool_names, config.default_pool, config.routing)
@@ -130,7 +141,7 @@ class PoolClient:
         rest = None
         self.router.started(pool)
         try:
-            rest = self.streams[pool].generate.remote(request)
+            rest = self.streams[pool].generate.remote(dataclasses.replace(request, caller=self.caller))
             first = await rest.__anext__()
         except Exception as exc:
             error = pool_call_error(exc, pool, BEFORE_FIRST_TOKEN)

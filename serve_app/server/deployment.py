@@ -19,6 +19,7 @@ from ray import serve
 from serve_app.config import PoolConfig
 from serve_app.engine.errors import EngineError
 from serve_app.model.tokenizer import TokenizerError
+from serve_app.server.caller_watch import CallerWatch
 from serve_app.server.coalescing import coalesce
 from serve_app.server.engine_factory import ReplicaEngine, build_engine
 from serve_app.server.messages import (
@@ -41,6 +42,7 @@ class ChatGLM2Server:
         self.coalesce_s = config.stream_coalesce_ms / 1000
         self.metrics = PoolMetrics(config.name, read_stats=self.engine.stats)
         self.metrics.start_refresh()  # now if Serve runs __init__ on the replica's loop, else on the first request
+        self.callers = CallerWatch()
 
     def _prompt_ids(self, request: TextRequest, special_tokens: bool = True) -> list[int]:
         """The model input of `request`; `special_tokens=False` leaves the [gMASK] sop prefix off a raw prompt."""
@@ -79,13 +81,14 @@ class ChatGLM2Server:
         reply = []
         try:
             # aclosing: when Serve cancels this generator (the client went away), the engine stops at once, not when
-            # the garbage collector gets to the inner generators.
-            async with aclosing(coalesce(self._generate(request, trace), self.coalesce_s)) as deltas:
-                async for delta in deltas:
-                    trace.emitted(delta)
-                    if self.log_prompts:
-                        reply.append(delta.text)
-                    yield delta
+            # the garbage collector gets to the inner generators. `watching`: so does a caller that died.
+            with self.callers.watching(request.caller):
+                async with aclosing(coalesce(self._generate(request, trace), self.coalesce_s)) as deltas:
+                    async for delta in deltas:
+                        trace.emitted(delta)
+                        if self.log_prompts:
+                            reply.append(delta.text)
+                        yield delta
         finally:  # also when the ingress cancels the stream
             fields = trace.log_fields()
             if self.log_prompts:

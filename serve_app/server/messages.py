@@ -58,6 +58,7 @@ class TextRequest:
 
     `context_strict` asks for OpenAI's semantics: a prompt plus `params.max_new_tokens` past the pool's context is a
     `context_length_exceeded` error. Without it (the official api.py) the reply is capped by the context instead.
+    `caller` is set by the ingress's PoolClient when it sends the request.
     """
 
     request_id: str
@@ -65,6 +66,8 @@ class TextRequest:
     prompt: Prompt
     stop: list[str] = field(default_factory=list)
     context_strict: bool = False
+    # The ingress replica's Ray actor name: the pool stops the generation if that actor dies (server/caller_watch.py).
+    caller: str | None = None
 
 
 @dataclass

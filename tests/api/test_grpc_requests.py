@@ -34,7 +34,7 @@ REQUESTS = RequestBuilder(CONFIG)
 def reference(query: str, history: list, message) -> tuple:
     """The former way: message -> dict -> StreamChatRequest -> chat_turn."""
     fields = {"query": query, "history": history, "model": message.model or None,
-              "max_length": message.max_length or None}
+              "max_length": message.max_length or min(CONFIG.defaults.max_length, CONFIG.limits.grpc_default_max_length)}
     if message.HasField("top_p"):
         fields["top_p"] = message.top_p
     if message.HasField("do_sample") and not message.do_sample:
@@ -194,3 +194,11 @@ def test_no_request_goes_through_the_http_body_model(monkeypatch):
     monkeypatch.setattr(RequestBuilder, "chat_turn", refuse)
     ingress = Ingress(Handle(DELTAS))
     assert asyncio.run(ingress.Generate(pb.GenerateRequest(prompt="hi", top_p=0.5), Context())).generated_text == "ab"
+
+
+def test_a_call_without_max_length_gets_the_servers_cap():
+    """HTTP's default is defaults.max_length (2048); a gRPC call, whose cancel may not arrive, gets the lower cap."""
+    assert CONFIG.defaults.max_length == 2048 and CONFIG.limits.grpc_default_max_length == 1024
+    request = grpc_api._turn(REQUESTS, "hi", [], pb.GenerateRequest(prompt="hi"))
+    assert request.params.max_length == 1024
+    assert grpc_api._turn(REQUESTS, "hi", [], pb.GenerateRequest(prompt="hi", max_length=4096)).params.max_length == 4096

@@ -136,6 +136,21 @@ def test_a_stream_held_in_async_with_closes_when_its_reader_stops_early(iterate)
     assert asyncio.run(read_one()) == (0, True)
 
 
+def test_a_stream_dropped_unread_stops_its_generation():
+    """A handler cancelled after `open()` and before its response ran leaves a Stream nobody reads or closes."""
+    import gc
+
+    handle = Handle([TextDelta(text="a")], hold=True)
+    client = client_of(handle)
+
+    async def open_and_drop():
+        await client.open(None, REQUEST)  # the Stream is dropped at once
+        gc.collect()
+        return in_flight(client), handle.generations[0].cancelled
+
+    assert asyncio.run(open_and_drop()) == (0, True)
+
+
 def test_closing_an_iteration_closes_the_stream():
     handle = Handle([TextDelta(text="a")], hold=True)
     client = client_of(handle)

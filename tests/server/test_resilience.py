@@ -240,3 +240,52 @@ def test_a_broken_engine_fails_its_health_check_and_is_replaced(base_url):
         ok = httpx.post(f"{base_url}/v1/completions", json={"model": WIDE, "prompt": [5, 6], "max_tokens": 4},
                         timeout=60)
         assert ok.status_code == 200, ok.text
+
+
+def test_an_ingress_killed_mid_stream_stops_the_generations_it_was_reading(base_url):
+    """The ingress replica dies while it streams two long replies: the pool's engine aborts both (it does not
+    generate on to their budget for nobody), and a new ingress replica serves."""
+    import ray
+
+    def finished():
+        return {rid: dict(s.engine.finished) for rid, s in engine_stats_by_replica(WIDE).items()}
+
+    before = finished()
+    streaming = threading.Semaphore(0)
+    ended: list[str] = []
+
+    def one(i: int) -> None:
+        try:  # a reply of 2,000 tokens (WIDE's context allows 2,048) at 2 ms each: 4 s if nobody stops it
+            with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body(WIDE, 2000, f"i{i}"),
+                              timeout=120) as r:
+                for n, _ in enumerate(r.iter_lines()):
+                    if n == 3:
+                        streaming.release()
+        except httpx.HTTPError as exc:
+            ended.append(type(exc).__name__)
+        else:
+            ended.append("closed")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        assert streaming.acquire(timeout=60)
+    victim = next(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                  if actor["namespace"] == "serve" and "#ChatIngress#" in actor["name"])
+    ray.kill(ray.get_actor(victim, namespace="serve"))
+    for t in threads:
+        t.join(timeout=120)
+    assert len(ended) == 2  # both client streams ended (cut off with the replica)
+
+    seen = {}
+
+    def aborted() -> bool:
+        now = finished()
+        seen["grown"] = {reason: sum(now.get(rid, {}).get(reason, 0) - before.get(rid, {}).get(reason, 0)
+                                     for rid in now) for reason in ("abort", "length", "stop")}
+        seen["running"] = [s.engine.running for s in engine_stats_by_replica(WIDE).values()]
+        return not any(seen["running"]) and sum(seen["grown"].values()) == 2
+
+    wait_for(aborted, 30, "the pool to end both generations", interval_s=0.5)
+    assert seen["grown"] == {"abort": 2, "length": 0, "stop": 0}, seen  # stopped, not run to their budget
+    wait_for(lambda: httpx.get(f"{base_url}/health", timeout=10).status_code == 200, 90, "a new ingress replica")
