@@ -1,5 +1,7 @@
 """Resilience of the running application: overload is refused fast, abandoned streams free the engine, a dead
-replica fails only its own requests (with an error event) and is replaced.
+replica fails only its own requests (an SSE error event, WebSocket close 1011, gRPC UNAVAILABLE) and is replaced,
+a broken engine fails its health check and is replaced, and an ingress killed mid-stream leaves no generation
+running.
 
 One Ray + Serve start for the module: configs/local.yaml with two pools of two replicas each, on the fake engine
 (tests/fake_engine.py: these are properties of the Serve graph, not of the model; a token every 2 ms). SMALL has
@@ -45,9 +47,14 @@ def resilience_config(checkpoint) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_url(tiny_checkpoint):
-    with running(resilience_config(tiny_checkpoint)) as (url, _):
-        yield url
+def service(tiny_checkpoint):
+    with running(resilience_config(tiny_checkpoint), grpc=True) as urls:
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def base_url(service):
+    return service[0]
 
 
 def body(pool: str, max_tokens: int, text: str = "你好") -> dict:
@@ -289,3 +296,74 @@ def test_an_ingress_killed_mid_stream_stops_the_generations_it_was_reading(base_
     wait_for(aborted, 30, "the pool to end both generations", interval_s=0.5)
     assert seen["grown"] == {"abort": 2, "length": 0, "stop": 0}, seen  # stopped, not run to their budget
     wait_for(lambda: httpx.get(f"{base_url}/health", timeout=10).status_code == 200, 90, "a new ingress replica")
+
+
+def test_a_pool_killed_mid_stream_fails_websocket_and_grpc_streams_with_their_codes(service):
+    """Every replica of SMALL dies while a WebSocket and a gRPC stream run on it: the WebSocket gets the error
+    object and close 1011, the gRPC call UNAVAILABLE; Serve replaces the replicas, whose engines are idle."""
+    import grpc
+    import ray
+    from ray import serve
+    from websockets.sync.client import connect
+
+    from serve_app.api.protos import chatglm2_pb2 as pb
+    from serve_app.api.protos.chatglm2_pb2_grpc import ChatGLM2Stub
+
+    base_url, grpc_port = service
+    streaming = threading.Semaphore(0)
+    outcome: dict = {}
+
+    def websocket() -> None:
+        with connect(base_url.replace("http", "ws", 1) + "/ws", open_timeout=30) as ws:
+            ws.send(json.dumps({"query": "ws", "model": SMALL, "max_length": 2000}))
+            messages = []
+            try:
+                while True:
+                    messages.append(json.loads(ws.recv(timeout=60)))
+                    if len(messages) == 3:
+                        streaming.release()
+            except Exception:  # noqa: BLE001 (the close)
+                pass
+            outcome["ws"] = (ws.close_code, messages[-1])
+
+    def grpc_stream() -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        try:
+            n = 0
+            for _ in ChatGLM2Stub(channel).StreamChat(pb.ChatRequest(query="grpc", model=SMALL, max_length=2000),
+                                                      metadata=(("application", APP),), timeout=60):
+                n += 1
+                if n == 3:
+                    streaming.release()
+            outcome["grpc"] = "completed"
+        except grpc.RpcError as exc:
+            outcome["grpc"] = (exc.code(), exc.details())
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=websocket), threading.Thread(target=grpc_stream)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert streaming.acquire(timeout=60), outcome
+    victims = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+               if actor["namespace"] == "serve" and f"#{SMALL}#" in actor["name"]]
+    assert len(victims) == 2
+    for victim in victims:
+        ray.kill(ray.get_actor(victim, namespace="serve"))
+    for t in threads:
+        t.join(timeout=120)
+
+    close_code, last = outcome["ws"]
+    assert close_code == 1011 and last["error"]["code"] == "replica_failed", outcome
+    assert outcome["grpc"][0] == grpc.StatusCode.UNAVAILABLE, outcome
+
+    def replaced_and_idle() -> bool:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        if replicas(APP, SMALL) != 2 or names & set(victims):
+            return False
+        stats = engine_stats_by_replica(SMALL)
+        return len(stats) == 2 and all(s.engine.running == s.engine.waiting == 0 for s in stats.values())
+
+    wait_for(replaced_and_idle, 90, "SMALL's replicas to be replaced", interval_s=1.0)
+    wait_for(lambda: serve.status().applications[APP].status == "RUNNING", 90, "the application to be RUNNING")
