@@ -5,13 +5,15 @@ and `Engine`, or a test's fake), and turns text requests into streamed text delt
 that belong to the request (context too long, overloaded, numeric failure) come back as a final `TextDelta` with
 `error` set, so the ingress can answer with the right status code. Deltas that come close together are sent together
 (server/coalescing.py, `stream_coalesce_ms`). The pool also tokenizes and detokenizes for clients that count tokens
-(the front end has no tokenizer).
+(the front end has no tokenizer), on two tokenizer threads of its own, never on the event loop that streams replies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 from ray import serve
@@ -30,6 +32,8 @@ from serve_app.server.reply_text import ReplyText
 
 logger = logging.getLogger("ray.serve")
 
+TOKENIZER_THREADS = 2  # per replica; tokenizing is bounded by the pool's max_ongoing/max_queued_requests besides
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 class ChatGLM2Server:
@@ -43,6 +47,9 @@ class ChatGLM2Server:
         self.metrics = PoolMetrics(config.name, read_stats=self.engine.stats)
         self.metrics.start_refresh()  # now if Serve runs __init__ on the replica's loop, else on the first request
         self.callers = CallerWatch()
+        # Tokenizing a long prompt takes milliseconds to tens of them: it runs on these threads, never on the event
+        # loop that streams every other reply and answers Serve's health checks.
+        self.tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix=f"{config.name}-tokenize")
 
     def _prompt_ids(self, request: TextRequest, special_tokens: bool = True) -> list[int]:
         """The model input of `request`; `special_tokens=False` leaves the [gMASK] sop prefix off a raw prompt."""
@@ -54,6 +61,9 @@ class ChatGLM2Server:
             case TokenPrompt(ids):
                 return self._checked_ids(ids)
         raise TypeError(f"not a prompt: {request.prompt!r}")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
         vocab = self.tokenizer.vocab_size
@@ -97,7 +107,7 @@ class ChatGLM2Server:
 
     async def _generate(self, request: TextRequest, trace: RequestTrace) -> AsyncIterator[TextDelta]:
         try:
-            prompt_ids = self._prompt_ids(request)
+            prompt_ids = await self._off_loop(self._prompt_ids, request)
         except TokenizerError as exc:
             yield TextDelta(error=ErrorInfo("invalid_request", str(exc)))
             return
@@ -126,7 +136,7 @@ class ChatGLM2Server:
     async def tokenize(self, request: TextRequest, special_tokens: bool = True) -> Tokens:
         """The ids a generation of `request` would run (chat turns always carry the prefix), and their count."""
         try:
-            ids = self._prompt_ids(request, special_tokens)
+            ids = await self._off_loop(self._prompt_ids, request, special_tokens)
         except TokenizerError as exc:
             return Tokens(error=ErrorInfo("invalid_request", str(exc)))
         return Tokens(ids=ids, max_seq_len=self.engine.max_seq_len)
@@ -137,7 +147,7 @@ class ChatGLM2Server:
             ids = self._checked_ids(ids)
         except TokenizerError as exc:
             return Tokens(error=ErrorInfo("invalid_request", str(exc)))
-        return Tokens(text=self.tokenizer.decode(ids), max_seq_len=self.engine.max_seq_len)
+        return Tokens(text=await self._off_loop(self.tokenizer.decode, ids), max_seq_len=self.engine.max_seq_len)
 
     async def engine_stats(self) -> ReplicaStats:
         """Live load of this replica's engine (the ingress routes on it), and where the replica runs."""
