@@ -39,7 +39,8 @@ _TEMPLATE = Template("""\
 #     point both `image:` fields at it).
 #   - The official chatglm2-6b checkpoint copied onto the PersistentVolumeClaim below as chatglm2-6b/, so replicas
 #     read it at /models/chatglm2-6b.
-#   - Optional: Secret chatglm2-api-keys with key `keys`; when present the ingress requires one of those API keys.
+#   - Secrets chatglm2-api-keys (key `keys`: the API keys, required) and chatglm2-redis (key `password`).
+#   - Pods that may call the service labelled chatglm2-serve/gateway: "true" (NetworkPolicy chatglm2-ray-pods).
 #
 #   kubectl apply -f k8s/ray-service.gpu.yaml -l app.kubernetes.io/component=weights   # the claim alone, to fill
 #   kubectl apply -f k8s/ray-service.gpu.yaml
@@ -74,6 +75,8 @@ spec:
   # KubeRay's own serve Service, given our name: it selects the serve-ready pods (healthy Serve proxy) of the active
   # RayCluster and follows the switch to the new cluster during a zero-downtime upgrade, which a Service of our own
   # with a fixed selector could not do.
+  # The head runs the GCS, the controller and the dashboard, not the chat replicas: keep it out of the endpoint.
+  excludeHeadPodFromServeSvc: true
   serveService:
     metadata:
       name: chatglm2-serve
@@ -91,6 +94,19 @@ $serve_config
   # the old one), except appending a worker group, which joins the running cluster.
   rayClusterConfig:
     rayVersion: "$ray_version"
+    # Ray's token authentication: KubeRay makes a token Secret and gives it to every Ray process and to itself, so
+    # reaching a Ray port (job submission on 8265, the client on 10001, the GCS on 6379) is not enough to use it.
+    authOptions:
+      mode: token
+    # The GCS keeps its state in Redis (chatglm2-redis below, or set redisAddress to a Redis of your own): when the
+    # head pod dies, the worker pods and their Serve replicas keep serving, and the new head picks the state up.
+    gcsFaultToleranceOptions:
+      redisAddress: "chatglm2-redis:6379"
+      redisPassword:
+        valueFrom:
+          secretKeyRef:
+            name: chatglm2-redis
+            key: password
     # The Ray autoscaler (a sidecar in the head pod) adds GPU worker pods when Serve replicas don't fit, up to the
     # worker group's maxReplicas, and removes idle ones.
     enableInTreeAutoscaling: true
@@ -106,21 +122,26 @@ $serve_config
         requests:
           cpu: 500m
           memory: 512Mi
+$container_security_autoscaler
     headGroupSpec:
       # No Serve replica on the head: it runs the GCS, the dashboard, the Serve controller, a proxy and the autoscaler.
       rayStartParams:
         num-cpus: "0"
         num-gpus: "0"
+        # KubeRay submits the Serve config to the dashboard from the operator's pod, so it listens on the pod's
+        # address; the NetworkPolicy below lets only the operator reach 8265, and Ray's token auth guards it too.
         dashboard-host: "0.0.0.0"
       template:
         metadata:
           labels:
             app.kubernetes.io/part-of: chatglm2-serve
         spec:
+$pod_security_head
           containers:
             - name: ray-head
               image: $image
               imagePullPolicy: IfNotPresent
+$container_security_head
               # Liveness and readiness probes are left to KubeRay, which injects the right ones for rayVersion
               # (the node health endpoint of the dashboard agent); defining probes here would replace them.
               ports:
@@ -137,6 +158,7 @@ $serve_config
                 - name: metrics
                   containerPort: 8080
               env:
+$cache_env_head
                 # The gRPC proxy's own cap on a message, sent or received (Ray's default is 2 GiB): above the app's
                 # limits.max_body_bytes, which the ingress enforces with RESOURCE_EXHAUSTED, and above the largest reply.
                 - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
@@ -148,6 +170,10 @@ $serve_config
                 requests:
                   cpu: "2"
                   memory: 8Gi
+              volumeMounts:
+$scratch_mounts_head
+          volumes:
+$scratch_volumes_head
     workerGroupSpecs:
       # One GPU per pod: the fp16 pool takes a whole pod, an int8 and two int4 replicas share one. With every pool at
       # its max_replicas the deployments ask for 8 GPUs; raise maxReplicas (and your node pool) to allow that.
@@ -170,10 +196,12 @@ $serve_config
               - key: nvidia.com/gpu
                 operator: Exists
                 effect: NoSchedule
+$pod_security_worker
             containers:
               - name: ray-worker
                 image: $image
                 imagePullPolicy: IfNotPresent
+$container_security_worker
                 # KubeRay's injected readiness probe on RayService workers also checks the Serve proxy on the
                 # `serve` port (/-/healthz), so a pod only gets traffic once its proxy is up.
                 ports:
@@ -184,6 +212,7 @@ $serve_config
                   - name: metrics
                     containerPort: 8080
                 env:
+$cache_env_worker
                   - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE  # as on the head: every node runs a gRPC proxy
                     value: "4194304"
                   - name: CHATGLM2_API_KEYS
@@ -208,11 +237,13 @@ $serve_config
                   - name: weights
                     mountPath: /models
                     readOnly: true
+$scratch_mounts_worker
             volumes:
               - name: weights
                 persistentVolumeClaim:
                   claimName: chatglm2-6b-weights
                   readOnly: true
+$scratch_volumes_worker
 ---
 # The gRPC endpoint (chatglm2.ChatGLM2 on Serve's gRPC proxy, port 9000). KubeRay's serve Service carries only the
 # `serve` port, so gRPC has a Service of its own. It selects the pods KubeRay marks serve-ready (ray.io/serve: "true",
@@ -230,13 +261,245 @@ spec:
   type: ClusterIP
   selector:
     app.kubernetes.io/part-of: chatglm2-serve
+    ray.io/node-type: worker
     ray.io/serve: "true"
   ports:
     - name: grpc
       port: 9000
       targetPort: grpc
       appProtocol: grpc
+---
+# Who may reach the Ray pods. Chat traffic (8000 HTTP, 9000 gRPC) only from pods labelled
+# chatglm2-serve/gateway: "true" (your ingress controller or gateway, in any namespace); metrics (8080) only from
+# Prometheus in the `monitoring` namespace; the dashboard (8265, where KubeRay submits the Serve config) only from
+# the KubeRay operator; everything else only between this cluster's Ray pods. Adjust the selectors to your gateway's,
+# Prometheus's and the operator's labels. Needs a CNI that enforces NetworkPolicy (Calico, Cilium, ...).
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: chatglm2-ray-pods
+  labels:
+    app.kubernetes.io/name: chatglm2-serve
+    app.kubernetes.io/component: security
+spec:
+  podSelector:
+    matchLabels:
+      app.kubernetes.io/part-of: chatglm2-serve
+  policyTypes:
+    - Ingress
+  ingress:
+    - from:
+        - namespaceSelector: {}
+          podSelector:
+            matchLabels:
+              chatglm2-serve/gateway: "true"
+      ports:
+        - port: 8000
+        - port: 9000
+    - from:
+        - namespaceSelector:
+            matchLabels:
+              kubernetes.io/metadata.name: monitoring
+          podSelector:
+            matchLabels:
+              app.kubernetes.io/name: prometheus
+      ports:
+        - port: 8080
+    - from:
+        - namespaceSelector: {}
+          podSelector:
+            matchLabels:
+              app.kubernetes.io/name: kuberay-operator
+      ports:
+        - port: 8265
+    - from:
+        - podSelector:
+            matchLabels:
+              app.kubernetes.io/part-of: chatglm2-serve
+---
+# Voluntary disruptions (node drains, upgrades) take at most one GPU worker pod at a time.
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: chatglm2-gpu-workers
+  labels:
+    app.kubernetes.io/name: chatglm2-serve
+    app.kubernetes.io/component: serving
+spec:
+  maxUnavailable: 1
+  selector:
+    matchLabels:
+      app.kubernetes.io/part-of: chatglm2-serve
+      ray.io/node-type: worker
+---
+# The GCS's external store (gcsFaultToleranceOptions above): one Redis with a password from Secret chatglm2-redis
+# (key `password`; create it first, docs/kubernetes.md) and append-only persistence on its own claim. To use a Redis
+# you already run, delete the objects below and point redisAddress at it.
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: chatglm2-redis-data
+  labels:
+    app.kubernetes.io/name: chatglm2-serve
+    app.kubernetes.io/component: gcs-store
+spec:
+  accessModes:
+    - ReadWriteOnce
+  resources:
+    requests:
+      storage: 1Gi
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: chatglm2-redis
+  labels:
+    app.kubernetes.io/name: chatglm2-serve
+    app.kubernetes.io/component: gcs-store
+spec:
+  replicas: 1
+  strategy:
+    type: Recreate
+  selector:
+    matchLabels:
+      app.kubernetes.io/name: chatglm2-redis
+  template:
+    metadata:
+      labels:
+        app.kubernetes.io/name: chatglm2-redis
+    spec:
+      automountServiceAccountToken: false
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 999
+        runAsGroup: 999
+        fsGroup: 999
+        seccompProfile:
+          type: RuntimeDefault
+      containers:
+        - name: redis
+          image: redis:7.4-alpine
+          imagePullPolicy: IfNotPresent
+          args: ["--requirepass", "$$(REDIS_PASSWORD)", "--appendonly", "yes", "--dir", "/data"]
+          env:
+            - name: REDIS_PASSWORD
+              valueFrom:
+                secretKeyRef:
+                  name: chatglm2-redis
+                  key: password
+          ports:
+            - name: redis
+              containerPort: 6379
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities:
+              drop: ["ALL"]
+          resources:
+            limits:
+              cpu: 500m
+              memory: 1Gi
+            requests:
+              cpu: 500m
+              memory: 1Gi
+          volumeMounts:
+            - name: data
+              mountPath: /data
+      volumes:
+        - name: data
+          persistentVolumeClaim:
+            claimName: chatglm2-redis-data
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: chatglm2-redis
+  labels:
+    app.kubernetes.io/name: chatglm2-serve
+    app.kubernetes.io/component: gcs-store
+spec:
+  type: ClusterIP
+  selector:
+    app.kubernetes.io/name: chatglm2-redis
+  ports:
+    - name: redis
+      port: 6379
+      targetPort: redis
+---
+# Redis only from the Ray pods (the GCS on the head).
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: chatglm2-redis
+  labels:
+    app.kubernetes.io/name: chatglm2-serve
+    app.kubernetes.io/component: security
+spec:
+  podSelector:
+    matchLabels:
+      app.kubernetes.io/name: chatglm2-redis
+  policyTypes:
+    - Ingress
+  ingress:
+    - from:
+        - podSelector:
+            matchLabels:
+              app.kubernetes.io/part-of: chatglm2-serve
+      ports:
+        - port: 6379
 """)
+
+# Ray's image runs as user ray (1000, group users 100). The root filesystem is read-only: Ray writes its session
+# (logs, sockets, spilled objects) under /tmp and its object store in /dev/shm, and the compilers their caches under
+# /tmp (TRITON_CACHE_DIR and friends, set in the container env), all on emptyDirs.
+_POD_SECURITY = """securityContext:
+  runAsNonRoot: true
+  runAsUser: 1000
+  runAsGroup: 100
+  fsGroup: 100
+  seccompProfile:
+    type: RuntimeDefault"""
+_CONTAINER_SECURITY = """securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]"""
+_SCRATCH_MOUNTS = """- name: tmp
+  mountPath: /tmp
+- name: shm
+  mountPath: /dev/shm
+- name: cache
+  mountPath: /home/ray/.cache"""
+_SCRATCH_VOLUMES = """- name: tmp
+  emptyDir: {}
+- name: shm
+  emptyDir:
+    medium: Memory
+- name: cache
+  emptyDir: {}"""
+
+
+_CACHE_ENV = """\
+- name: TRITON_CACHE_DIR
+  value: /tmp/triton
+- name: TORCHINDUCTOR_CACHE_DIR
+  value: /tmp/torchinductor"""
+
+
+def _indent(block: str, spaces: int) -> str:
+    return "\n".join(" " * spaces + line for line in block.splitlines())
+
+
+def _blocks() -> dict[str, str]:
+    """The security and scratch blocks, indented for the head's (8) and the workers' (10) pod spec."""
+    blocks = {}
+    for role, pod in (("head", 10), ("worker", 12)):
+        blocks |= {f"pod_security_{role}": _indent(_POD_SECURITY, pod),
+                   f"container_security_{role}": _indent(_CONTAINER_SECURITY, pod + 4),
+                   f"scratch_mounts_{role}": _indent(_SCRATCH_MOUNTS, pod + 6),
+                   f"scratch_volumes_{role}": _indent(_SCRATCH_VOLUMES, pod + 2),
+                   f"cache_env_{role}": _indent(_CACHE_ENV, pod + 6)}
+    return blocks | {"container_security_autoscaler": _indent(_CONTAINER_SECURITY, 6)}
 
 
 def serve_config_text(path: Path) -> str:
@@ -251,7 +514,7 @@ def serve_config_text(path: Path) -> str:
 def render_manifest(serve_config: str, image: str = IMAGE, ray_version: str = RAY_VERSION) -> str:
     """The manifest's text with `serve_config` (a Serve config YAML document) as the RayService's serveConfigV2."""
     indented = "\n".join(f"    {line}" if line.strip() else "" for line in serve_config.rstrip("\n").splitlines())
-    return _TEMPLATE.substitute(serve_config=indented, image=image, ray_version=ray_version)
+    return _TEMPLATE.substitute(serve_config=indented, image=image, ray_version=ray_version, **_blocks())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,14 +249,16 @@ def _kubernetes_objects(path: Path) -> list[dict]:
 def test_other_objects_validate_against_kubernetes_schemas(manifest):
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     objects = _kubernetes_objects(manifest)
-    assert {o["kind"] for o in objects} == {"PersistentVolumeClaim", "Service", "PodTemplate"}
+    assert {o["kind"] for o in objects} == {"PersistentVolumeClaim", "Service", "PodTemplate", "NetworkPolicy",
+                                            "PodDisruptionBudget", "Deployment"}
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
 def test_kubernetes_schemas_are_strict():
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-    (claim,) = [doc for doc in _documents(MANIFESTS[0]) if doc["kind"] == "PersistentVolumeClaim"]
+    (claim,) = [doc for doc in _documents(MANIFESTS[0])
+                if doc["kind"] == "PersistentVolumeClaim" and doc["metadata"]["name"] == "chatglm2-6b-weights"]
     for path, value in [("spec.readOnly", True), ("spec.accessModes", "ReadOnlyMany")]:
         with pytest.raises(kubernetes_validate.ValidationError):
             kubernetes_validate.validate(_with(claim, path, value), KUBERNETES_VERSION, strict=True)
@@ -313,13 +315,15 @@ def test_manifest_follows_the_kuberay_conventions(manifest):
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
 def test_grpc_service_reaches_the_serve_ready_pods_on_serves_grpc_port(manifest):
-    (grpc_service,) = [doc for doc in _documents(manifest) if doc["kind"] == "Service"]
+    (grpc_service,) = [doc for doc in _documents(manifest)
+                       if doc["kind"] == "Service" and doc["metadata"]["name"] == "chatglm2-grpc"]
     cluster = _rayservice(manifest)["spec"]["rayClusterConfig"]
     grpc_port = yaml.safe_load(_rayservice(manifest)["spec"]["serveConfigV2"])["grpc_options"]["port"]
     assert grpc_service["spec"]["ports"] == [{"name": "grpc", "port": grpc_port, "targetPort": "grpc",
                                               "appProtocol": "grpc"}]
     selector = grpc_service["spec"]["selector"]
     assert selector.pop("ray.io/serve") == "true"  # the label KubeRay sets on pods whose Serve proxy is healthy
+    assert selector.pop("ray.io/node-type") == "worker"  # KubeRay's label: not the head, as the serve Service
     for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
         assert selector.items() <= template["metadata"]["labels"].items()
         (container,) = template["spec"]["containers"]
@@ -529,3 +533,80 @@ def test_dashboard_has_a_row_per_pool():
     assert "label_values(ray_chatglm2_requests_total, model)" in variables["model"]["query"]["query"]
     assert [p for p in dashboard["panels"] if p["type"] == "row" and p.get("repeat") == "model"]
     assert len({p["id"] for p in _panels(dashboard["panels"])}) == len(_panels(dashboard["panels"]))
+
+
+# ---- locked down (issue 24 item 9) ---------------------------------------------------------------------------
+
+
+def _ray_pod_templates(manifest) -> list[tuple[str, dict]]:
+    cluster = _rayservice(manifest)["spec"]["rayClusterConfig"]
+    return [("head", cluster["headGroupSpec"]["template"])] + [
+        (g["groupName"], g["template"]) for g in cluster["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_every_ray_container_runs_unprivileged_on_a_read_only_root(manifest):
+    """checkov does not look inside a RayService's pod templates, so every head and worker container (and the
+    autoscaler sidecar KubeRay adds) is checked here."""
+    locked = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    cluster = _rayservice(manifest)["spec"]["rayClusterConfig"]
+    assert cluster["autoscalerOptions"]["securityContext"] == locked
+    for name, template in _ray_pod_templates(manifest):
+        pod = template["spec"]
+        assert pod["securityContext"] | {"fsGroup": 0} == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100,
+                                                           "fsGroup": 0, "seccompProfile": {"type": "RuntimeDefault"}}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["shm"]["emptyDir"] == {"medium": "Memory"} and volumes["tmp"]["emptyDir"] == {}
+        for container in pod["containers"]:
+            assert container["securityContext"] == locked, (name, container["name"])
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            # Ray's session dir and object store, the compilers' caches: the only places written.
+            assert {"/tmp": "tmp", "/dev/shm": "shm", "/home/ray/.cache": "cache"}.items() <= mounts.items()
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["TRITON_CACHE_DIR"].startswith("/tmp/") and env["TORCHINDUCTOR_CACHE_DIR"].startswith("/tmp/")
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_ray_is_authenticated_fault_tolerant_and_its_head_out_of_the_endpoint(manifest):
+    service = _rayservice(manifest)["spec"]
+    cluster = service["rayClusterConfig"]
+    assert service["excludeHeadPodFromServeSvc"] is True
+    assert cluster["authOptions"] == {"mode": "token"}
+    store = cluster["gcsFaultToleranceOptions"]
+    host, _, port = store["redisAddress"].partition(":")
+    documents = _documents(manifest)
+    (redis,) = [d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == host]
+    assert redis["spec"]["ports"][0]["port"] == int(port)
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["metadata"]["labels"].items() >= redis["spec"]["selector"].items()
+    secret = store["redisPassword"]["valueFrom"]["secretKeyRef"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": secret}} in container["env"]
+    assert "--requirepass" in container["args"] and "$(REDIS_PASSWORD)" in container["args"]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_network_policies_admit_only_the_gateway_prometheus_the_operator_and_ray_itself(manifest):
+    policies = {d["metadata"]["name"]: d["spec"] for d in _documents(manifest) if d["kind"] == "NetworkPolicy"}
+    ray_pods = policies["chatglm2-ray-pods"]
+    templates = _ray_pod_templates(manifest)
+    for _, template in templates:  # the policy selects every Ray pod
+        assert ray_pods["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert ray_pods["policyTypes"] == ["Ingress"]
+    rules = {tuple(sorted(p["port"] for p in rule.get("ports", []))): rule["from"] for rule in ray_pods["ingress"]}
+    assert set(rules) == {(8000, 9000), (8080,), (8265,), ()}
+    assert rules[(8000, 9000)][0]["podSelector"]["matchLabels"] == {"chatglm2-serve/gateway": "true"}
+    assert rules[(8080,)][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert rules[(8265,)][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    # All other ports (the GCS, the client, the object manager, the workers): only from Ray pods of this cluster.
+    assert rules[()] == [{"podSelector": ray_pods["podSelector"]}]
+    assert policies["chatglm2-redis"]["ingress"] == [{"from": [{"podSelector": ray_pods["podSelector"]}],
+                                                      "ports": [{"port": 6379}]}]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_a_disruption_budget_keeps_gpu_workers_serving(manifest):
+    (budget,) = [d for d in _documents(manifest) if d["kind"] == "PodDisruptionBudget"]
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/part-of": "chatglm2-serve",
+                                                         "ray.io/node-type": "worker"}
