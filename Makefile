@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml
 	command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| echo "chromium not installed: install it to run tests/test_web.py"
 
-setup: $(STAMP)
+# checkov (the manifest's security checks, tests/deploy/test_checkov.py) in a venv of its own: its pins (packaging,
+# networkx) would downgrade the service's.
+CHECKOV := .venv-checkov/bin/checkov
+$(CHECKOV):
+	test -x .venv-checkov/bin/python || $(PY) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install -q "checkov>=3.2,<4"
+
+setup: $(STAMP) $(CHECKOV)
 
 serve: setup
 	# The gRPC proxy's own cap on a message (Ray's default is 2 GiB); the app's limits are in the config.
@@ -38,4 +45,4 @@ bench: setup
 		--prompt-tokens 128 --max-new-tokens 64 --compare-sequential
 
 clean:
-	rm -rf $(VENV) checkpoints
+	rm -rf $(VENV) .venv-checkov checkpoints

@@ -369,11 +369,11 @@ spec:
         app.kubernetes.io/name: chatglm2-redis
     spec:
       automountServiceAccountToken: false
-      securityContext:
+      securityContext:  # a high UID of no user on the node; fsGroup makes the claim writable to it
         runAsNonRoot: true
-        runAsUser: 999
-        runAsGroup: 999
-        fsGroup: 999
+        runAsUser: 10001
+        runAsGroup: 10001
+        fsGroup: 10001
         seccompProfile:
           type: RuntimeDefault
       containers:
@@ -390,6 +390,15 @@ spec:
           ports:
             - name: redis
               containerPort: 6379
+          readinessProbe:
+            tcpSocket:
+              port: redis
+            periodSeconds: 5
+          livenessProbe:
+            tcpSocket:
+              port: redis
+            initialDelaySeconds: 10
+            periodSeconds: 10
           securityContext:
             allowPrivilegeEscalation: false
             readOnlyRootFilesystem: true
