@@ -33,7 +33,12 @@ serve: setup
 	# The gRPC proxy's own cap on a message (Ray's default is 2 GiB); the app's limits are in the config.
 	RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304 $(BIN)/serve run configs/local.yaml
 
-test: setup /usr/bin/chromium
+# The head-node loss test runs a real redis-server (Debian's package) as the GCS's external store.
+/usr/bin/redis-server:
+	command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+		|| echo "redis-server not installed: install it to run tests/server/test_head_loss.py"
+
+test: setup /usr/bin/chromium /usr/bin/redis-server
 	$(BIN)/python -m pytest -q -ra
 
 # The quick loop: everything that starts no Ray cluster (model, engine, protocol, config, manifests), under 2 minutes.

@@ -97,9 +97,11 @@ class LocalCluster:
     driver, so `ray` and `serve` calls (serve.status(), handles) reach the cluster.
     """
 
-    def __init__(self):
+    def __init__(self, env: dict[str, str] | None = None):
+        """`env`: more environment for every node (e.g. RAY_REDIS_ADDRESS for GCS fault tolerance)."""
         # Short: Ray's Unix socket paths live under it.
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+        self.temp_dirs = [self.temp_dir]
         self.gcs_port = 0
         self.address = ""
         self.nodes: dict[str, ClusterNode] = {}
@@ -114,7 +116,8 @@ class LocalCluster:
             subprocess.run([str(RAY_BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE=auth_mode,
                         # Every node imports this checkout's serve_app, whatever the virtualenv has installed.
-                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                        **(env or {}))
 
     def _ports(self) -> list[str]:
         return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
@@ -135,15 +138,16 @@ class LocalCluster:
                 if attempt == 2:
                     raise
 
-    def _start_once(self, name: str, args: list[str], resources: dict, env: dict, timeout_s: float) -> ClusterNode:
+    def _start_once(self, name: str, args: list[str], resources: dict, env: dict, timeout_s: float,
+                    temp_dir: str | None = None) -> ClusterNode:
         import json
 
         import ray
 
         known = {n["NodeID"] for n in ray.nodes() if n["Alive"]} if ray.is_initialized() else set()
         log = open(Path(self.temp_dir) / f"{name}.out", "w")  # noqa: SIM115 (the node writes to it until killed)
-        command = [str(RAY_BIN / "ray"), "start", "--block", "--temp-dir", self.temp_dir, "--disable-usage-stats",
-                   *args, *self._ports()]
+        command = [str(RAY_BIN / "ray"), "start", "--block", "--temp-dir", temp_dir or self.temp_dir,
+                   "--disable-usage-stats", *args, *self._ports()]
         if resources:
             command += ["--resources", json.dumps(resources)]
         process = subprocess.Popen(command, env=self.env | env, stdout=log, stderr=subprocess.STDOUT,
@@ -185,16 +189,46 @@ class LocalCluster:
         self.address = f"{found.group(1)}:{self.gcs_port}"
         return True
 
+    def _head_args(self, num_cpus: int, num_gpus: int) -> list[str]:
+        return ["--head", "--port", str(self.gcs_port), "--node-ip-address", "127.0.0.1",
+                "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--include-dashboard", "false",
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+                "--ray-client-server-port", str(free_port())]
+
     def start_head(self, *, num_cpus: int, num_gpus: int, resources: dict | None = None,
                    timeout_s: float = 240) -> ClusterNode:
         def args() -> list[str]:
             self.gcs_port = free_port()
-            return ["--head", "--port", str(self.gcs_port), "--node-ip-address", "127.0.0.1",
-                    "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--include-dashboard", "false",
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
-                    "--ray-client-server-port", str(free_port())]
+            return self._head_args(num_cpus, num_gpus)
 
         return self._start("head", args, resources or {}, {}, timeout_s)
+
+    def restart_head(self, *, num_cpus: int, num_gpus: int, timeout_s: float = 240) -> ClusterNode:
+        """A new head on the old one's GCS port, after it was killed: with GCS fault tolerance (RAY_REDIS_ADDRESS in
+        `env`) it takes the cluster's state up from Redis and the surviving nodes reconnect to it. It gets a temp dir
+        of its own: `ray start --head` refuses a temp dir whose address file names a GCS address that processes on
+        this machine still use (the surviving raylets' command lines do)."""
+        import ray
+
+        temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
+        log = open(Path(self.temp_dir) / "head-restarted.out", "w")  # noqa: SIM115 (written until killed)
+        command = [str(RAY_BIN / "ray"), "start", "--block", "--temp-dir", temp_dir, "--disable-usage-stats",
+                   *self._head_args(num_cpus, num_gpus), *self._ports()]
+        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        node = self.nodes["head"] = ClusterNode("head-restarted", process)
+
+        def whole() -> bool:
+            self._check_running(node)
+            try:
+                alive = [n for n in ray.nodes() if n["Alive"]]
+            except Exception:  # noqa: BLE001 (the driver is still reconnecting to the GCS)
+                return False
+            return len(alive) == len(self.nodes)
+
+        wait_for(whole, timeout_s, "the restarted head and every node to be alive")
+        return node
 
     def add_worker(self, name: str, *, num_cpus: int, num_gpus: int, resources: dict | None = None,
                    http_port: int | None = None, timeout_s: float = 240) -> ClusterNode:
@@ -249,13 +283,14 @@ class LocalCluster:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     node.process.wait(timeout=20)
             self.kill(node)  # whatever is left of the session
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def local_cluster():
-    """A `LocalCluster` that is shut down after, also when starting it or a test fails."""
-    cluster = LocalCluster()
+def local_cluster(env: dict[str, str] | None = None):
+    """A `LocalCluster` (more node environment: `env`) shut down after, also when starting it or a test fails."""
+    cluster = LocalCluster(env)
     try:
         yield cluster
     finally:

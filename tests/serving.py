@@ -139,8 +139,8 @@ def engine_stats_by_replica(pool: str, app: str = "chatglm2", calls: int = 12) -
 
 
 @contextlib.contextmanager
-def local_cluster():
+def local_cluster(env: dict[str, str] | None = None):
     """serve_app.local_ray.local_cluster, with the shared demo service stopped first."""
     stop_demo_service()
-    with local_ray.local_cluster() as cluster:
+    with local_ray.local_cluster(env) as cluster:
         yield cluster
