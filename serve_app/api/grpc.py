@@ -4,8 +4,9 @@ Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one
 `StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
 Errors set a status on the Serve gRPC context (streaming methods then raise): INVALID_ARGUMENT for bad input (empty
 or too long prompt, out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
-RESOURCE_EXHAUSTED when a pool is overloaded or the request message is over `limits.max_body_bytes`, UNAUTHENTICATED when API keys are configured and the call's metadata
-has no valid `authorization: Bearer <key>`, INTERNAL otherwise.
+RESOURCE_EXHAUSTED when a pool is overloaded or the request message is over `limits.max_body_bytes`,
+UNAUTHENTICATED when API keys are configured and the call's metadata has no valid `authorization: Bearer <key>`,
+INTERNAL otherwise.
 
 Request bytes that are not a valid message (corrupt wire format, a string field that is not UTF-8) get
 INVALID_ARGUMENT too: the proxy decodes them with serve_app.api.grpc_servicer's decoders, which hand such a request on as

@@ -68,7 +68,7 @@ class RequestBuilder:
                     raise APIError("context_length_exceeded", f"the prompt ({param}, with its history and system "
                                    f"text) is longer than {limits.max_total_prompt_chars} characters", param=param)
             case TokenPrompt(ids):
-                self.check_count(ids, limits.max_prompt_tokens, "token ids", param)
+                self.check_token_ids(ids, param)
         for stop in request.stop:
             if len(stop) > limits.max_stop_chars:
                 raise APIError("invalid_request", f"a stop string is longer than {limits.max_stop_chars} characters",

@@ -462,10 +462,12 @@ class Engine:
         """After a failed step: each sequence's work run alone, so that a request that makes the model fail fails
         alone. Safe to repeat: a step writes KV at explicit positions and `num_computed` moves only after it, and a
         token's noise is a function of (seed, position). Returns the results of the runs that succeeded."""
-        parts = [Batch([prefill], []) for prefill in batch.prefills] + [Batch([], [seq]) for seq in batch.decodes]
-        logger.error("engine step failed (%d sequences): running each alone", len(parts), exc_info=exc)
-        results, failed = [], []
-        for part in parts if len(parts) > 1 else []:
+        alone = [(seq, Batch([(seq, chunk)], [])) for seq, chunk in batch.prefills] + [
+            (seq, Batch([], [seq])) for seq in batch.decodes]
+        logger.error("engine step failed (%d sequences): running each alone", len(alone), exc_info=exc)
+        results: list[tuple[Sequence, int, int | None]] = []
+        failed = [alone.pop()[0]] if len(alone) == 1 else []  # a sequence that failed alone fails
+        for seq, part in alone:
             try:
                 results += self._run(part)
             except CompileLimitHit:
@@ -473,10 +475,8 @@ class Engine:
             except Exception as part_exc:
                 if is_device_error(part_exc):
                     raise
-                seq = (part.prefills[0][0] if part.prefills else part.decodes[0])
                 logger.error("request %s fails the model", seq.request_id, exc_info=part_exc)
                 failed.append(seq)
-        failed = failed if len(parts) > 1 else [seq for seq, _ in batch.prefills] + list(batch.decodes)
         with self._lock:
             for seq in failed:
                 self._fail(seq, generation_failed(seq.request_id))
