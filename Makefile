@@ -27,7 +27,7 @@ $(CHECKOV):
 	test -x .venv-checkov/bin/python || $(PY) -m venv .venv-checkov
 	.venv-checkov/bin/python -m pip install -q "checkov>=3.2,<4"
 
-setup: $(STAMP) $(CHECKOV)
+setup: $(STAMP)
 
 serve: setup
 	# The gRPC proxy's own cap on a message (Ray's default is 2 GiB); the app's limits are in the config.
@@ -38,11 +38,11 @@ serve: setup
 	command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
 		|| echo "redis-server not installed: install it to run tests/server/test_head_loss.py"
 
-test: setup /usr/bin/chromium /usr/bin/redis-server
+test: setup $(CHECKOV) /usr/bin/chromium /usr/bin/redis-server
 	$(BIN)/python -m pytest -q -ra
 
 # The quick loop: everything that starts no Ray cluster (model, engine, protocol, config, manifests), under 2 minutes.
-test-fast: setup
+test-fast: setup $(CHECKOV)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: setup

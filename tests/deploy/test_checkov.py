@@ -1,8 +1,8 @@
 """checkov's Kubernetes checks on the manifest: every failed check is one k8s/checkov-accepted.yaml lists, with its
 reason, for the resources it names; a listed failure that no longer happens must leave the list.
 
-checkov runs from its own venv (`make setup` makes .venv-checkov; CHECKOV=<path> points elsewhere). In CI (`make test`
-installs it) a missing checkov is a failure, not a skip."""
+checkov runs from its own venv (`make test` and `make test-fast` make .venv-checkov; CHECKOV=<path> points
+elsewhere). In CI (`make test` installs it) a missing checkov is a failure, not a skip."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def checkov() -> str:
         if candidate and Path(candidate).is_file():
             return candidate
     if os.environ.get("CI"):
-        pytest.fail("checkov is not installed: `make setup` installs it in .venv-checkov")
-    pytest.skip("checkov is not installed: `make setup` installs it in .venv-checkov")
+        pytest.fail("checkov is not installed: `make test` installs it in .venv-checkov")
+    pytest.skip("checkov is not installed: `make test` installs it in .venv-checkov")
 
 
 @pytest.fixture(scope="module")
