@@ -1,7 +1,9 @@
 """The explorer's gRPC service (serve_app/api/protos/chatglm2.proto) as methods of the ingress deployment.
 
 Ray Serve's gRPC proxy calls ingress methods by RPC name: `Generate` returns one message, `StreamGenerate` and
-`StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did).
+`StreamChat` are async generators. Streamed messages carry the whole answer so far (growing text, as the seed did),
+sent when it has grown by a share of itself (`limits.resend_divisor`); StreamChat's `new_history` is set on the last
+message only (the one with the final answer).
 Errors set a status on the Serve gRPC context (streaming methods then raise): INVALID_ARGUMENT for bad input (empty
 or too long prompt, out-of-range parameters, a prompt that leaves no room to generate), NOT_FOUND for an unknown model,
 RESOURCE_EXHAUSTED when a pool is overloaded or the request message is over `limits.max_body_bytes`,
@@ -107,23 +109,28 @@ class GrpcMixin:
                              grpc_context: RayServegRPCContext) -> AsyncIterator[GenerateResponse]:
         """The same turn as Generate, streamed as the growing answer."""
         async with aclosing(self._grpc_answers(lambda: (request.prompt, []), request, grpc_context)) as answers:
-            async for pool, _, text in answers:
-                yield GenerateResponse(generated_text=text, model=pool)
+            sent = None
+            async for pool, _, text, _ in answers:
+                if text != sent:  # the final answer is not re-sent when the finish added no text
+                    sent = text
+                    yield GenerateResponse(generated_text=text, model=pool)
 
     async def StreamChat(self, request: ChatRequest, grpc_context: RayServegRPCContext) -> AsyncIterator[ChatResponse]:
-        """A chat turn with history; each message has the growing answer and the history that ends with it."""
+        """A chat turn with history; each message has the growing answer, the last one also the history that ends
+        with it."""
         def turn() -> tuple[str, list[tuple[str, str]]]:
             return request.query, [(t.query, t.response) for t in request.history]
 
         async with aclosing(self._grpc_answers(turn, request, grpc_context)) as answers:
-            async for pool, text_request, text in answers:
-                turns = [Turn(query=q, response=r) for q, r in text_request.prompt.history_after(text)]
+            async for pool, text_request, text, last in answers:
+                history = text_request.prompt.history_after(text) if last else []
+                turns = [Turn(query=q, response=r) for q, r in history]
                 yield ChatResponse(generated_text=text, new_history=turns, model=pool)
 
     async def _grpc_answers(self, turn: Callable[[], tuple[str, list[tuple[str, str]]]],
                             message: GenerateRequest | ChatRequest | UndecodableRequest,
-                            context: RayServegRPCContext) -> AsyncIterator[tuple[str, TextRequest, str]]:
-        """Yields (pool, request, answer so far) whenever the answer grows, and at least once. `turn` gives the
+                            context: RayServegRPCContext) -> AsyncIterator[tuple[str, TextRequest, str, bool]]:
+        """Yields (pool, request, answer so far, last) as Stream.growing() paces it, at least once. `turn` gives the
         message's (query, history), read once the message is known to have decoded."""
         try:
             _check_key(self.security, context)
@@ -131,7 +138,7 @@ class GrpcMixin:
             text_request = _turn(self.requests, *turn(), message)
             stream = await self.client.open(message.model or None, text_request)
             async with stream:  # closed however the call ends: a cancelled call stops the engine, not just the proxy
-                async for text in stream.growing():
-                    yield stream.pool, text_request, text
+                async for text, last in stream.growing():
+                    yield stream.pool, text_request, text, last
         except APIError as exc:
             raise _status(context, exc) from None

@@ -179,10 +179,11 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
 
         async def events() -> AsyncIterator[str]:
             response = ""
-            try:
-                async for piece in stream.pieces():
-                    response += piece
-                    yield _event(StreamDeltaEvent(delta=piece, response=response, finished=False), "delta")
+            try:  # paced: each event re-sends the whole answer in `response`
+                async for text, _ in stream.growing():
+                    if len(text) > len(response):
+                        piece, response = text[len(response):], text
+                        yield _event(StreamDeltaEvent(delta=piece, response=response, finished=False), "delta")
             except APIError as exc:
                 yield _event(StreamErrorEvent.model_validate(exc.body() | {"finished": True}), "error")
                 return

@@ -53,6 +53,11 @@ class RequestLimits(FrozenArgs):
         default=1024, ge=1, description="max_length (prompt + reply tokens) of a gRPC call that sets none, when below "
         "defaults.max_length: Ray's gRPC proxy does not always pass a client's cancel on, so an unbounded call could "
         "run to the pool's context for nobody")
+    resend_divisor: int = Field(
+        default=32, ge=0, description="streams that re-send the whole answer so far (WebSocket, gRPC, the `response` "
+        "of POST /stream) send it when it has grown by len(last sent) // resend_divisor characters (at least 1), and "
+        "always its final state: an answer of L characters then costs about (resend_divisor + 1) * L in all, not "
+        "L * L / 2; 0 sends every piece (as the seeds did)")
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, description="longest a client may take to send its request: an HTTP body to arrive in "
         "full (else 408), a WebSocket's request message after the handshake (else close 1008)")

@@ -53,8 +53,9 @@ class Stream:
     and `usage` are set by the final delta. The stream is closed when that iteration ends, however it ends, and on
     leaving `async with stream:`, which a caller that may abandon the iteration half-way holds it in."""
 
-    def __init__(self, pool: str, first: TextDelta, rest, router: Router):
+    def __init__(self, pool: str, first: TextDelta, rest, router: Router, resend_divisor: int = 0):
         self.pool = pool
+        self._resend_divisor = resend_divisor
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self._first, self._rest, self._router = first, rest, router
@@ -92,16 +93,23 @@ class Stream:
                 if delta.text:
                     yield delta.text
 
-    async def growing(self) -> AsyncIterator[str]:
-        """The whole answer so far each time it grows, and at least once (an empty answer is still an answer)."""
+    async def growing(self) -> AsyncIterator[tuple[str, bool]]:
+        """`(answer so far, last)` pairs for protocols that re-send the whole answer: at least one pair (an empty
+        answer is still an answer), the last one the final answer with `last` true. The answer is sent when it has
+        grown by at least len(answer last sent) // resend_divisor characters (at least one), so an answer of L
+        characters costs about (divisor + 1) * L characters in all instead of L * L / 2 (0: every piece)."""
         async with self:
-            text, sent = "", False
-            async for piece in self.pieces():
-                text += piece
-                sent = True
-                yield text
-            if not sent:
-                yield text
+            text, sent = "", None
+            async for delta in self.deltas():
+                text += delta.text
+                last = bool(delta.finish_reason)
+                step = max(1, len(sent) // self._resend_divisor) if self._resend_divisor and sent else 1
+                if last or (delta.text and len(text) - len(sent or "") >= step):
+                    sent = text
+                    yield text, last
+                    if last:
+                        return
+            yield text, True
 
     def __del__(self) -> None:
         # The last resort for a stream its handler opened but that nothing came to read or close (the handler
@@ -134,6 +142,7 @@ class PoolClient:
         # Cached once: `options(stream=True)` per request would rebuild the handle's state.
         self.streams = {name: handle.options(stream=True) for name, handle in handles.items()}
         self.router = Router(handles, config.pool_names, config.default_pool, config.routing)
+        self.resend_divisor = config.limits.resend_divisor
 
     async def open(self, model: str | None, request: TextRequest) -> Stream:
         """Route and start a generation, and wait for its first delta. Errors before any text raise APIError."""
@@ -154,7 +163,7 @@ class PoolClient:
         if first.error:
             self._release(pool, rest)
             raise APIError.from_info(first.error)
-        return Stream(pool, first, rest, self.router)
+        return Stream(pool, first, rest, self.router, self.resend_divisor)
 
     def _release(self, pool: str, rest) -> None:
         self.router.finished(pool)

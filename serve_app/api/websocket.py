@@ -1,8 +1,9 @@
 """Browser-facing routes of the ingress: the explorer's WebSocket chat (`/ws`) and the chat page (`GET /ui`).
 
 The explorer's WebSocket protocol: the client sends one JSON object `{query, history, max_length?, top_p?, temperature?,
-model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>, "history": [...]}` each time the
-answer grows (history ends with the current turn), then closes with 1000. Bad input (invalid JSON, wrong types,
+model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>}` as the answer grows (paced by
+`limits.resend_divisor`), then `{"resp": <final answer>, "history": [...]}` (history ends with the current turn) and
+closes with 1000. Bad input (invalid JSON, wrong types,
 unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
 1008 (1009 for a message over `limits.max_body_bytes`; 1008 with `request_timeout` when no request message comes
 within `limits.request_timeout_s`). Server-side failures (overload included) get the same
@@ -116,11 +117,14 @@ class WebSocketMixin:
 
 
 async def _send_answer(websocket: WebSocket, request: TextRequest, stream: Stream) -> None:
-    """A message with the whole answer so far each time it grows (and at least one), then a normal close."""
+    """A message with the whole answer so far as it grows (and at least one), the last with the history, then a
+    normal close."""
     try:
-        async for response in stream.growing():
-            history = request.prompt.history_after(response)
-            await websocket.send_text(json.dumps({"resp": response, "history": history}, ensure_ascii=False))
+        async for response, last in stream.growing():
+            message = {"resp": response}
+            if last:
+                message["history"] = request.prompt.history_after(response)
+            await websocket.send_text(json.dumps(message, ensure_ascii=False))
         await websocket.close(CLOSE_NORMAL)
     except APIError as exc:
         await _fail(websocket, exc)

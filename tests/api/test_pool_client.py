@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from serve_app.api import pool_client
 from serve_app.api.error_table import APIError
 from serve_app.api.http import EventStream
+from serve_app.api.ingress_config import IngressConfig
 from serve_app.api.pool_client import BEFORE_FIRST_TOKEN, MID_STREAM, REPLICA_FAILED, PoolClient, Stream
 from serve_app.api.requests import RequestBuilder
 from serve_app.api.security import SecuritySettings
@@ -245,4 +246,34 @@ def test_a_websocket_client_that_goes_away_mid_answer_closes_the_stream(monkeypa
         return in_flight(client), handle.generations[0].cancelled  # before the loop finalizes the generators
 
     assert asyncio.run(chat()) == (0, True)
-    assert socket.sent == [{"resp": "a", "history": [["q", "r"], ["hi", "a"]]}]
+    assert socket.sent == [{"resp": "a"}]  # not the final answer: no history
+
+
+def _grown(deltas: list[TextDelta], divisor: int) -> list[tuple[str, bool]]:
+    client = PoolClient({POOL: Handle(deltas)}, IngressConfig(pool_names=[POOL], limits={"resend_divisor": divisor}))
+
+    async def read():
+        return [pair async for pair in (await client.open(None, REQUEST)).growing()]
+
+    return asyncio.run(read())
+
+
+def test_growing_re_sends_the_answer_as_it_grows_by_a_share_of_itself():
+    deltas = [TextDelta(text="字") for _ in range(999)] + [DONE]
+    pairs = _grown(deltas, divisor=8)
+    texts = [text for text, _ in pairs]
+    assert texts[-1] == "字" * 999 + "!" and [last for _, last in pairs] == [False] * (len(pairs) - 1) + [True]
+    for before, after in zip(texts, texts[1:-1]):  # every step but the final one is at least len(before) // 8
+        assert after.startswith(before) and len(after) - len(before) >= max(1, len(before) // 8)
+    assert texts[:8] == ["字" * n for n in range(1, 9)]  # a short answer still streams piece by piece
+    # Geometric growth: about 8 * ln(1000 / 8) + 8 messages, and about (8 + 1) * 1000 characters in all, where
+    # every piece (below) costs 1000 * 1000 / 2.
+    assert len(pairs) < 60 and sum(map(len, texts)) < 10 * 1000
+    every_piece = _grown(deltas, divisor=0)
+    assert [text for text, _ in every_piece] == ["字" * n for n in range(1, 1000)] + [texts[-1]]
+
+
+def test_growing_yields_once_for_an_empty_answer_and_the_final_text_with_the_finish():
+    assert _grown([TextDelta(finish_reason="stop", usage=Usage(3, 0))], divisor=32) == [("", True)]
+    assert _grown([TextDelta(text="ab"), TextDelta(text="c", finish_reason="length", usage=Usage(3, 2))],
+                  divisor=32) == [("ab", False), ("abc", True)]

@@ -69,7 +69,8 @@ class ChatGLM2Servicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamChat(self, request, context):
-        """A chat turn with history, streamed: each message carries the answer so far and the history including it.
+        """A chat turn with history, streamed: each message carries the answer so far; the last one also the history
+        including it (new_history is empty before it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
