@@ -99,12 +99,12 @@ class Stream:
         grown by at least len(answer last sent) // resend_divisor characters (at least one), so an answer of L
         characters costs about (divisor + 1) * L characters in all instead of L * L / 2 (0: every piece)."""
         async with self:
-            text, sent = "", None
+            text, sent = "", ""
             async for delta in self.deltas():
                 text += delta.text
                 last = bool(delta.finish_reason)
-                step = max(1, len(sent) // self._resend_divisor) if self._resend_divisor and sent else 1
-                if last or (delta.text and len(text) - len(sent or "") >= step):
+                step = max(1, len(sent) // self._resend_divisor) if self._resend_divisor else 1
+                if last or (delta.text and len(text) - len(sent) >= step):
                     sent = text
                     yield text, last
                     if last:

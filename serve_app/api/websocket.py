@@ -3,8 +3,7 @@
 The explorer's WebSocket protocol: the client sends one JSON object `{query, history, max_length?, top_p?, temperature?,
 model?}` (the body of `POST /stream`); the server sends `{"resp": <answer so far>}` as the answer grows (paced by
 `limits.resend_divisor`), then `{"resp": <final answer>, "history": [...]}` (history ends with the current turn) and
-closes with 1000. Bad input (invalid JSON, wrong types,
-unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
+closes with 1000. Bad input (invalid JSON, wrong types, unknown model, empty or too long query) gets one `{"error": {message, type, param, code}}` message and close code
 1008 (1009 for a message over `limits.max_body_bytes`; 1008 with `request_timeout` when no request message comes
 within `limits.request_timeout_s`). Server-side failures (overload included) get the same
 message shape and 1011. A client that disconnects mid-answer stops generation.
