@@ -30,8 +30,11 @@ $(CHECKOV):
 setup: $(STAMP)
 
 serve: setup
-	# The gRPC proxy's own cap on a message (Ray's default is 2 GiB); the app's limits are in the config.
-	RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304 $(BIN)/serve run configs/local.yaml
+	# The gRPC proxy's own cap on a message (Ray's default is 2 GiB); the app's limits are in the config. The HTTP
+	# proxy cuts off readers that stop reading (serve_app/api/proxy_guard.py, CHATGLM2_SEND_TIMEOUT_S, default 30 s).
+	RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304 \
+	RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.api.proxy_guard:proxy_middlewares \
+	$(BIN)/serve run configs/local.yaml
 
 # The head-node loss test runs a real redis-server (Debian's package) as the GCS's external store.
 /usr/bin/redis-server:

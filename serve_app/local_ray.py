@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from serve_app.api.proxy_guard import PROXY_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,7 +119,7 @@ class LocalCluster:
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE=auth_mode,
                         # Every node imports this checkout's serve_app, whatever the virtualenv has installed.
                         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                        **(env or {}))
+                        **PROXY_ENV, **(env or {}))  # every node's HTTP proxy cuts off stalled readers
 
     def _ports(self) -> list[str]:
         return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),

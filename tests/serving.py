@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from serve_app import local_ray
+from serve_app.api.proxy_guard import PROXY_ENV
 from serve_app.local_ray import (  # noqa: F401 (the tests' one import of these)
     ROOT,
     ClusterNode,
@@ -73,6 +75,18 @@ def ws_exchange(url: str, payload: str, headers: dict | None = None) -> tuple[li
 
 
 @contextlib.contextmanager
+def environment(**values: str):
+    """`os.environ` with `values` set, restored after (Ray's processes inherit the environment that starts Ray)."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@contextlib.contextmanager
 def _running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init):
     """Ray (logical num_cpus, other `ray.init` arguments as given) + Serve with `config` deployed on free ports, for
     one test module's fixture. Yields (HTTP base URL, gRPC port or None); shuts Serve and Ray down after, also when
@@ -80,6 +94,8 @@ def _running(config: dict, *, grpc: bool = False, num_cpus: int = 3, **ray_init)
     import ray
     from ray import serve
 
+    for key, value in PROXY_ENV.items():  # the proxy Ray starts here cuts off stalled readers, as `make serve`'s
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_init)
     try:
         http_port, grpc_port = free_port(), (free_port() if grpc else None)

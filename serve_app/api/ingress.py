@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
 
+from serve_app.api import proxy_guard
 from serve_app.api.error_table import APIError
 from serve_app.api.grpc import GrpcMixin
 from serve_app.api.http import EventStream, app, configure, errors, json_or_sse, sse, sse_only
@@ -142,6 +143,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             cors_origins=config.cors_origins, request_timeout_s=config.limits.request_timeout_s)
         self.client = PoolClient(pools, config, caller=serve.get_replica_context().replica_id.to_full_id_str())
         self.requests = RequestBuilder(config)
+        proxy_guard.warn_if_unguarded()  # this node's proxy shares this replica's environment
 
     def __serve_build_asgi_app__(self):
         """Serve calls this once the replica is built: this replica's copy of the app gets its settings."""

@@ -163,6 +163,12 @@ $cache_env_head
                 # limits.max_body_bytes, which the ingress enforces with RESOURCE_EXHAUSTED, and above the largest reply.
                 - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
                   value: "4194304"
+                # Readers that stop reading are cut off after 30 s without a byte accepted (serve_app/api/proxy_guard.py):
+                # Serve's HTTP proxy imports the guard from this callback.
+                - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+                  value: serve_app.api.proxy_guard:proxy_middlewares
+                - name: CHATGLM2_SEND_TIMEOUT_S
+                  value: "30"
               resources:
                 limits:
                   cpu: "2"
@@ -215,6 +221,10 @@ $container_security_worker
 $cache_env_worker
                   - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE  # as on the head: every node runs a gRPC proxy
                     value: "4194304"
+                  - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH  # as on the head: every node runs an HTTP proxy
+                    value: serve_app.api.proxy_guard:proxy_middlewares
+                  - name: CHATGLM2_SEND_TIMEOUT_S
+                    value: "30"
                   - name: CHATGLM2_API_KEYS
                     valueFrom:
                       secretKeyRef:

@@ -9,9 +9,7 @@ the accepted requests.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 
 import grpc
 import httpx
@@ -32,7 +30,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.config import AppArgs
 from tests import serving
-from tests.serving import engine_stats, local_config, running
+from tests.serving import engine_stats, environment, local_config, running
 
 LIMITS = RequestLimits(max_body_bytes=16_384, max_prompt_chars=200, max_total_prompt_chars=1000, max_history_turns=8,
                        max_messages=10, max_stop_chars=16, max_prompt_tokens=50, request_timeout_s=2.0)
@@ -134,17 +132,6 @@ def test_split_messages_joins_a_long_run_of_one_role_in_linear_time():
 
 
 # ---- the running application -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def environment(**values: str):
-    old = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")

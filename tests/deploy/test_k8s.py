@@ -23,6 +23,7 @@ import jsonschema
 import pytest
 import yaml
 
+from serve_app.api.proxy_guard import PROXY_ENV, SEND_TIMEOUT_ENV
 from serve_app.deploy import k8s
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -610,3 +611,15 @@ def test_a_disruption_budget_keeps_gpu_workers_serving(manifest):
     assert budget["spec"]["maxUnavailable"] == 1
     assert budget["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/part-of": "chatglm2-serve",
                                                          "ray.io/node-type": "worker"}
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_every_nodes_http_proxy_cuts_off_readers_that_stop_reading(manifest):
+    """Serve runs an HTTP proxy on the head and on every worker: each imports the stalled-reader guard."""
+    cluster = _rayservice(manifest)["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {name: env.get(name) for name in PROXY_ENV} == PROXY_ENV
+        assert float(env[SEND_TIMEOUT_ENV]) > 0
