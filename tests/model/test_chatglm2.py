@@ -3,7 +3,9 @@ facts, and against transformers' native GlmForCausalLM loaded through a key mapp
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -72,7 +74,9 @@ def glm_oracle(checkpoint):
             head_dim=config.kv_channels,
             rms_norm_eps=config.layernorm_epsilon,
             max_position_embeddings=config.seq_length,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            # The official rotary base is 10000 * rope_ratio (chatglm2-6b-32k sets rope_ratio; chatglm2-6b has none).
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * config.rope_ratio,
+                             "partial_rotary_factor": 0.5},
             pad_token_id=config.pad_token_id,
             eos_token_id=config.eos_token_id,
             attention_bias=True,
@@ -189,3 +193,34 @@ def test_auto_precision_never_picks_half_on_cpu(tiny_checkpoint):
 
     loaded = load_model(tiny_checkpoint, "auto", "cpu")
     assert loaded.precision == "fp32" and loaded.dtype == torch.float32
+
+
+# ---- the 32K family: rope_ratio -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_32k(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint as chatglm2-6b-32k's config.json describes its model: seq_length 32768 and a rope_ratio."""
+    path = tmp_path_factory.mktemp("tiny-32k") / "checkpoint"
+    shutil.copytree(tiny_checkpoint, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"seq_length": 32768, "rope_ratio": 16.0}))
+    return path
+
+
+def test_rope_ratio_matches_transformers_glm_far_apart(tiny_checkpoint, tiny_32k):
+    """With rope_ratio the rotary base is 10000 * rope_ratio, as in the original modeling code: our forward equals
+    transformers' GLM with that base at positions up to 32K apart (RoPE's scores depend on the distance between
+    positions, so they are spread out), and differs from the base of chatglm2-6b there, so the check can fail."""
+    from serve_app.model.loader import load_model
+
+    assert read_config(tiny_32k).rope_ratio == 16.0
+    model = load_model(tiny_32k, "fp32", "cpu")
+    ids = torch.tensor([[1001, 1003, 40, 41, 500, 13, 13, 77]])
+    positions = torch.tensor([[0, 1, 900, 4_000, 11_000, 19_500, 27_000, 32_700]])
+    with torch.no_grad():
+        expected = glm_oracle(tiny_32k)(ids, position_ids=positions).logits
+        base_6b = glm_oracle(tiny_checkpoint)(ids, position_ids=positions).logits
+    got = model.model(ids, positions)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - base_6b).abs().max() > 1e-2
