@@ -3,6 +3,9 @@
 `auto` prefers precision: it walks the pools from highest to lowest precision and takes the first with headroom,
 overflowing to the quantized pools while the better ones are saturated. Load comes from each pool's engine stats
 (polled in the background, one replica sampled per poll) corrected by the requests this ingress has sent since.
+A prompt that does not fit the chosen pool's context goes on to a pool with a longer one (`longer_context`, used
+by PoolClient.open when the pool answers `context_length_exceeded`), so a long-context pool takes the prompts that
+the others cannot hold.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class PoolLoad:
     in_flight_at_poll: int = 0
     polled_at: float = 0.0
     reachable: bool = True
+    max_seq_len: int = 0  # the pool's context, from its stats; 0 until polled
 
     def headroom(self) -> int:
         if not self.reachable:
@@ -57,6 +61,25 @@ class Router:
                            f"The model '{model}' does not exist; available: {', '.join(self.order)}, auto",
                            param="model")
         return model
+
+    def routes_by_load(self, model: str | None) -> bool:
+        """Whether a request's `model` leaves the pool to the auto policy (a named pool is never changed)."""
+        return model == AUTO or (not model and self.policy == AUTO)
+
+    async def longer_context(self, tried: list[str]) -> str | None:
+        """For a prompt that did not fit the pools in `tried`: the first other pool, by precision (those with headroom
+        first), whose context is longer than theirs; None when there is none."""
+        if not all(self.load[name].max_seq_len for name in self.order):
+            await asyncio.gather(*(self._poll(name) for name in self.order))
+        needed = max(self.load[name].max_seq_len for name in tried)
+        longer = [name for name in self.order if name not in tried and self.load[name].max_seq_len > needed]
+        with_room = [name for name in longer if self.load[name].headroom() > 0]
+        return (with_room or longer or [None])[0]
+
+    def largest_context(self) -> tuple[str, int]:
+        """The pool with the longest context, as last polled, and that context."""
+        name = max(self.order, key=lambda name: self.load[name].max_seq_len)
+        return name, self.load[name].max_seq_len
 
     def pick_auto(self) -> str:
         for name in self.order:
@@ -90,5 +113,6 @@ class Router:
             return
         load.reachable = True
         load.free_slots, load.waiting = stats.engine.free_slots, stats.engine.waiting
+        load.max_seq_len = stats.engine.max_seq_len
         load.in_flight_at_poll = load.in_flight
         load.polled_at = time.monotonic()

@@ -145,8 +145,27 @@ class PoolClient:
         self.resend_divisor = config.limits.resend_divisor
 
     async def open(self, model: str | None, request: TextRequest) -> Stream:
-        """Route and start a generation, and wait for its first delta. Errors before any text raise APIError."""
+        """Route and start a generation, and wait for its first delta. Errors before any text raise APIError.
+
+        Routed by the auto policy, a prompt that does not fit the pool's context is sent on to a pool with a longer
+        one; when none is left, the 400 names the largest context there is."""
         pool = self.router.resolve(model)
+        tried: list[str] = []
+        while True:
+            try:
+                return await self._open_on(pool, request)
+            except APIError as error:
+                if error.code != "context_length_exceeded" or not self.router.routes_by_load(model):
+                    raise
+                tried.append(pool)
+                longer = await self.router.longer_context(tried)
+                if longer is None:
+                    name, context = self.router.largest_context()
+                    raise APIError("context_length_exceeded", f"{error.message} No model here holds it: the "
+                                   f"longest context is {context} tokens ({name}).", param=error.param) from error
+                pool = longer
+
+    async def _open_on(self, pool: str, request: TextRequest) -> Stream:
         rest = None
         self.router.started(pool)
         try:

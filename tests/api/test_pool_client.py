@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from contextlib import aclosing
 
 import pytest
@@ -277,3 +278,72 @@ def test_growing_yields_once_for_an_empty_answer_and_the_final_text_with_the_fin
     assert _grown([TextDelta(finish_reason="stop", usage=Usage(3, 0))], divisor=32) == [("", True)]
     assert _grown([TextDelta(text="ab"), TextDelta(text="c", finish_reason="length", usage=Usage(3, 2))],
                   divisor=32) == [("ab", False), ("abc", True)]
+
+
+# ---- a prompt longer than the chosen pool's context ----------------------------------------------------------
+
+
+class ContextPool(Handle):
+    """A pool of context `max_seq_len` whose generations refuse prompts of more than that many tokens."""
+
+    def __init__(self, max_seq_len: int, prompt_tokens: int):
+        too_long = TextDelta(error=ErrorInfo("context_length_exceeded", f"The prompt has {prompt_tokens} tokens; "
+                                             f"this model's context is {max_seq_len}."))
+        super().__init__([too_long] if prompt_tokens >= max_seq_len else [DONE])
+        self.max_seq_len = max_seq_len
+
+    @property
+    def engine_stats(self):
+        async def stats():
+            return SimpleNamespace(engine=SimpleNamespace(free_slots=4, waiting=0, max_seq_len=self.max_seq_len))
+
+        return SimpleNamespace(remote=stats)
+
+
+def context_pools(prompt_tokens: int, routing: str = "auto") -> tuple[PoolClient, dict]:
+    # Highest precision first, as configs list them: two short-context pools, then a long-context one.
+    handles = {"fp16": ContextPool(2048, prompt_tokens), "int4": ContextPool(2048, prompt_tokens),
+               "int4-32k": ContextPool(32768, prompt_tokens)}
+    return PoolClient(handles, IngressConfig(pool_names=list(handles), routing=routing)), handles
+
+
+async def _open_pool(client: PoolClient, model: str | None) -> str:
+    async with await client.open(model, REQUEST) as stream:
+        [piece async for piece in stream.pieces()]
+    return stream.pool
+
+
+@pytest.mark.parametrize("model", ["auto", None])
+def test_auto_sends_a_prompt_past_the_pools_context_to_a_pool_that_holds_it(model):
+    client, handles = context_pools(prompt_tokens=5000)
+    assert asyncio.run(_open_pool(client, model)) == "int4-32k"
+    # The first pool refused it; the other short one was skipped: its context is no longer.
+    assert [len(handles[name].generations) for name in handles] == [1, 0, 1]
+    assert all(g.cancelled for g in handles["fp16"].generations)
+    assert all(load.in_flight == 0 for load in client.router.load.values())
+
+
+def test_auto_keeps_a_prompt_that_fits_on_the_first_pool():
+    client, handles = context_pools(prompt_tokens=100)
+    assert asyncio.run(_open_pool(client, "auto")) == "fp16"
+    assert [len(handles[name].generations) for name in handles] == [1, 0, 0]
+
+
+def test_a_prompt_no_pool_holds_is_a_400_naming_the_longest_context():
+    client, handles = context_pools(prompt_tokens=40_000)
+    with pytest.raises(APIError) as raised:
+        asyncio.run(_open_pool(client, "auto"))
+    assert raised.value.code == "context_length_exceeded" and raised.value.status == 400
+    assert "longest context is 32768 tokens (int4-32k)" in raised.value.message
+    assert "The prompt has 40000 tokens" in raised.value.message
+    assert [len(handles[name].generations) for name in handles] == [1, 0, 1]
+    assert all(load.in_flight == 0 for load in client.router.load.values())
+
+
+@pytest.mark.parametrize("model,routing", [("fp16", "auto"), (None, "default")])
+def test_a_named_or_default_pool_is_never_changed(model, routing):
+    client, handles = context_pools(prompt_tokens=5000, routing=routing)
+    with pytest.raises(APIError) as raised:
+        asyncio.run(_open_pool(client, model))
+    assert raised.value.code == "context_length_exceeded" and "longest context" not in raised.value.message
+    assert [len(handles[name].generations) for name in handles] == [1, 0, 0]
