@@ -58,6 +58,10 @@ History = list[Annotated[tuple[Text, Text], BeforeValidator(_pair)]]
 Temperature = Annotated[float, Strict(), Field(ge=0.0, le=2.0, allow_inf_nan=False,
                                                description="0 = greedy; higher = more random")]
 TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")]
+# vLLM's extension of OpenAI's requests: -1 (vLLM's "off") and 0 both keep every token. The upper bound only keeps
+# absurd integers out; past the vocabulary it keeps every token too.
+TopK = Annotated[int, Strict(), Field(ge=-1, le=1_000_000, description="keep the k most likely tokens; -1 or 0: all"),
+                 BeforeValidator(_integral)]
 # Bounds go on the int itself, before the validator that accepts 5.0: after it, pydantic would apply them as a
 # generic check (and write "ge" instead of "minimum" in the schema).
 MaxLength = Annotated[int, Strict(), Field(ge=1, description="prompt + reply tokens (the official meaning)"),
@@ -244,6 +248,7 @@ class _OpenAICommon(_Strict):
     model: Text | None = Field(default=None, description="a pool name from GET /v1/models, or 'auto'")
     temperature: Temperature | None = None
     top_p: TopP | None = None
+    top_k: TopK | None = None
     max_tokens: MaxTokens | None = None
     stop: Stops = Field(default_factory=list, description="up to 4 non-empty stop strings (or one string)")
     seed: Seed | None = None

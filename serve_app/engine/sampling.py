@@ -130,20 +130,45 @@ class SamplingTensors:
         )
 
 
-def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None) -> Tensor:
+def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None,
+                 vocab: int | None = None) -> Tensor:
     """sorted_logits [B, K] descending -> bool [B, K], True where a token falls outside top_k or the top_p nucleus.
 
-    K may be a prefix of the vocabulary: log_norm [B, 1] is then the logsumexp of the whole row. A token is dropped
-    when the mass before it already reaches top_p; the most likely token always stays (even for a top_p that rounds
-    to 0 in fp32)."""
+    top_p applies to the distribution top_k leaves, renormalized over its k tokens, as transformers' TopK and TopP
+    warpers (in that order) and vLLM do. A token is dropped when the mass before it already reaches top_p; the most
+    likely token always stays (even for a top_p that rounds to 0 in fp32). K may be a prefix of a row of `vocab`
+    tokens: log_norm [B, 1] is then the logsumexp of the whole row (see `nucleus_drop_checked`)."""
+    return nucleus_drop_checked(sorted_logits, top_p, top_k, log_norm, vocab)[0]
+
+
+def _drop_under(sorted_logits: Tensor, log_norm: Tensor, top_p: Tensor, outside_k: Tensor) -> Tensor:
+    probs = (sorted_logits - log_norm).exp()
+    return ((probs.cumsum(-1) - probs) >= top_p[:, None]) | outside_k
+
+
+def nucleus_drop_checked(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None,
+                         vocab: int | None = None) -> tuple[Tensor, Tensor]:
+    """`nucleus_drop`, and bool [B]: whether the K candidates settle the row.
+
+    A row whose k tokens are all among the K candidates (or that has no top_k: k = vocab, normalized by log_norm)
+    is normalized exactly. One whose k reaches past them (K < k < vocab) is normalized by something between the
+    candidates' own mass and the whole row's: where those two bounds drop the same tokens, so does the exact one;
+    where they do not, the row is not settled and must be drawn again over the whole vocabulary."""
+    num = sorted_logits.shape[-1]
+    vocab = num if vocab is None else vocab
     if log_norm is None:
         log_norm = sorted_logits.logsumexp(-1, keepdim=True)
-    probs = (sorted_logits - log_norm).exp()
-    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
-    rank = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
-    drop |= rank[None, :] >= top_k[:, None]
+    rank = torch.arange(num, device=sorted_logits.device)
+    outside_k = rank[None, :] >= top_k[:, None]
+    in_k_norm = sorted_logits.masked_fill(outside_k, float("-inf")).logsumexp(-1, keepdim=True)
+    all_in = (top_k <= num)[:, None]
+    no_top_k = (top_k >= vocab)[:, None]
+    upper = torch.where(all_in, in_k_norm, log_norm)  # exact, or the whole row's mass: at least the exact one
+    lower = torch.where(no_top_k & ~all_in, log_norm, in_k_norm)  # exact, or the candidates' mass: at most it
+    drop = _drop_under(sorted_logits, upper, top_p, outside_k)
+    settled = (drop == _drop_under(sorted_logits, lower, top_p, outside_k)).all(-1)
     drop[:, 0] = False
-    return drop
+    return drop, settled
 
 
 def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candidates: int | None = CANDIDATES) -> Tensor:
@@ -161,11 +186,13 @@ def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candida
         if settings.needs_sort:
             k = vocab if candidates is None else min(candidates, vocab)
             ordered, order = scaled.topk(k, dim=-1) if k < vocab else scaled.sort(-1, descending=True)  # [B, k]
-            drop = nucleus_drop(ordered, settings.top_p, settings.top_k, scaled.logsumexp(-1, keepdim=True))
+            drop, settled = nucleus_drop_checked(ordered, settings.top_p, settings.top_k,
+                                                 scaled.logsumexp(-1, keepdim=True), vocab)
             scores = ordered.masked_fill(drop, float("-inf")) + gumbel_noise(keys, vocab, order)
             sampled = order.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
-            if k < vocab:  # the last candidate still kept, and top_k allows more: the nucleus may go further
-                overflow = ~drop[:, -1] & (settings.top_k > k)
+            if k < vocab:  # the last candidate still kept and top_k allows more (the nucleus may go further), or
+                # a top_k past the candidates whose renormalized nucleus they cannot settle
+                overflow = (~drop[:, -1] & (settings.top_k > k)) | ~settled
                 sampled = torch.where(overflow, torch.full_like(sampled, OVERFLOW), sampled)
         else:
             sampled = (scaled + gumbel_noise(keys, vocab)).argmax(-1)

@@ -40,6 +40,9 @@ def chat(**fields) -> dict:
     ({"temperature": "0.5"}, "temperature", "valid number"),
     ({"temperature": 2.5}, "temperature", "less than or equal to 2"),
     ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+    ({"top_k": 2.5}, "top_k", "valid integer"),
+    ({"top_k": 10**7}, "top_k", "less than or equal to 1000000"),
     ({"stream": "true"}, "stream", "valid boolean"),
     ({"stream": 1}, "stream", "valid boolean"),
     ({"n": 2}, "n", "only 1 is supported"),
@@ -121,3 +124,16 @@ def test_a_conversation_must_end_with_the_user():
     with pytest.raises(APIError, match="must end with a user message") as caught:
         split_messages(messages)
     assert caught.value.status == 400 and caught.value.param == "messages"
+
+
+@pytest.mark.parametrize("top_k, kept", [(None, 0), (-1, 0), (0, 0), (1, 1), (40, 40), (40.0, 40)])
+def test_top_k_reaches_the_engine_with_off_as_0(top_k, kept):
+    """vLLM's top_k extension on both OpenAI routes: -1 and 0 (and leaving it out) keep every token."""
+    from serve_app.api.ingress_config import IngressConfig
+    from serve_app.api.requests import RequestBuilder
+
+    builder = RequestBuilder(IngressConfig(pool_names=["p"]))
+    extra = {} if top_k is None else {"top_k": top_k}
+    assert builder.chat_completion(ChatCompletionRequest.model_validate(chat(**extra))).params.top_k == kept
+    completion = CompletionRequest.model_validate({"prompt": "你好", **extra})
+    assert builder.completion(completion).params.top_k == kept

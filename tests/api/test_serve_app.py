@@ -317,3 +317,22 @@ def test_soak_script_runs_clean(base_url):
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
     assert "unexpected: 0" in run.stdout and "result: PASS" in run.stdout
     assert re.search(r"^\| chatglm2-6b-int4 \| [\d.]+ \|", run.stdout, re.MULTILINE)  # a memory row per pool
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_top_k_1_samples_the_greedy_answer(client, pool):
+    """vLLM's top_k extension through the openai client: with top_k 1 only the most likely token is left, so any seed
+    at temperature 1 gives the greedy answer (on chat and on completions); top_k 3 gives other answers for some
+    seed."""
+    greedy = client.chat.completions.create(model=pool, messages=messages(), **GREEDY).choices[0].message.content
+    sampled = {client.chat.completions.create(model=pool, messages=messages(), temperature=1.0, max_tokens=12,
+                                              seed=seed, extra_body={"top_k": 1}).choices[0].message.content
+               for seed in range(3)}
+    assert sampled == {greedy}
+    wider = {client.chat.completions.create(model=pool, messages=messages(), temperature=1.0, max_tokens=12,
+                                            seed=seed, extra_body={"top_k": 3}).choices[0].message.content
+             for seed in range(4)}
+    assert wider - {greedy}
+    completion = client.completions.create(model=pool, prompt="hello", **GREEDY).choices[0].text
+    assert client.completions.create(model=pool, prompt="hello", temperature=1.0, max_tokens=12, seed=7,
+                                     extra_body={"top_k": 1}).choices[0].text == completion

@@ -90,3 +90,60 @@ def test_candidates_give_the_full_sorts_tokens_and_overflow_falls_back():
     assert overflow == [OVERFLOW] * 4
     assert resample_overflow(overflow, flat, settings, positions) == sample(flat, settings, positions,
                                                                             candidates=None).tolist()
+
+
+def test_top_k_keeps_the_tokens_transformers_top_k_warper_keeps():
+    """The candidate set per row (nucleus_drop with top_p 1) is the set transformers' TopKLogitsWarper leaves finite,
+    for each row's own k; and draws at temperature 1 never leave it."""
+    from transformers import TopKLogitsWarper
+
+    from serve_app.engine.sampling import nucleus_drop
+
+    logits = logits_for(4, 3)
+    ks = [1, 3, 7, VOCAB]
+    ordered, order = logits.sort(-1, descending=True)
+    drop = nucleus_drop(ordered, torch.ones(4), torch.tensor(ks))
+    for row, k in enumerate(ks):
+        ours = set(order[row][~drop[row]].tolist())
+        warped = TopKLogitsWarper(top_k=k)(None, logits[row : row + 1].clone())[0]
+        assert ours == set(torch.isfinite(warped).nonzero()[:, 0].tolist()) and len(ours) == k
+        drawn = {draw(logits[row : row + 1], [SamplingParams(temperature=1.0, top_k=k)], [seed], [0])[0]
+                 for seed in range(200)}
+        assert drawn <= ours and (k == 1 or len(drawn) > 1)
+
+
+def test_top_k_then_top_p_keeps_what_transformers_warpers_keep():
+    """top_p applies to what top_k leaves, renormalized: the kept set equals transformers' TopKLogitsWarper then
+    TopPLogitsWarper (their order in `generate`) on the same logits."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from serve_app.engine.sampling import nucleus_drop
+
+    cases = [(5, 0.5), (10, 0.9), (3, 0.99), (VOCAB, 0.7), (20, 0.3), (1, 0.5), (8, 0.75)]
+    logits = logits_for(len(cases), 5)
+    ordered, order = logits.sort(-1, descending=True)
+    drop = nucleus_drop(ordered, torch.tensor([p for _, p in cases]), torch.tensor([k for k, _ in cases]))
+    renormalized_differs = False
+    for row, (k, p) in enumerate(cases):
+        warped = TopPLogitsWarper(top_p=p)(None, TopKLogitsWarper(top_k=k)(None, logits[row : row + 1].clone()))[0]
+        expected = set(torch.isfinite(warped).nonzero()[:, 0].tolist())
+        assert set(order[row][~drop[row]].tolist()) == expected, (k, p)
+        whole_row = TopPLogitsWarper(top_p=p)(None, logits[row : row + 1].clone())[0]  # top_p before top_k
+        renormalized_differs |= len(expected) < min(k, int(torch.isfinite(whole_row).sum()))
+    assert renormalized_differs  # some case tells the two orders apart
+
+
+def test_a_top_k_past_the_candidates_draws_as_over_the_whole_vocabulary():
+    """Only `candidates` tokens are sorted; a row whose top_k reaches past them and whose renormalized nucleus they
+    cannot settle is drawn again over the whole vocabulary, so the tokens equal a draw without the shortcut."""
+    from serve_app.engine.sampling import resample_overflow
+
+    logits = logits_for(8, 9) / 4  # flat: the nuclei are wide
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p) for k, p in
+              [(12, 0.9), (30, 0.5), (6, 0.95), (40, 0.99), (0, 0.6), (10, 0.2), (25, 0.8), (45, 0.7)]]
+    positions = torch.arange(8)
+    for seed in range(20):
+        settings = SamplingTensors.build(params, [seed * 8 + i for i in range(8)], VOCAB, "cpu")
+        short = resample_overflow(sample(logits, settings, positions, candidates=8).tolist(), logits, settings,
+                                  positions)
+        assert short == sample(logits, settings, positions, candidates=None).tolist()
