@@ -29,7 +29,7 @@ class RequestBuilder:
         self.config = config
 
     def params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
-               ignore_eos=False, top_k=None) -> SamplingParams:
+               ignore_eos=False, top_k=None, min_p=None) -> SamplingParams:
         d = self.config.defaults
         if max_length is None and max_new_tokens is None:
             max_length = d.max_length
@@ -37,6 +37,7 @@ class RequestBuilder:
             temperature=d.temperature if temperature is None else temperature,
             top_p=d.top_p if top_p is None else top_p,
             top_k=max(top_k or 0, 0),  # None, 0 and -1 are off
+            min_p=min_p or 0.0,
             max_length=max_length,
             max_new_tokens=max_new_tokens,
             seed=seed,
@@ -121,7 +122,7 @@ class RequestBuilder:
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p,
                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
-                               ignore_eos=body.ignore_eos, top_k=body.top_k),
+                               ignore_eos=body.ignore_eos, top_k=body.top_k, min_p=body.min_p),
             prompt=ChatPrompt(query, history, system),
             stop=body.stop or [],
             context_strict=True,
@@ -137,7 +138,7 @@ class RequestBuilder:
         return self.bounded(TextRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
-                               seed=body.seed, ignore_eos=body.ignore_eos, top_k=body.top_k),
+                               seed=body.seed, ignore_eos=body.ignore_eos, top_k=body.top_k, min_p=body.min_p),
             prompt=prompt,
             stop=body.stop or [],
             context_strict=True,

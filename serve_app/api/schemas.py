@@ -62,6 +62,8 @@ TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False, des
 # absurd integers out; past the vocabulary it keeps every token too.
 TopK = Annotated[int, Strict(), Field(ge=-1, le=1_000_000, description="keep the k most likely tokens; -1 or 0: all"),
                  BeforeValidator(_integral)]
+MinP = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False,
+                                        description="keep tokens at least min_p times as likely as the top one; 0: all")]
 # Bounds go on the int itself, before the validator that accepts 5.0: after it, pydantic would apply them as a
 # generic check (and write "ge" instead of "minimum" in the schema).
 MaxLength = Annotated[int, Strict(), Field(ge=1, description="prompt + reply tokens (the official meaning)"),
@@ -249,6 +251,7 @@ class _OpenAICommon(_Strict):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
+    min_p: MinP | None = None
     max_tokens: MaxTokens | None = None
     stop: Stops = Field(default_factory=list, description="up to 4 non-empty stop strings (or one string)")
     seed: Seed | None = None

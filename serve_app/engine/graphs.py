@@ -31,7 +31,8 @@ from serve_app.model.attention import ROW_BUCKETS, StepPlan, run_under_recompile
 from serve_app.model.chatglm2 import KVCache
 
 BUCKETS = ROW_BUCKETS
-# The sampling variants a step can need: (any row sampled, some row has top_p/top_k); greedy-only needs neither.
+# The sampling variants a step can need: (any row sampled, some row has top_p/top_k/min_p); greedy-only needs
+# neither.
 VARIANTS = ((False, False), (True, False), (True, True))
 # Entries dynamo may keep for the compiled step: every bucket and variant of one runner, with room for a few more.
 STEP_RECOMPILE_LIMIT = 2 * len(BUCKETS) * len(VARIANTS)
@@ -105,6 +106,7 @@ class StaticDecode:
         self.temperature = torch.ones(rows, dtype=torch.float32, device=device)
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.top_k = torch.ones(rows, **long)
+        self.min_p = torch.zeros(rows, dtype=torch.float32, device=device)
         self.greedy = torch.ones(rows, dtype=torch.bool, device=device)
         self.seed_lo = torch.zeros(rows, **long)
         self.seed_hi = torch.zeros(rows, **long)
@@ -114,8 +116,8 @@ class StaticDecode:
         return StepPlan([], self.input_ids, self.positions, self.write_index, self.logit_rows, self.slots, self.lens)
 
     def settings(self, any_sampled: bool, needs_sort: bool) -> SamplingTensors:
-        return SamplingTensors(self.temperature, self.top_p, self.top_k, self.greedy, self.seed_lo, self.seed_hi,
-                               any_sampled, needs_sort)
+        return SamplingTensors(self.temperature, self.top_p, self.top_k, self.min_p, self.greedy, self.seed_lo,
+                               self.seed_hi, any_sampled, needs_sort)
 
     def fill(self, rows: DecodeRows, settings: SamplingTensors) -> None:
         """Copy the step in (one host tensor, one copy) and reset the padding rows."""
@@ -143,6 +145,7 @@ class StaticDecode:
             (self.temperature, settings.temperature, 1.0),
             (self.top_p, settings.top_p, 1.0),
             (self.top_k, settings.top_k, 1),
+            (self.min_p, settings.min_p, 0.0),
             (self.greedy, settings.greedy, True),
             (self.seed_lo, settings.seed_lo, 0),
             (self.seed_hi, settings.seed_hi, 0),

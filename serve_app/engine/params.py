@@ -17,6 +17,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # keep only the k most likely tokens; 0 = off
+    min_p: float = 0.0  # keep only tokens at least min_p times as likely as the most likely one; 0 = off
     seed: int | None = None
     max_new_tokens: int | None = None
     max_length: int | None = None  # prompt + generated tokens, the official meaning
@@ -30,6 +31,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), not {self.min_p}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
         if self.max_length is not None and self.max_length < 1:

@@ -1,4 +1,4 @@
-"""Next-token choice for a whole batch on the model's device: greedy, temperature, top_k and nucleus (top_p).
+"""Next-token choice for a whole batch on the model's device: greedy, temperature, top_k, nucleus (top_p), min_p.
 
 Every row carries its own settings as tensors (`SamplingTensors`), and only the chosen ids leave the device.
 
@@ -90,21 +90,24 @@ class SamplingTensors:
     temperature: Tensor  # fp32; 1 for greedy rows (they take the argmax and never use it)
     top_p: Tensor  # fp32
     top_k: Tensor  # int64; vocab size where off
+    min_p: Tensor  # fp32; 0 where off
     greedy: Tensor  # bool
     seed_lo: Tensor  # int64, low 32 bits of the seed
     seed_hi: Tensor  # int64, high 32 bits
     any_sampled: bool
-    needs_sort: bool  # some row has top_p < 1 or top_k set
+    needs_sort: bool  # some row has top_p < 1, top_k or min_p set
 
     def select(self, rows: Tensor) -> SamplingTensors:
         """The settings of some rows only."""
-        return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.greedy[rows],
-                               self.seed_lo[rows], self.seed_hi[rows], self.any_sampled, self.needs_sort)
+        return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows],
+                               self.greedy[rows], self.seed_lo[rows], self.seed_hi[rows], self.any_sampled,
+                               self.needs_sort)
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], vocab: int, device) -> SamplingTensors:
         """One host-to-device copy per dtype for the whole batch."""
-        floats = torch.tensor([[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params]])
+        floats = torch.tensor([[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+                               [p.min_p for p in params]])
         ints = torch.tensor(
             [
                 [p.top_k if p.top_k else vocab for p in params],
@@ -122,23 +125,26 @@ class SamplingTensors:
             temperature=floats[0],
             top_p=floats[1],
             top_k=ints[0],
+            min_p=floats[2],
             greedy=ints[1].bool(),
             seed_lo=ints[2],
             seed_hi=ints[3],
             any_sampled=bool(sampled),
-            needs_sort=any(p.top_p < 1.0 or p.top_k for p in sampled),
+            needs_sort=any(p.top_p < 1.0 or p.top_k or p.min_p > 0 for p in sampled),
         )
 
 
 def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None,
-                 vocab: int | None = None) -> Tensor:
+                 vocab: int | None = None, min_p: Tensor | None = None) -> Tensor:
     """sorted_logits [B, K] descending -> bool [B, K], True where a token falls outside top_k or the top_p nucleus.
 
     top_p applies to the distribution top_k leaves, renormalized over its k tokens, as transformers' TopK and TopP
     warpers (in that order) and vLLM do. A token is dropped when the mass before it already reaches top_p; the most
-    likely token always stays (even for a top_p that rounds to 0 in fp32). K may be a prefix of a row of `vocab`
-    tokens: log_norm [B, 1] is then the logsumexp of the whole row (see `nucleus_drop_checked`)."""
-    return nucleus_drop_checked(sorted_logits, top_p, top_k, log_norm, vocab)[0]
+    likely token always stays (even for a top_p that rounds to 0 in fp32). min_p [B] (optional) also drops tokens
+    less than min_p times as likely as the most likely one (transformers' MinPLogitsWarper, vLLM's min_p). K may be a
+    prefix of a row of `vocab` tokens: log_norm [B, 1] is then the logsumexp of the whole row (see
+    `nucleus_drop_checked`)."""
+    return nucleus_drop_checked(sorted_logits, top_p, top_k, log_norm, vocab, min_p)[0]
 
 
 def _drop_under(sorted_logits: Tensor, log_norm: Tensor, top_p: Tensor, outside_k: Tensor) -> Tensor:
@@ -147,7 +153,7 @@ def _drop_under(sorted_logits: Tensor, log_norm: Tensor, top_p: Tensor, outside_
 
 
 def nucleus_drop_checked(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None,
-                         vocab: int | None = None) -> tuple[Tensor, Tensor]:
+                         vocab: int | None = None, min_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`nucleus_drop`, and bool [B]: whether the K candidates settle the row.
 
     A row whose k tokens are all among the K candidates (or that has no top_k: k = vocab, normalized by log_norm)
@@ -160,6 +166,8 @@ def nucleus_drop_checked(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, lo
         log_norm = sorted_logits.logsumexp(-1, keepdim=True)
     rank = torch.arange(num, device=sorted_logits.device)
     outside_k = rank[None, :] >= top_k[:, None]
+    if min_p is not None:  # relative to the most likely token, so unaffected by any renormalization; log(0) = -inf
+        outside_k = outside_k | (sorted_logits < sorted_logits[:, :1] + min_p[:, None].log())
     in_k_norm = sorted_logits.masked_fill(outside_k, float("-inf")).logsumexp(-1, keepdim=True)
     all_in = (top_k <= num)[:, None]
     no_top_k = (top_k >= vocab)[:, None]
@@ -187,7 +195,7 @@ def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candida
             k = vocab if candidates is None else min(candidates, vocab)
             ordered, order = scaled.topk(k, dim=-1) if k < vocab else scaled.sort(-1, descending=True)  # [B, k]
             drop, settled = nucleus_drop_checked(ordered, settings.top_p, settings.top_k,
-                                                 scaled.logsumexp(-1, keepdim=True), vocab)
+                                                 scaled.logsumexp(-1, keepdim=True), vocab, settings.min_p)
             scores = ordered.masked_fill(drop, float("-inf")) + gumbel_noise(keys, vocab, order)
             sampled = order.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
             if k < vocab:  # the last candidate still kept and top_k allows more (the nucleus may go further), or

@@ -43,6 +43,9 @@ def chat(**fields) -> dict:
     ({"top_k": -2}, "top_k", "greater than or equal to -1"),
     ({"top_k": 2.5}, "top_k", "valid integer"),
     ({"top_k": 10**7}, "top_k", "less than or equal to 1000000"),
+    ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+    ({"min_p": -0.1}, "min_p", "greater than or equal to 0"),
+    ({"min_p": "0.1"}, "min_p", "valid number"),
     ({"stream": "true"}, "stream", "valid boolean"),
     ({"stream": 1}, "stream", "valid boolean"),
     ({"n": 2}, "n", "only 1 is supported"),
@@ -137,3 +140,13 @@ def test_top_k_reaches_the_engine_with_off_as_0(top_k, kept):
     assert builder.chat_completion(ChatCompletionRequest.model_validate(chat(**extra))).params.top_k == kept
     completion = CompletionRequest.model_validate({"prompt": "你好", **extra})
     assert builder.completion(completion).params.top_k == kept
+
+
+def test_min_p_reaches_the_engine():
+    from serve_app.api.ingress_config import IngressConfig
+    from serve_app.api.requests import RequestBuilder
+
+    builder = RequestBuilder(IngressConfig(pool_names=["p"]))
+    assert builder.chat_completion(ChatCompletionRequest.model_validate(chat(min_p=0.05))).params.min_p == 0.05
+    assert builder.chat_completion(ChatCompletionRequest.model_validate(chat())).params.min_p == 0.0
+    assert builder.completion(CompletionRequest.model_validate({"prompt": "x", "min_p": 0.2})).params.min_p == 0.2

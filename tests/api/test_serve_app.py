@@ -320,7 +320,7 @@ def test_soak_script_runs_clean(base_url):
 
 
 @pytest.mark.parametrize("pool", POOLS)
-def test_top_k_1_samples_the_greedy_answer(client, pool):
+def test_top_k_1_and_min_p_1_sample_the_greedy_answer(client, pool):
     """vLLM's top_k extension through the openai client: with top_k 1 only the most likely token is left, so any seed
     at temperature 1 gives the greedy answer (on chat and on completions); top_k 3 gives other answers for some
     seed."""
@@ -336,3 +336,6 @@ def test_top_k_1_samples_the_greedy_answer(client, pool):
     completion = client.completions.create(model=pool, prompt="hello", **GREEDY).choices[0].text
     assert client.completions.create(model=pool, prompt="hello", temperature=1.0, max_tokens=12, seed=7,
                                      extra_body={"top_k": 1}).choices[0].text == completion
+    # min_p 1 keeps only the most likely token too
+    assert client.chat.completions.create(model=pool, messages=messages(), temperature=1.0, max_tokens=12, seed=5,
+                                          extra_body={"min_p": 1.0}).choices[0].message.content == greedy

@@ -147,3 +147,28 @@ def test_a_top_k_past_the_candidates_draws_as_over_the_whole_vocabulary():
         short = resample_overflow(sample(logits, settings, positions, candidates=8).tolist(), logits, settings,
                                   positions)
         assert short == sample(logits, settings, positions, candidates=None).tolist()
+
+
+def test_min_p_keeps_what_transformers_min_p_warper_keeps_after_top_k_and_top_p():
+    """min_p drops tokens less than min_p times as likely as the top one; with top_k and top_p as well, the kept set
+    equals transformers' TopK, TopP and MinP warpers in that order (generate's). Draws stay inside it."""
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from serve_app.engine.sampling import nucleus_drop
+
+    cases = [(0.05, 0, 1.0), (0.3, 0, 1.0), (0.1, 10, 0.9), (0.01, 4, 0.95), (1.0, 0, 1.0), (0.2, 20, 0.5)]
+    logits = logits_for(len(cases), 11)
+    ordered, order = logits.sort(-1, descending=True)
+    ks = torch.tensor([k or VOCAB for _, k, _ in cases])
+    drop = nucleus_drop(ordered, torch.tensor([p for *_, p in cases]), ks, min_p=torch.tensor([m for m, *_ in cases]))
+    for row, (min_p, k, top_p) in enumerate(cases):
+        scores = logits[row : row + 1].clone()
+        if k:
+            scores = TopKLogitsWarper(top_k=k)(None, scores)
+        if top_p < 1:
+            scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+        scores = MinPLogitsWarper(min_p=min_p)(None, scores)[0]
+        kept = set(order[row][~drop[row]].tolist())
+        assert kept == set(torch.isfinite(scores).nonzero()[:, 0].tolist()), (min_p, k, top_p)
+        params = [SamplingParams(temperature=1.0, top_k=k, top_p=top_p, min_p=min_p)]
+        assert {draw(logits[row : row + 1], params, [seed], [0])[0] for seed in range(100)} <= kept
