@@ -29,7 +29,8 @@ class RequestBuilder:
         self.config = config
 
     def params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
-               ignore_eos=False, top_k=None, min_p=None) -> SamplingParams:
+               ignore_eos=False, top_k=None, min_p=None, logit_bias=None, stop_token_ids=(),
+               min_tokens=0) -> SamplingParams:
         d = self.config.defaults
         if max_length is None and max_new_tokens is None:
             max_length = d.max_length
@@ -38,11 +39,20 @@ class RequestBuilder:
             top_p=d.top_p if top_p is None else top_p,
             top_k=max(top_k or 0, 0),  # None, 0 and -1 are off
             min_p=min_p or 0.0,
+            logit_bias=tuple((int(token), bias) for token, bias in (logit_bias or {}).items()),
+            stop_token_ids=tuple(stop_token_ids),
+            min_tokens=min_tokens,
             max_length=max_length,
             max_new_tokens=max_new_tokens,
             seed=seed,
             ignore_eos=ignore_eos,
         )
+
+    @staticmethod
+    def openai_filters(body) -> dict:
+        """The sampling fields of both OpenAI routes beyond temperature and top_p (vLLM's extensions included)."""
+        return {"top_k": body.top_k, "min_p": body.min_p, "logit_bias": body.logit_bias,
+                "stop_token_ids": body.stop_token_ids, "min_tokens": body.min_tokens}
 
     def check_prompt(self, text: str, param: str) -> None:
         if not text.strip():
@@ -122,7 +132,7 @@ class RequestBuilder:
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p,
                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
-                               ignore_eos=body.ignore_eos, top_k=body.top_k, min_p=body.min_p),
+                               ignore_eos=body.ignore_eos, **self.openai_filters(body)),
             prompt=ChatPrompt(query, history, system),
             stop=body.stop or [],
             context_strict=True,
@@ -138,7 +148,7 @@ class RequestBuilder:
         return self.bounded(TextRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
-                               seed=body.seed, ignore_eos=body.ignore_eos, top_k=body.top_k, min_p=body.min_p),
+                               seed=body.seed, ignore_eos=body.ignore_eos, **self.openai_filters(body)),
             prompt=prompt,
             stop=body.stop or [],
             context_strict=True,

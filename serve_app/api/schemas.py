@@ -18,11 +18,13 @@ from pydantic import (
     Discriminator,
     Field,
     Strict,
+    StringConstraints,
     Tag,
     WithJsonSchema,
 )
 
 from serve_app.api.error_table import APIError
+from serve_app.engine.params import MAX_BIAS, MAX_STOP_TOKEN_IDS
 from serve_app.server.messages import Usage
 
 
@@ -113,6 +115,15 @@ Stops = Annotated[list[Stop], Field(max_length=4), BeforeValidator(_stop_list),
                   WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}, {
                       "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]})]
 Seed = Annotated[Int, Field(description="fixes sampled output for the same request; any integer")]
+# OpenAI's logit_bias: token ids (as JSON object keys, so strings) -> a bias in [-100, 100] added to their logits.
+LogitBias = Annotated[
+    dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
+         Annotated[float, Strict(), Field(ge=-100.0, le=100.0, allow_inf_nan=False)]],
+    Field(max_length=MAX_BIAS, description="token id -> bias in [-100, 100], added before sampling")]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS,
+                                              description="token ids that end the reply (vLLM's extension)")]
+MinTokens = Annotated[int, Strict(), Field(ge=0, le=10**6, description="no stop before this many tokens (vLLM's)"),
+                      BeforeValidator(_integral)]
 
 
 def _only(value, kind: type, json_type: str):
@@ -252,6 +263,9 @@ class _OpenAICommon(_Strict):
     top_p: TopP | None = None
     top_k: TopK | None = None
     min_p: MinP | None = None
+    logit_bias: LogitBias | None = None
+    stop_token_ids: StopTokenIds = Field(default_factory=list)
+    min_tokens: MinTokens = 0
     max_tokens: MaxTokens | None = None
     stop: Stops = Field(default_factory=list, description="up to 4 non-empty stop strings (or one string)")
     seed: Seed | None = None

@@ -299,6 +299,10 @@ class Engine:
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
+        vocab = self.loaded.config.padded_vocab_size
+        if bad := sorted(token for token in params.token_ids() if token >= vocab):
+            raise InvalidRequest(f"token id {bad[0]} (logit_bias or stop_token_ids) is not in this model's "
+                                 f"vocabulary [0, {vocab})")
         budget = token_budget(len(prompt_ids), params, self.max_seq_len)  # raises ContextLengthExceeded
         return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex)
 
@@ -500,7 +504,8 @@ class Engine:
                              seq.seed))
             computed.append((seq, chunk))
         for seq in batch.decodes:
-            work.append(Work([seq.output_ids[-1]], seq.slot, seq.num_computed, seq.params, seq.seed))
+            work.append(Work([seq.output_ids[-1]], seq.slot, seq.num_computed, seq.params, seq.seed,
+                             len(seq.output_ids)))
             computed.append((seq, 1))
         ids = self.runner.step(work)
         return [(seq, n, token) for (seq, n), token in zip(computed, ids)]

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from serve_app.engine.params import MAX_BIAS, MAX_STOP_TOKEN_IDS
 from serve_app.engine.sampling import SamplingTensors, sample
 from serve_app.model.attention import ROW_BUCKETS, StepPlan, run_under_recompile_limit
 from serve_app.model.chatglm2 import KVCache
 
 BUCKETS = ROW_BUCKETS
+BIAS_WIDTH = MAX_BIAS + MAX_STOP_TOKEN_IDS + 1  # logit_bias, plus the stop ids (and eos) a min_tokens row bans
 # The sampling variants a step can need: (any row sampled, some row has top_p/top_k/min_p); greedy-only needs
 # neither.
 VARIANTS = ((False, False), (True, False), (True, True))
@@ -107,6 +109,9 @@ class StaticDecode:
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.top_k = torch.ones(rows, **long)
         self.min_p = torch.zeros(rows, dtype=torch.float32, device=device)
+        # Always applied in a graph (zeros add nothing): no extra variant to capture for requests with biases.
+        self.bias_ids = torch.zeros(rows, BIAS_WIDTH, **long)
+        self.bias_values = torch.zeros(rows, BIAS_WIDTH, dtype=torch.float32, device=device)
         self.greedy = torch.ones(rows, dtype=torch.bool, device=device)
         self.seed_lo = torch.zeros(rows, **long)
         self.seed_hi = torch.zeros(rows, **long)
@@ -117,7 +122,7 @@ class StaticDecode:
 
     def settings(self, any_sampled: bool, needs_sort: bool) -> SamplingTensors:
         return SamplingTensors(self.temperature, self.top_p, self.top_k, self.min_p, self.greedy, self.seed_lo,
-                               self.seed_hi, any_sampled, needs_sort)
+                               self.seed_hi, any_sampled, needs_sort, self.bias_ids, self.bias_values)
 
     def fill(self, rows: DecodeRows, settings: SamplingTensors) -> None:
         """Copy the step in (one host tensor, one copy) and reset the padding rows."""
@@ -152,6 +157,12 @@ class StaticDecode:
         ):
             buffer[:n].copy_(values)
             buffer[n:].fill_(fill)
+        self.bias_ids.zero_()
+        self.bias_values.zero_()
+        if settings.bias_ids is not None:
+            width = settings.bias_ids.shape[1]
+            self.bias_ids[:n, :width].copy_(settings.bias_ids)
+            self.bias_values[:n, :width].copy_(settings.bias_values)
 
 
 class DecodeGraphs:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from serve_app.engine.errors import ContextLengthExceeded
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+MAX_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class SamplingParams:
     max_length: int | None = None  # prompt + generated tokens, the official meaning
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # (token id, bias) pairs added to the logits before temperature (OpenAI's logit_bias); at most MAX_BIAS of them
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    min_tokens: int = 0  # the stop ids (eos unless ignore_eos, stop_token_ids) cannot be chosen before this many
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0 and self.temperature < float("inf")):
@@ -37,6 +42,18 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, not {self.max_length}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, not {self.min_tokens}")
+        if len(self.logit_bias) > MAX_BIAS or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_BIAS} logit_bias entries and {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        if any(token < 0 or not -100.0 <= bias <= 100.0 for token, bias in self.logit_bias):
+            raise ValueError("logit_bias needs token ids >= 0 and biases in [-100, 100]")
+        if any(token < 0 for token in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be >= 0")
+
+    def token_ids(self) -> set[int]:
+        """Every token id these settings name (checked against the vocabulary by the engine)."""
+        return {token for token, _ in self.logit_bias} | set(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:

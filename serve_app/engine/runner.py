@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from serve_app.engine.graphs import BUCKETS, Capture, CudaGraphCapture, DecodeGraphs, DecodeRows
-from serve_app.engine.params import SamplingParams
+from serve_app.engine.params import SamplingParams, stop_ids
 from serve_app.engine.sampling import SamplingTensors, resample_overflow, sample
 from serve_app.model import compute
 from serve_app.model.attention import FLEX_BLOCK, Span, make_backend, plan_step
@@ -31,6 +31,7 @@ class Work:
     position: int  # position of token_ids[0]
     params: SamplingParams | None  # None when no token is due (a prefill chunk that does not end the prompt)
     seed: int = 0
+    generated: int = 0  # tokens the sequence has generated so far (for min_tokens)
 
 
 class ModelRunner:
@@ -113,8 +114,10 @@ class ModelRunner:
         if not due:
             self._forward(work)
             return [None] * len(work), None
+        eos = self.loaded.config.eos_token_id
+        suppress = [sorted(stop_ids(w.params, eos)) if w.generated < w.params.min_tokens else [] for w in due]
         settings = SamplingTensors.build(
-            [w.params for w in due], [w.seed for w in due], self.loaded.config.padded_vocab_size, self.device
+            [w.params for w in due], [w.seed for w in due], self.loaded.config.padded_vocab_size, self.device, suppress
         )
         decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work)
         if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:

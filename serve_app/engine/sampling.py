@@ -96,16 +96,24 @@ class SamplingTensors:
     seed_hi: Tensor  # int64, high 32 bits
     any_sampled: bool
     needs_sort: bool  # some row has top_p < 1, top_k or min_p set
+    # [B, M] (token id, bias) per row added to the logits before anything else (logit_bias, and -inf on the stop ids
+    # of a row short of its min_tokens), padded with (0, 0.0); None when no row has any
+    bias_ids: Tensor | None = None
+    bias_values: Tensor | None = None
 
     def select(self, rows: Tensor) -> SamplingTensors:
         """The settings of some rows only."""
+        biased = self.bias_ids is not None
         return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows],
                                self.greedy[rows], self.seed_lo[rows], self.seed_hi[rows], self.any_sampled,
-                               self.needs_sort)
+                               self.needs_sort, self.bias_ids[rows] if biased else None,
+                               self.bias_values[rows] if biased else None)
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], vocab: int, device) -> SamplingTensors:
-        """One host-to-device copy per dtype for the whole batch."""
+    def build(cls, params: list[SamplingParams], seeds: list[int], vocab: int, device,
+              suppress: list[list[int]] | None = None) -> SamplingTensors:
+        """One host-to-device copy per dtype for the whole batch (and one more for the biases, when a row has some).
+        `suppress[row]`: token ids that row may not choose now (its stop ids while it is short of min_tokens)."""
         floats = torch.tensor([[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
                                [p.min_p for p in params]])
         ints = torch.tensor(
@@ -121,6 +129,7 @@ class SamplingTensors:
             floats = floats.pin_memory().to(device, non_blocking=True)
             ints = ints.pin_memory().to(device, non_blocking=True)
         sampled = [p for p in params if not p.greedy]
+        bias_ids, bias_values = _biases(params, suppress or [[] for _ in params], device)
         return cls(
             temperature=floats[0],
             top_p=floats[1],
@@ -131,7 +140,21 @@ class SamplingTensors:
             seed_hi=ints[3],
             any_sampled=bool(sampled),
             needs_sort=any(p.top_p < 1.0 or p.top_k or p.min_p > 0 for p in sampled),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
         )
+
+
+def _biases(params: list[SamplingParams], suppress: list[list[int]], device) -> tuple[Tensor | None, Tensor | None]:
+    rows = [list(p.logit_bias) + [(token, float("-inf")) for token in banned] for p, banned in zip(params, suppress)]
+    width = max(map(len, rows), default=0)
+    if width == 0:
+        return None, None
+    ids = torch.tensor([[t for t, _ in row] + [0] * (width - len(row)) for row in rows], dtype=torch.int64)
+    values = torch.tensor([[b for _, b in row] + [0.0] * (width - len(row)) for row in rows], dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        ids, values = ids.pin_memory(), values.pin_memory()
+    return ids.to(device, non_blocking=True), values.to(device, non_blocking=True)
 
 
 def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None,
@@ -185,7 +208,9 @@ def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candida
     A row whose logits hold NaN/Inf gets -1 (the caller fails that request). For top_p/top_k only the `candidates`
     most likely tokens are examined (None: all); a row whose nucleus may reach past them gets OVERFLOW, and the
     caller samples it again with candidates=None (`sample_rows`). No host synchronisation inside."""
-    finite = torch.isfinite(logits).all(-1)  # [B]
+    finite = torch.isfinite(logits).all(-1)  # [B], of the model's own logits
+    if settings.bias_ids is not None:  # before temperature, for greedy rows too (OpenAI's logit_bias)
+        logits = logits.scatter_add(1, settings.bias_ids, settings.bias_values)
     ids = logits.argmax(-1)  # greedy rows
     if settings.any_sampled:
         vocab = logits.shape[-1]

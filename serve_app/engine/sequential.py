@@ -96,5 +96,5 @@ def _generate(runner: ModelRunner, prompt_ids: list[int], params: SamplingParams
         if token in stops:
             finish_reason = "stop"
             break
-        work = Work([token], 0, len(prompt_ids) + len(generated) - 1, params, seed)
+        work = Work([token], 0, len(prompt_ids) + len(generated) - 1, params, seed, len(generated))
     return GenerationOutput(list(prompt_ids), generated, finish_reason)

@@ -46,6 +46,12 @@ def chat(**fields) -> dict:
     ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
     ({"min_p": -0.1}, "min_p", "greater than or equal to 0"),
     ({"min_p": "0.1"}, "min_p", "valid number"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias.abc", "should match pattern"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "less than or equal to 100"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300 items"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids.0", "greater than or equal to 0"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids", "at most 64 items"),
+    ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
     ({"stream": "true"}, "stream", "valid boolean"),
     ({"stream": 1}, "stream", "valid boolean"),
     ({"n": 2}, "n", "only 1 is supported"),
@@ -150,3 +156,17 @@ def test_min_p_reaches_the_engine():
     assert builder.chat_completion(ChatCompletionRequest.model_validate(chat(min_p=0.05))).params.min_p == 0.05
     assert builder.chat_completion(ChatCompletionRequest.model_validate(chat())).params.min_p == 0.0
     assert builder.completion(CompletionRequest.model_validate({"prompt": "x", "min_p": 0.2})).params.min_p == 0.2
+
+
+def test_logit_bias_stop_token_ids_and_min_tokens_reach_the_engine():
+    from serve_app.api.ingress_config import IngressConfig
+    from serve_app.api.requests import RequestBuilder
+
+    builder = RequestBuilder(IngressConfig(pool_names=["p"]))
+    fields = {"logit_bias": {"5": 10, "7": -100.0}, "stop_token_ids": [3, 4], "min_tokens": 2}
+    params = builder.chat_completion(ChatCompletionRequest.model_validate(chat(**fields))).params
+    assert (params.logit_bias, params.stop_token_ids, params.min_tokens) == (((5, 10.0), (7, -100.0)), (3, 4), 2)
+    completion = builder.completion(CompletionRequest.model_validate({"prompt": "x", **fields})).params
+    assert completion.logit_bias == params.logit_bias and completion.min_tokens == 2
+    plain = builder.chat_completion(ChatCompletionRequest.model_validate(chat())).params
+    assert (plain.logit_bias, plain.stop_token_ids, plain.min_tokens) == ((), (), 0)

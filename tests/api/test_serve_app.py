@@ -339,3 +339,23 @@ def test_top_k_1_and_min_p_1_sample_the_greedy_answer(client, pool):
     # min_p 1 keeps only the most likely token too
     assert client.chat.completions.create(model=pool, messages=messages(), temperature=1.0, max_tokens=12, seed=5,
                                           extra_body={"min_p": 1.0}).choices[0].message.content == greedy
+
+
+def test_logit_bias_stop_token_ids_and_min_tokens_through_the_openai_client(client, base_url):
+    """A +100 bias makes greedy decoding repeat one token; naming that token in stop_token_ids ends the reply at it
+    (finish "stop"); min_tokens 3 bans it for the first three tokens, so the reply ends at the fourth; a bias on an
+    id past the vocabulary is a 400."""
+    pool, token = POOLS[0], 200
+    text = httpx.post(f"{base_url}/detokenize", json={"model": pool, "tokens": [token] * 12}, timeout=60).json()
+    forced = client.chat.completions.create(model=pool, messages=messages(), **GREEDY,
+                                            logit_bias={str(token): 100})
+    assert forced.choices[0].message.content == text["prompt"].strip()
+    body = {"model": pool, "prompt": "hello", "temperature": 0, "max_tokens": 12}
+    stopped = client.completions.create(**body, logit_bias={str(token): 100}, extra_body={"stop_token_ids": [token]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+    later = client.completions.create(**body, logit_bias={str(token): 100},
+                                      extra_body={"stop_token_ids": [token], "min_tokens": 3})
+    assert later.choices[0].finish_reason == "stop" and later.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(**body, logit_bias={"999999": 5})
+    assert refused.value.body["code"] == "invalid_request" and "999999" in refused.value.body["message"]

@@ -127,3 +127,26 @@ def test_one_capture_stream_and_pool_for_all_of_a_runners_graphs(tiny_fp32, monk
     runner.warmup()
     assert len(captures) == 12 and len(streams) == 1
     assert set(captures) == {("pool", streams[0])}
+
+
+def test_graph_replay_applies_logit_bias_and_min_tokens_as_the_eager_step(tiny_fp32):
+    """The graphs' always-on bias buffers: rows with logit_bias or a min_tokens ban, beside rows without, choose what
+    the eager step chooses, and the bias changes the choice (so the check can fail)."""
+    graphed = ModelRunner(tiny_fp32, 4, 64, attention="flex", graphs=True, capture=lambda fn: fn)
+    eager = ModelRunner(tiny_fp32, 4, 64, attention="slot-view", graphs=False)
+    prompts = [torch.randint(3, 1000, (5 + 2 * i,), generator=torch.Generator().manual_seed(20 + i)).tolist()
+               for i in range(4)]
+    plain = [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(), SamplingParams()]
+    prefill = [Work(p, slot, 0, plain[slot], seed=slot) for slot, p in enumerate(prompts)]
+    first = eager.step(prefill)
+    assert graphed.step(prefill) == first
+    unbiased = eager.step([Work([first[s]], s, len(prompts[s]), plain[s], seed=s) for s in range(4)])
+    eos = tiny_fp32.config.eos_token_id
+    params = [SamplingParams(logit_bias=((7, 100.0),)), SamplingParams(temperature=0.9, top_p=0.8,
+                                                                        logit_bias=((unbiased[1], -100.0),)),
+              SamplingParams(min_tokens=3, stop_token_ids=(unbiased[2],)), SamplingParams()]
+    work = [Work([first[s]], s, len(prompts[s]), params[s], seed=s, generated=1) for s in range(4)]
+    got = graphed.step(work)
+    assert got == eager.step(work)
+    assert got[0] == 7 and got[1] != unbiased[1] and got[2] != unbiased[2] and got[2] != eos
+    assert got[3] == unbiased[3]

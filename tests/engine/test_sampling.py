@@ -172,3 +172,39 @@ def test_min_p_keeps_what_transformers_min_p_warper_keeps_after_top_k_and_top_p(
         assert kept == set(torch.isfinite(scores).nonzero()[:, 0].tolist()), (min_p, k, top_p)
         params = [SamplingParams(temperature=1.0, top_k=k, top_p=top_p, min_p=min_p)]
         assert {draw(logits[row : row + 1], params, [seed], [0])[0] for seed in range(100)} <= kept
+
+
+def test_logit_bias_draws_as_transformers_sequence_bias_applied_first():
+    """logit_bias is added to the logits before temperature and the filters, for greedy rows too: the tokens equal
+    the draws of the same settings on logits that transformers' SequenceBiasLogitsProcessor biased."""
+    from transformers import SequenceBiasLogitsProcessor
+
+    logits = logits_for(4, 21)
+    bias = ((3, 5.0), (17, -100.0), (int(logits[2].argmax()), -4.5), (40, 2.5))
+    processor = SequenceBiasLogitsProcessor(sequence_bias=[[[token], value] for token, value in bias])
+    biased = processor(torch.zeros(4, 1, dtype=torch.long), logits.clone())
+    settings = [SamplingParams(), SamplingParams(temperature=0.8), SamplingParams(temperature=1.1, top_k=9),
+                SamplingParams(temperature=0.9, top_p=0.8, min_p=0.02)]
+    for seed in range(30):
+        seeds, positions = [seed * 4 + i for i in range(4)], [5, 6, 7, 8]
+        with_bias = draw(logits, [SamplingParams(**{**p.__dict__, "logit_bias": bias}) for p in settings], seeds,
+                         positions)
+        assert with_bias == draw(biased, settings, seeds, positions)
+    assert draw(logits[:1], [SamplingParams(logit_bias=((11, 100.0),))], [0], [0]) == [11]
+
+
+def test_a_row_short_of_min_tokens_never_draws_its_stop_ids():
+    """The runner bans a row's stop ids while it is short of min_tokens (`suppress`): the draws equal those on logits
+    that transformers' MinNewTokensLengthLogitsProcessor masked, and never hit a banned id."""
+    from transformers import MinNewTokensLengthLogitsProcessor
+
+    logits = logits_for(2, 4)
+    stops = [int(logits[0].argmax()), int(logits[1].argmax()), 9]
+    processor = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=0, min_new_tokens=5, eos_token_id=stops)
+    # its -inf made finite: the reference draw treats non-finite logits as a model failure
+    masked = processor(torch.zeros(2, 2, dtype=torch.long), logits.clone()).clamp(min=-1e30)
+    params = [SamplingParams(), SamplingParams(temperature=1.3)]
+    for seed in range(40):
+        settings = SamplingTensors.build(params, [seed, seed + 1], VOCAB, "cpu", suppress=[stops, stops])
+        got = sample(logits, settings, torch.tensor([3, 3])).tolist()
+        assert got == draw(masked, params, [seed, seed + 1], [3, 3]) and not set(got) & set(stops)
