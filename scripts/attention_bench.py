@@ -54,7 +54,7 @@ def main() -> None:
         spans = [Span(i, 1, s, n - 1) for i, (s, n) in enumerate(zip(row_slots, lengths))]
         plan = plan_step(spans, [0] * rows, slot_len, args.device)
         q = torch.randn(rows, heads, dim, generator=generator).to(args.device)
-        cache = SimpleNamespace(k=[cache_k], v=[cache_v], slot_len=slot_len)
+        cache = SimpleNamespace(k=[cache_k], v=[cache_v], block_size=slot_len)
         for b in backends:
             b.prepare(plan, cache)  # once per step, as forward_packed does: not timed per layer
         cells = [f"{best_ms(lambda b=b, q=q, plan=plan: b(q, cache_k, cache_v, plan), args.runs):.3f} ms"

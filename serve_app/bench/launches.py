@@ -121,10 +121,10 @@ def count_step(runner: ModelRunner, rows: int, *, context: int = 64, sampled: bo
                full_warmup: bool = False, top: int = 10) -> LaunchCount:
     """Warm up (`runner.warmup()` first with `full_warmup`; then `warmup_steps` runs of the same step, which compile
     and capture what it needs), then profile exactly one decode step of `rows` rows at position `context`."""
-    if rows > runner.cache.num_slots:
-        raise ValueError(f"{rows} rows need {rows} KV slots; the runner has {runner.cache.num_slots}")
-    if context + 1 > runner.cache.slot_len:
-        raise ValueError(f"position {context} does not fit the runner's {runner.cache.slot_len}-token slots")
+    if rows > runner.max_rows:
+        raise ValueError(f"{rows} rows need {rows} KV slots; the runner has {runner.max_rows}")
+    if context + 1 > runner.cache.max_positions:
+        raise ValueError(f"position {context} does not fit the runner's {runner.cache.max_positions}-token slots")
     work = decode_work(rows, context, sampled)
     if full_warmup:
         runner.warmup()

@@ -74,8 +74,8 @@ def run_device_check(runner: ModelRunner, *, rows: int = 4, steps: int = 4, prom
     """Run the check (see the module docstring); never raises for a mismatch, only reports it."""
     start = time.perf_counter()
     loaded = runner.loaded
-    rows = min(rows, runner.cache.num_slots)
-    steps = max(1, min(steps, runner.cache.slot_len - prompt_len - 1))
+    rows = min(rows, runner.max_rows)
+    steps = max(1, min(steps, runner.cache.max_positions - prompt_len - 1))
     greedy = SamplingParams()
     prompts = _prompts(rows, prompt_len, min(loaded.config.padded_vocab_size, 64000))
     reference = ModelRunner(loaded, rows, prompt_len + steps + 1, attention="slot-view", graphs=False)

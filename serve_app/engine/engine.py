@@ -350,7 +350,7 @@ class Engine:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in progress")
             if len(self.scheduler.waiting) - len(self.scheduler.free) >= self.config.max_waiting:
                 raise EngineOverloaded(
-                    f"{len(self.scheduler.waiting)} requests are waiting for one of {self.cache.num_slots} slots; "
+                    f"{len(self.scheduler.waiting)} requests are waiting for one of {self.runner.max_rows} slots; "
                     "retry later"
                 )
             self._requests[seq.request_id] = seq
@@ -379,10 +379,10 @@ class Engine:
                 running=len(running),
                 waiting=len(self.scheduler.waiting),
                 free_slots=len(self.scheduler.free),
-                num_slots=self.cache.num_slots,
+                num_slots=self.runner.max_rows,
                 max_seq_len=self.max_seq_len,
                 kv_tokens_in_use=sum(seq.num_computed for seq in running),
-                kv_capacity_tokens=self.cache.num_slots * self.max_seq_len,
+                kv_capacity_tokens=self.runner.max_rows * self.max_seq_len,
                 kv_cache_bytes=self.cache.nbytes,
                 cached_prefix_slots=sum(1 for ids in self.scheduler.free.cached.values() if ids),
                 total_requests=self._total_requests,

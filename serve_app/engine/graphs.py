@@ -2,7 +2,7 @@
 
 A decode step has the same shapes every time for a given number of rows, so it can be captured once per bucket
 (1, 2, 4, ... 128 rows) and replayed with new inputs copied into static buffers. A step of B rows runs in the
-smallest bucket >= B; the extra rows are padding: they decode token 0 at position 0 of the cache's scratch slot
+smallest bucket >= B; the extra rows are padding: they decode token 0 at position 0 of the cache's scratch block
 (which no sequence owns) and their ids are dropped.
 
 `capture` turns a function of the static buffers into a replay function. On CUDA it records a CUDA graph
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from serve_app.engine.params import MAX_BIAS, MAX_STOP_TOKEN_IDS
 from serve_app.engine.sampling import SamplingTensors, sample
-from serve_app.model.attention import ROW_BUCKETS, StepPlan, run_under_recompile_limit
+from serve_app.model.attention import ROW_BUCKETS, StepPlan, as_table, run_under_recompile_limit
 from serve_app.model.chatglm2 import KVCache
 
 BUCKETS = ROW_BUCKETS
@@ -43,10 +43,10 @@ StepOutputs = tuple[Tensor, Tensor]  # ids [bucket], logits [bucket, vocab] (kep
 Capture = Callable[[Callable[[], StepOutputs]], Callable[[], StepOutputs]]
 
 
-def buckets_for(num_slots: int, buckets: tuple[int, ...] = BUCKETS) -> tuple[int, ...]:
-    """The buckets worth capturing for `num_slots` rows at most: those below it and the first that holds it all."""
-    below = tuple(b for b in buckets if b < num_slots)
-    above = [b for b in buckets if b >= num_slots]
+def buckets_for(max_rows: int, buckets: tuple[int, ...] = BUCKETS) -> tuple[int, ...]:
+    """The buckets worth capturing for `max_rows` rows at most: those below it and the first that holds it all."""
+    below = tuple(b for b in buckets if b < max_rows)
+    above = [b for b in buckets if b >= max_rows]
     return below + tuple(above[:1])
 
 
@@ -84,10 +84,11 @@ class CudaGraphCapture:
 
 @dataclass
 class DecodeRows:
-    """One decode step on the host: per row its input token, slot and position (sampling settings travel apart)."""
+    """One decode step on the host: per row its input token, block table (or slot) and position (sampling settings
+    travel apart)."""
 
     token_ids: list[int]
-    slots: list[int]
+    tables: list[tuple[int, ...] | int]
     positions: list[int]  # position of the input token (its K/V is written there)
 
 
@@ -97,12 +98,13 @@ class StaticDecode:
     def __init__(self, rows: int, cache: KVCache, device):
         long = {"dtype": torch.int64, "device": device}
         self.rows = rows
-        self.scratch = cache.scratch_slot
-        self.slot_len = cache.slot_len
+        self.scratch = cache.scratch_block
+        self.block_size = cache.block_size
+        self.width = cache.table_width
         self.input_ids = torch.zeros(rows, **long)
         self.positions = torch.zeros(rows, **long)
-        self.write_index = torch.full((rows,), self.scratch * self.slot_len, **long)
-        self.slots = torch.full((rows,), self.scratch, **long)
+        self.write_index = torch.full((rows,), self.scratch * self.block_size, **long)
+        self.tables = torch.full((rows, self.width), self.scratch, **long)
         self.lens = torch.ones(rows, **long)
         self.logit_rows = torch.arange(rows, **long)
         self.temperature = torch.ones(rows, dtype=torch.float32, device=device)
@@ -118,7 +120,8 @@ class StaticDecode:
         self.sample_positions = torch.ones(rows, **long)
 
     def plan(self) -> StepPlan:
-        return StepPlan([], self.input_ids, self.positions, self.write_index, self.logit_rows, self.slots, self.lens)
+        return StepPlan([], self.input_ids, self.positions, self.write_index, self.logit_rows, self.tables, self.lens,
+                        block_size=self.block_size)
 
     def settings(self, any_sampled: bool, needs_sort: bool) -> SamplingTensors:
         return SamplingTensors(self.temperature, self.top_p, self.top_k, self.min_p, self.greedy, self.seed_lo,
@@ -127,25 +130,30 @@ class StaticDecode:
     def fill(self, rows: DecodeRows, settings: SamplingTensors) -> None:
         """Copy the step in (one host tensor, one copy) and reset the padding rows."""
         n, pad = len(rows.token_ids), self.rows - len(rows.token_ids)
-        scratch_write = self.scratch * self.slot_len
+        size, width = self.block_size, self.width
+        tables = [as_table(t) for t in rows.tables]
+        flat = [b for t in tables for b in t[:width] + (t[0],) * (width - len(t))] + [self.scratch] * (pad * width)
         host = torch.tensor(
             [
-                rows.token_ids + [0] * pad,
-                rows.positions + [0] * pad,
-                [s * self.slot_len + p for s, p in zip(rows.slots, rows.positions)] + [scratch_write] * pad,
-                rows.slots + [self.scratch] * pad,
-                [p + 1 for p in rows.positions] + [1] * pad,
-                [p + 1 for p in rows.positions] + [1] * pad,
+                *rows.token_ids, *[0] * pad,
+                *rows.positions, *[0] * pad,
+                *[t[p // size] * size + p % size for t, p in zip(tables, rows.positions)],
+                *[self.scratch * size] * pad,
+                *[p + 1 for p in rows.positions], *[1] * pad,
+                *[p + 1 for p in rows.positions], *[1] * pad,
+                *flat,
             ],
             dtype=torch.int64,
         )
         if self.input_ids.device.type == "cuda":
             host = host.pin_memory()
         host = host.to(self.input_ids.device, non_blocking=True)
+        columns = host[: 5 * self.rows].view(5, self.rows)
         for buffer, values in zip(
-            (self.input_ids, self.positions, self.write_index, self.slots, self.lens, self.sample_positions), host
+            (self.input_ids, self.positions, self.write_index, self.lens, self.sample_positions), columns
         ):
             buffer.copy_(values)
+        self.tables.copy_(host[5 * self.rows :].view(self.rows, width))
         for buffer, values, fill in (
             (self.temperature, settings.temperature, 1.0),
             (self.top_p, settings.top_p, 1.0),
@@ -171,15 +179,15 @@ class DecodeGraphs:
     `capture_all` records every bucket and variant up front (the runner's warm-up, before a replica serves);
     otherwise each is captured the first time a step needs it."""
 
-    def __init__(self, model, cache: KVCache, attention, device, capture: Capture,
+    def __init__(self, model, cache: KVCache, attention, device, capture: Capture, max_rows: int,
                  buckets: tuple[int, ...] = BUCKETS, compile_step: bool = False, compile_backend: str = "inductor"):
-        if cache.scratch_slot is None:
-            raise ValueError("decode graphs need a KV cache with a scratch slot for padding rows")
+        if cache.scratch_block is None:
+            raise ValueError("decode graphs need a KV cache with a scratch block for padding rows")
         if attention.name != "flex":
             raise ValueError("decode graphs need the flex attention backend (its inputs are fixed-shape tensors)")
         self.model, self.cache, self.attention, self.device = model, cache, attention, device
         self.capture = capture
-        self.buckets = buckets_for(cache.num_slots, buckets)
+        self.buckets = buckets_for(max_rows, buckets)
         self.compile_step = compile_step
         self._compile_backend = compile_backend
         self._static: dict[int, StaticDecode] = {}
@@ -191,7 +199,7 @@ class DecodeGraphs:
 
     def read_addresses(self) -> tuple[int, ...]:
         """Where the graphs' inputs outside this object live now: the KV cache and the rotary tables."""
-        cos, sin = self.model.rope(self.cache.slot_len)
+        cos, sin = self.model.rope(self.cache.max_positions)
         return tuple(t.data_ptr() for t in self.cache.k + self.cache.v) + (cos.data_ptr(), sin.data_ptr())
 
     def capture_all(self) -> dict:
@@ -210,6 +218,7 @@ class DecodeGraphs:
         if bucket is None:
             raise ValueError(f"{len(rows.token_ids)} rows exceed the largest bucket {self.buckets[-1]}")
         static = self._static_for(bucket)
+        self.cache.note_tables(as_table(t) for t in rows.tables)
         static.fill(rows, settings)
         replay = self._replay_for(static, settings.any_sampled, settings.needs_sort)
         if self.read_addresses() != self._addresses:

@@ -17,7 +17,7 @@ from serve_app.engine.graphs import BUCKETS, Capture, CudaGraphCapture, DecodeGr
 from serve_app.engine.params import SamplingParams, stop_ids
 from serve_app.engine.sampling import SamplingTensors, resample_overflow, sample
 from serve_app.model import compute
-from serve_app.model.attention import FLEX_BLOCK, Span, make_backend, plan_step
+from serve_app.model.attention import FLEX_BLOCK, Span, as_table, make_backend, plan_step
 from serve_app.model.chatglm2 import KVCache
 from serve_app.model.loader import LoadedModel
 
@@ -27,15 +27,22 @@ class Work:
     """One sequence's share of a step: its next tokens, where they go, and how to choose the token after them."""
 
     token_ids: list[int]  # a prefill chunk, or the last generated token
-    slot: int
+    blocks: tuple[int, ...]  # the sequence's block table, at least up to this work's last position (an int: a slot)
     position: int  # position of token_ids[0]
     params: SamplingParams | None  # None when no token is due (a prefill chunk that does not end the prompt)
     seed: int = 0
     generated: int = 0  # tokens the sequence has generated so far (for min_tokens)
 
+    def __post_init__(self):
+        self.blocks = as_table(self.blocks)
+
 
 class ModelRunner:
     """Runs steps for the engine (and the one-at-a-time baseline) against one KV cache.
+
+    `max_rows` sequences at most per step. Without `block_size` the cache is a slot cache: `max_rows` blocks of
+    max_seq_len tokens, a sequence's table being its slot. With it, the cache is paged: `num_blocks` blocks of
+    block_size tokens (default: as many as the slot cache would hold), each table at most max_seq_len long.
 
     `graphs`: capture decode steps per batch bucket. None = on CUDA only. `capture` replaces the CUDA graph recorder
     (tests pass one that re-runs the function, to check the bucket bookkeeping on CPU). `compile_decode`: compile
@@ -48,9 +55,11 @@ class ModelRunner:
     def __init__(
         self,
         loaded: LoadedModel,
-        num_slots: int,
+        max_rows: int,
         max_seq_len: int,
         *,
+        block_size: int | None = None,
+        num_blocks: int | None = None,
         attention: str = "auto",
         graphs: bool | None = None,
         capture: Capture | None = None,
@@ -65,15 +74,21 @@ class ModelRunner:
         use_graphs = graphs if graphs is not None else self.device.type == "cuda"
         if compile_decode and not use_graphs:
             raise ValueError("compile_decode compiles the captured decode step: it needs decode graphs")
-        # The flex backend reads whole key blocks, so its slots are a whole number of blocks long.
-        slot_len = -(-max_seq_len // FLEX_BLOCK) * FLEX_BLOCK if self.attention.name == "flex" else max_seq_len
-        self.cache = KVCache(
-            loaded.config, num_slots, slot_len, dtype=loaded.dtype, device=self.device, scratch=use_graphs
-        )
+        self.max_rows = max_rows
+        if block_size is None:  # a slot cache: the flex backend reads whole key blocks, so slots are a number of them
+            block_size = -(-max_seq_len // FLEX_BLOCK) * FLEX_BLOCK if self.attention.name == "flex" else max_seq_len
+            num_blocks, width = max_rows, 1
+        else:
+            if self.attention.name == "flex" and block_size % FLEX_BLOCK:
+                raise ValueError(f"the flex backend needs a block_size that is a multiple of {FLEX_BLOCK}")
+            width = -(-max_seq_len // block_size)
+            num_blocks = num_blocks if num_blocks is not None else max_rows * width
+        self.cache = KVCache(loaded.config, num_blocks, block_size, dtype=loaded.dtype, device=self.device,
+                             scratch=use_graphs, table_width=width)
         self.graphs = None
         if use_graphs:
             capture = capture or CudaGraphCapture()
-            self.graphs = DecodeGraphs(loaded.model, self.cache, self.attention, self.device, capture, buckets,
+            self.graphs = DecodeGraphs(loaded.model, self.cache, self.attention, self.device, capture, max_rows, buckets,
                                        compile_step=compile_decode, compile_backend=compile_backend)
 
     @property
@@ -98,7 +113,7 @@ class ModelRunner:
             report["buckets"] = list(self.graphs.buckets)
         elif getattr(self.attention, "compiled", False):
             report["buckets"] = self.attention.warmup(self.cache, self.loaded.config.num_attention_heads,
-                                                      self.loaded.dtype, self.cache.num_slots)
+                                                      self.loaded.dtype, self.max_rows)
         report["seconds"] = time.perf_counter() - start
         return report
 
@@ -121,7 +136,7 @@ class ModelRunner:
         )
         decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work)
         if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:
-            rows = DecodeRows([w.token_ids[0] for w in work], [w.slot for w in work], [w.position for w in work])
+            rows = DecodeRows([w.token_ids[0] for w in work], [w.blocks for w in work], [w.position for w in work])
             ids, logits, sample_positions = self.graphs.run(rows, settings)
             ids = ids.tolist()
         else:
@@ -135,12 +150,12 @@ class ModelRunner:
         """Eager packed forward: (logits [R, vocab] of the rows with a token due, their next positions [R])."""
         spans, tokens, rows, start = [], [], [], 0
         for w in work:
-            spans.append(Span(start, len(w.token_ids), w.slot, w.position))
+            spans.append(Span(start, len(w.token_ids), w.blocks, w.position))
             tokens += w.token_ids
             start += len(w.token_ids)
             if w.params is not None:
                 rows.append(start - 1)
-        plan = plan_step(spans, tokens, self.cache.slot_len, self.device, rows)
+        plan = plan_step(spans, tokens, self.cache.block_size, self.device, rows, self.cache.table_width)
         logits = self.loaded.model.forward_packed(plan, self.cache, self.attention)
         # A due row's token goes at its span's kv_len: one past the last position just run.
         return logits, plan.positions[plan.logit_rows] + 1

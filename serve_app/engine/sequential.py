@@ -38,9 +38,9 @@ def _take_runner(loaded: LoadedModel, needed: int, max_seq_len: int) -> ModelRun
     with _lock:
         kept, _kept = _kept, None
     if kept is not None and kept.loaded is loaded:
-        if kept.cache.slot_len >= needed:
+        if kept.cache.max_positions >= needed:
             return kept
-        needed = max(needed, min(2 * kept.cache.slot_len, max_seq_len))  # growing prompts (a chat) allocate rarely
+        needed = max(needed, min(2 * kept.cache.max_positions, max_seq_len))  # growing prompts (a chat) allocate rarely
     kept = None  # the old cache goes before the new one is allocated
     # Eager, one slot: the same model and sampling code as the engine, without its batching or decode graphs.
     return ModelRunner(loaded, 1, needed, graphs=False)

@@ -1,20 +1,25 @@
-"""Attention over the slot KV cache, read in place: what one packed forward needs to know about its sequences.
+"""Attention over the paged KV cache, read in place: what one packed forward needs to know about its sequences.
+
+The cache is a pool of fixed-size blocks (serve_app.model.chatglm2.KVCache); a sequence's keys live in the blocks its
+block table lists, in order (position p is in block table[p // block_size] at offset p % block_size). A slot cache
+is the special case of one block per sequence, as long as its context: a table of one entry, the slot.
 
 A step packs every scheduled token into one row of N tokens: each sequence contributes a contiguous `Span` (a prefill
-chunk or one decode token). The host knows every span's slot, first position and length, so nothing in here reads a
-tensor back from the device.
+chunk or one decode token). The host knows every span's block table, first position and length, so nothing in here
+reads a tensor back from the device.
 
 Two backends, chosen by measurement (docs/design.md, "Attention"), and the old formulation as a baseline:
 
-- `SlotViewAttention` (eager; the CPU path): one grouped matmul per span against the span's own slot, taken as a
-  view of the cache (no gather, no boolean mask; each sequence reads exactly its own keys). Query heads are grouped
+- `SlotViewAttention` (eager; the CPU path): one grouped matmul per span against the span's own keys, taken as a
+  view of the cache when its blocks are consecutive (the allocator hands out runs where it can) and gathered block
+  by block otherwise (no boolean mask; each sequence reads exactly its own keys). Query heads are grouped
   by their key/value head, so multi-query attention is a [G, heads/G * T, D] x [G, D, L] product, never an expansion
   of K/V to all heads.
 - `FlexSlotAttention` (the GPU decode path): `flex_attention` with the whole layer cache as one key/value sequence
-  of `slots * slot_len` tokens and a block mask that points each decode row at its own slot's blocks up to its length,
-  so the kernel skips every other block. The mask is built once per step (`prepare`) from tensors of fixed shape
-  (slot and length per row, padded to a row bucket), so a decode step can be captured in a CUDA graph and compiled
-  for a few static batch sizes. In a mixed step the decode rows still go through flex and the prefill spans through
+  of `blocks * block_size` tokens and a block mask whose key blocks are each decode row's block table up to its
+  length (torch's paged-attention idea: the page table is the block mask), so the kernel skips every other block.
+  The mask is built once per step (`prepare`) from tensors of fixed shape (block table and length per row, padded to
+  a row bucket), so a decode step can be captured in a CUDA graph and compiled for a few static batch sizes. In a mixed step the decode rows still go through flex and the prefill spans through
   the slot-view path.
 - `GatherAttention` (`--attention gather`): what the engine did before, gathering every decode row's slot up to the
   longest row and calling SDPA with a boolean mask; kept so benchmarks can compare against it in one run.
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FLEX_BLOCK = 128  # key block of the flex block mask; the cache's slot_len is a multiple of it for this backend
+FLEX_BLOCK = 128  # key block of the flex block mask; the cache's block_size is a multiple of it for this backend
 # Query block of the decode block mask: a multiple of every BLOCK_M of inductor's CUDA flex kernels (16..128), which
 # skip any config it is not a multiple of and then have none left (torch's own default block size).
 FLEX_Q_BLOCK = 128
@@ -65,28 +70,50 @@ def padded_rows(rows: int) -> int:
     return bucket if bucket is not None else -(-rows // ROW_BUCKETS[-1]) * ROW_BUCKETS[-1]
 
 
+def as_table(blocks: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """A block table from a table or a slot (a slot is a table of one block)."""
+    return (blocks,) if isinstance(blocks, int) else tuple(blocks)
+
+
 @dataclass(frozen=True)
 class Span:
-    """One sequence's tokens in a packed step: rows [start, start + length) at positions [position, + length)."""
+    """One sequence's tokens in a packed step: rows [start, start + length) at positions [position, + length), whose
+    keys live in `blocks` (its block table, at least up to kv_len; an int is a slot: a table of one block)."""
 
     start: int
     length: int
-    slot: int
+    blocks: tuple[int, ...]
     position: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "blocks", as_table(self.blocks))
 
     @property
     def kv_len(self) -> int:
         return self.position + self.length
+
+    def used_blocks(self, block_size: int) -> tuple[int, ...]:
+        """The blocks holding positions [0, kv_len)."""
+        return self.blocks[: -(-self.kv_len // block_size)]
+
+    def run_start(self, block_size: int) -> int | None:
+        """The first block when the used blocks are consecutive (the keys are one view of the cache), else None."""
+        used = self.used_blocks(block_size)
+        first = used[0]
+        return first if all(b == first + i for i, b in enumerate(used)) else None
 
 
 @dataclass
 class StepPlan:
     """What every layer of one packed forward needs. Built on the host from spans; its tensors are on the device.
 
-    input_ids, positions, write_index: [N] int64 (write_index = slot * slot_len + position: where each token's K/V goes).
+    input_ids, positions, write_index: [N] int64 (write_index: where each token's K/V goes in the layer's cache viewed
+    as one sequence of blocks * block_size tokens: table[p // block_size] * block_size + p % block_size).
     logit_rows: [R] int64, the packed rows whose logits are wanted (usually each span's last token).
-    decode_rows, decode_slots, decode_lens: [D] int64 for the one-token spans (the flex backend's inputs), None when
-    there are none; decode_rows is None too when every span is one token (then the decode rows are all rows).
+    decode_tables [D, W], decode_lens [D]: int64 block tables (padded with their first block) and key lengths of the
+    one-token spans (the flex backend's inputs), None when there are none; decode_rows [D] is None too when every span
+    is one token (then the decode rows are all rows).
+    gathers: span index -> its used blocks [n] on the device, for the spans whose blocks are not one run.
     """
 
     spans: list[Span]
@@ -94,9 +121,11 @@ class StepPlan:
     positions: Tensor
     write_index: Tensor
     logit_rows: Tensor
-    decode_slots: Tensor | None = None
+    decode_tables: Tensor | None = None
     decode_lens: Tensor | None = None
     decode_rows: Tensor | None = None
+    block_size: int = 0
+    gathers: dict[int, Tensor] = field(default_factory=dict)
     block_mask: object | None = None  # the flex backend's, built once per step by its `prepare`
     _masks: dict[int, Tensor] = field(default_factory=dict)
 
@@ -121,31 +150,64 @@ class StepPlan:
 
 
 def plan_step(
-    spans: list[Span], token_ids: list[int], slot_len: int, device, logit_rows: list[int] | None = None
+    spans: list[Span], token_ids: list[int], block_size: int, device, logit_rows: list[int] | None = None,
+    table_width: int | None = None,
 ) -> StepPlan:
     """One host-to-device copy of the step's tokens and integer metadata (pinned, asynchronous on CUDA).
 
-    token_ids [N] are the packed tokens in span order; logit_rows defaults to every span's last token."""
-    positions = [p for s in spans for p in range(s.position, s.kv_len)]
-    write_index = [s.slot * slot_len + p for s in spans for p in range(s.position, s.kv_len)]
+    token_ids [N] are the packed tokens in span order; logit_rows defaults to every span's last token. table_width:
+    the width of the decode rows' tables (fixed per cache, so compiled kernels see one shape); default: the widest."""
+    positions, write_index = [], []
+    for s in spans:
+        if len(s.blocks) * block_size < s.kv_len:
+            raise ValueError(f"a span up to position {s.kv_len} with {len(s.blocks)} blocks of {block_size} tokens")
+        positions += range(s.position, s.kv_len)
+        write_index += [s.blocks[p // block_size] * block_size + p % block_size for p in range(s.position, s.kv_len)]
     rows = logit_rows if logit_rows is not None else [s.start + s.length - 1 for s in spans]
     decode = [s for s in spans if s.length == 1]
+    width = table_width or max((len(s.blocks) for s in decode), default=1)
     host = token_ids + positions + write_index + rows
-    host += [s.slot for s in decode] + [s.kv_len for s in decode] + [s.start for s in decode]
+    for s in decode:
+        host += s.blocks[:width] + (s.blocks[0],) * (width - len(s.blocks))
+    host += [s.kv_len for s in decode] + [s.start for s in decode]
+    gathered = [(i, s.used_blocks(block_size)) for i, s in enumerate(spans)
+                if s.length > 1 and s.run_start(block_size) is None]
+    for _, used in gathered:
+        host += used
     packed = torch.tensor(host, dtype=torch.int64)
     if torch.device(device).type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     n, r = len(positions), len(rows)
     if len(token_ids) != n:
         raise ValueError(f"{len(token_ids)} token ids for spans covering {n} tokens")
-    plan = StepPlan(spans, packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], packed[3 * n : 3 * n + r])
+    plan = StepPlan(spans, packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], packed[3 * n : 3 * n + r],
+                    block_size=block_size)
+    base = 3 * n + r
     if decode:
-        d, base = len(decode), 3 * n + r
-        plan.decode_slots = packed[base : base + d]
-        plan.decode_lens = packed[base + d : base + 2 * d]
+        d = len(decode)
+        plan.decode_tables = packed[base : base + d * width].view(d, width)
+        base += d * width
+        plan.decode_lens = packed[base : base + d]
         if d < len(spans):
-            plan.decode_rows = packed[base + 2 * d : base + 3 * d]
+            plan.decode_rows = packed[base + d : base + 2 * d]
+        base += 2 * d
+    for index, used in gathered:
+        plan.gathers[index] = packed[base : base + len(used)]
+        base += len(used)
     return plan
+
+
+def span_keys(layer: Tensor, plan: StepPlan, index: int) -> Tensor:
+    """Span `index`'s keys (or values) [G, kv_len, D] from a layer's cache [G, blocks, block_size, D]: a view when its
+    blocks are one run, else a gather of its blocks (one copy)."""
+    span, size = plan.spans[index], plan.block_size or layer.shape[2]
+    first = span.run_start(size)
+    if first is not None:
+        return layer.flatten(1, 2)[:, first * size : first * size + span.kv_len]
+    index_tensor = plan.gathers.get(index)
+    if index_tensor is None:  # a decode span left to this path: gather its blocks here
+        index_tensor = torch.tensor(span.used_blocks(size), device=layer.device)
+    return layer.index_select(1, index_tensor).flatten(1, 2)[:, : span.kv_len]
 
 
 class SlotViewAttention:
@@ -157,7 +219,7 @@ class SlotViewAttention:
         """Nothing to build per step (the flex backend builds its block mask here)."""
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan, skip_single: bool = False):
-        """q [N, heads, D]; layer_k/v [kv_heads, slots, slot_len, D] (the cache, already holding this step's keys).
+        """q [N, heads, D]; layer_k/v [kv_heads, blocks, block_size, D] (the cache, already holding this step's keys).
 
         Returns [N, heads * D]. With skip_single, one-token spans are left for the caller (their rows unset)."""
         tokens, heads, dim = q.shape
@@ -169,8 +231,8 @@ class SlotViewAttention:
             if skip_single and span.length == 1:
                 continue
             t, length = span.length, span.kv_len
-            keys = layer_k[:, span.slot, :length].to(q.dtype)  # [G, L, D], a view when dtypes agree
-            values = layer_v[:, span.slot, :length].to(q.dtype)
+            keys = span_keys(layer_k, plan, index).to(q.dtype)  # [G, L, D], a view when dtypes agree and blocks run
+            values = span_keys(layer_v, plan, index).to(q.dtype)
             # [T, heads, D] -> [G, heads/G * T, D]: the rows of one kv group share its keys.
             qg = q[span.start : span.start + t].view(t, groups, per_group, dim).permute(1, 2, 0, 3)
             qg = qg.reshape(groups, per_group * t, dim)
@@ -207,22 +269,25 @@ class FlexSlotAttention:
 
     def prepare(self, plan: StepPlan, cache) -> None:
         """Pad the decode rows to their bucket and build their block mask, once per step."""
-        if plan.decode_slots is None:
+        if plan.decode_tables is None:
             return
-        rows = plan.decode_slots.shape[0]
+        rows = plan.decode_tables.shape[0]
         pad = padded_rows(rows) - rows
-        slots, lens = plan.decode_slots, plan.decode_lens
+        tables, lens = plan.decode_tables, plan.decode_lens
         if pad:  # padding rows repeat the first row's reads; their outputs are dropped
-            slots = torch.cat((slots, slots[:1].expand(pad)))
+            tables = torch.cat((tables, tables[:1].expand(pad, -1)))
             lens = torch.cat((lens, lens[:1].expand(pad)))
-        plan.block_mask = decode_block_mask(slots, lens, cache.k[0].shape[1], cache.slot_len)
+        logical = getattr(cache, "block_logical", None)
+        if logical is None:
+            logical = block_positions(tables, lens, cache.k[0].shape[1], cache.block_size)
+        plan.block_mask = decode_block_mask(tables, lens, logical, cache.block_size)
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
-        if plan.decode_slots is None:
+        if plan.decode_tables is None:
             return self._fallback(q, layer_k, layer_v, plan)
-        groups, slots, slot_len, dim = layer_k.shape
-        keys = layer_k.view(1, groups, slots * slot_len, dim)  # the cache as one sequence: no copy
-        values = layer_v.view(1, groups, slots * slot_len, dim)
+        groups, blocks, block_size, dim = layer_k.shape
+        keys = layer_k.view(1, groups, blocks * block_size, dim)  # the cache as one sequence: no copy
+        values = layer_v.view(1, groups, blocks * block_size, dim)
         rows = q if plan.decode_rows is None else q[plan.decode_rows]  # [D, heads, D]
         count, padded = rows.shape[0], plan.block_mask.kv_num_blocks.shape[0]
         rows = rows[:, :, None].to(keys.dtype)  # [D, heads, 1, D]
@@ -246,7 +311,8 @@ class FlexSlotAttention:
         long = {"dtype": torch.int64, "device": cache.k[0].device}
         for rows in buckets:
             empty = torch.zeros(0, **long)
-            plan = StepPlan([], empty, empty, empty, empty, torch.zeros(rows, **long), torch.ones(rows, **long))
+            plan = StepPlan([], empty, empty, empty, empty, torch.zeros(rows, cache.table_width, **long),
+                            torch.ones(rows, **long))
             self.prepare(plan, cache)
             q = torch.zeros(rows, heads, cache.k[0].shape[-1], dtype=dtype, device=cache.k[0].device)
             self(q, cache.k[0], cache.v[0], plan)
@@ -266,7 +332,7 @@ class FlexSlotAttention:
 
 
 def _flex_call(q: Tensor, keys: Tensor, values: Tensor, block_mask) -> Tensor:
-    """q [B, heads, 1, D]; keys/values [1, G, slots * slot_len, D] -> [B, heads, 1, D]."""
+    """q [B, heads, 1, D]; keys/values [1, G, blocks * block_size, D] -> [B, heads, 1, D]."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q, keys, values, block_mask=block_mask, enable_gqa=True)
@@ -284,48 +350,84 @@ class GatherAttention:
         self.prepare = self._fallback.prepare
 
     def __call__(self, q: Tensor, layer_k: Tensor, layer_v: Tensor, plan: StepPlan) -> Tensor:
-        if plan.decode_slots is None or plan.decode_rows is not None:
+        if plan.decode_tables is None or plan.decode_rows is not None:
             return self._fallback(q, layer_k, layer_v, plan)
         span = max(s.kv_len for s in plan.spans)  # known on the host
-        # [G, slots, len, D] viewed slot-major, gathered to a contiguous [B, G, span, D] as the old layout was.
-        keys = layer_k.transpose(0, 1)[:, :, :span].index_select(0, plan.decode_slots).to(q.dtype)
-        values = layer_v.transpose(0, 1)[:, :, :span].index_select(0, plan.decode_slots).to(q.dtype)
+        rows, width = plan.decode_tables.shape
+        groups, _, block_size, dim = layer_k.shape
+
+        def gather(layer: Tensor) -> Tensor:  # every row's blocks, to a contiguous [B, G, span, D]
+            picked = layer.index_select(1, plan.decode_tables.flatten()).view(groups, rows, width * block_size, dim)
+            return picked[:, :, :span].transpose(0, 1).to(q.dtype)
+
+        keys, values = gather(layer_k), gather(layer_v)
         mask = torch.arange(span, device=q.device)[None, :] < plan.decode_lens[:, None]  # [B, S]
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
                                              enable_gqa=True)  # [B, heads, 1, D]
         return out.reshape(q.shape[0], -1)
 
 
-def flex_decode(q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lens: Tensor, slot_len: int) -> Tensor:
-    """q [B, heads, 1, D]; keys/values [1, G, slots * slot_len, D]; slots, lens [B] -> [B, heads, 1, D]."""
-    return _flex_call(q, keys, values, decode_block_mask(slots, lens, keys.shape[2] // slot_len, slot_len))
+def flex_decode(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, lens: Tensor, block_size: int) -> Tensor:
+    """q [B, heads, 1, D]; keys/values [1, G, blocks * block_size, D]; tables [B, W] (or slots [B]), lens [B]."""
+    tables = tables[:, None] if tables.dim() == 1 else tables
+    logical = block_positions(tables, lens, keys.shape[2] // block_size, block_size)
+    return _flex_call(q, keys, values, decode_block_mask(tables, lens, logical, block_size))
 
 
-def decode_block_mask(slots: Tensor, lens: Tensor, num_slots: int, slot_len: int):
-    """Block mask for rows [B] of one query each over keys [slots * slot_len]: row b sees its slot's first lens[b].
+def block_positions(tables: Tensor, lens: Tensor, num_blocks: int, block_size: int) -> Tensor:
+    """[num_blocks] int64: each block's index in the tables that use it up to their lengths, -1 for the rest (what a
+    paged KVCache keeps as `block_logical`; computed here for callers without one)."""
+    used = (lens + block_size - 1) // block_size
+    logical = torch.arange(tables.shape[1], device=tables.device)
+    listed = logical[None, :] < used[:, None]
+    out = torch.full((num_blocks + 1,), -1, dtype=torch.int64, device=tables.device)
+    out.scatter_(0, torch.where(listed, tables, num_blocks).flatten(), torch.where(listed, logical, -1).flatten())
+    return out[:num_blocks]
 
-    Built from device tensors with tensor ops only (no host reads), so it can be captured in a CUDA graph. Its query
-    block is FLEX_Q_BLOCK although each row has one query: inductor's CUDA kernels (flex decoding and flex
-    attention) skip every config whose BLOCK_M (16 or more) does not divide the mask's query block."""
+
+def decode_block_mask(tables: Tensor, lens: Tensor, block_logical: Tensor, block_size: int):
+    """Block mask for rows [B] of one query each over keys [num_blocks * block_size]: row b sees the first lens[b]
+    positions of the sequence whose block table is tables[b] ([B, W] cache blocks, padded with anything).
+
+    block_logical [num_blocks]: each block's index in the tables that use it. It is the same in every table that
+    lists the block (a shared block holds the same prefix positions for every sequence), and a paged KVCache keeps
+    it up to date (`note_tables`) in a tensor of its own: the mask_mod reads only the step's inputs (inductor's CPU
+    flex template takes no buffer computed in the graph), and a CUDA graph reads it by address.
+
+    The key blocks listed per row are its table's, in order, up to its length: the kernel visits nothing else. The
+    mask_mod is exact on its own (eager flex evaluates it everywhere): a key is row b's when its block is the row's
+    table entry at the block's logical index, and its position is below the row's length. Built from device tensors
+    with tensor ops only (no host reads), so it can be captured in a CUDA graph. Its query block is FLEX_Q_BLOCK
+    although each row has one query: inductor's CUDA kernels (flex decoding and flex attention) skip every config
+    whose BLOCK_M (16 or more) does not divide the mask's query block."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if slot_len % FLEX_BLOCK:
-        raise ValueError(f"the flex backend needs a cache length that is a multiple of {FLEX_BLOCK}, not {slot_len}")
-    per_slot = slot_len // FLEX_BLOCK
-    total = num_slots * per_slot
-    num_blocks = ((lens + FLEX_BLOCK - 1) // FLEX_BLOCK).to(torch.int32)[:, None, None]  # [B, 1, 1]
-    # The slot's blocks first, then the rest in order (from_kv_blocks wants every column listed once).
-    first = slots[:, None] * per_slot  # [B, 1]
-    indices = ((first + torch.arange(total, device=slots.device)[None]) % total).to(torch.int32)[:, None, None]
+    if block_size % FLEX_BLOCK:
+        raise ValueError(f"the flex backend needs a cache block size that is a multiple of {FLEX_BLOCK}, not "
+                         f"{block_size}")
+    num_blocks = block_logical.shape[0]
+    per_block = block_size // FLEX_BLOCK  # flex key blocks per cache block
+    total = num_blocks * per_block
+    rows, width = tables.shape
+    # The table in flex key blocks: [B, W * per_block].
+    flex_table = (tables[:, :, None] * per_block + torch.arange(per_block, device=tables.device)).flatten(1)
+    used = ((lens + FLEX_BLOCK - 1) // FLEX_BLOCK).to(torch.int32)[:, None, None]  # [B, 1, 1]
+    # kv_indices are as wide as the key sequence has blocks (BlockMask's convention); only the first `used` count.
+    if width * per_block >= total:
+        indices = flex_table[:, :total]
+    else:
+        indices = torch.cat((flex_table, flex_table.new_zeros(rows, total - width * per_block)), dim=1)
+    last = width - 1
 
     def mask_mod(b, h, q_idx, kv_idx):
-        # Exact on its own (eager flex evaluates it everywhere); the block list is what makes it sparse.
-        offset = kv_idx - slots[b] * slot_len
-        return (offset >= 0) & (offset < lens[b])
+        block = kv_idx // block_size
+        index = block_logical[block]
+        mine = tables[b, index.clamp(0, last)] == block
+        return (index >= 0) & mine & (index * block_size + kv_idx % block_size < lens[b])
 
     return BlockMask.from_kv_blocks(
-        num_blocks, indices, BLOCK_SIZE=(FLEX_Q_BLOCK, FLEX_BLOCK), mask_mod=mask_mod, compute_q_blocks=False,
-        seq_lengths=(1, num_slots * slot_len),
+        used, indices.to(torch.int32)[:, None, None], BLOCK_SIZE=(FLEX_Q_BLOCK, FLEX_BLOCK), mask_mod=mask_mod,
+        compute_q_blocks=False, seq_lengths=(1, num_blocks * block_size),
     )
 
 

@@ -2,9 +2,9 @@
 
 The model computes what the official code computes (pre-norm blocks, fused QKV with bias, multi-query attention with
 `multi_query_group_num` key/value heads, rotary embedding on the first half of each head with interleaved pairs,
-SwiGLU MLP whose first half is the gate). It reads and writes a slot-addressed `KVCache`: every running sequence owns
-one slot, and one packed forward (`forward_packed`) runs the decode tokens and prefill chunks of any number of slots
-together, which is what continuous batching needs. Attention itself lives in serve_app.model.attention.
+SwiGLU MLP whose first half is the gate). It reads and writes a paged `KVCache`: every running sequence owns the
+blocks of its block table, and one packed forward (`forward_packed`) runs the decode tokens and prefill chunks of any
+number of sequences together, which is what continuous batching needs. Attention itself lives in serve_app.model.attention.
 
 serve_app.model.loader builds it from a checkpoint directory.
 """
@@ -54,23 +54,50 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys (after rotation) and values for `num_slots` sequences of up to `slot_len` tokens each.
+    """Keys (after rotation) and values in `num_blocks` blocks of `block_size` tokens (serve_app.model.attention: a
+    sequence's positions live in the blocks of its block table, at most `table_width` of them). A slot cache is one
+    block per sequence, as long as its context (`table_width` 1).
 
-    k[layer], v[layer]: [kv_heads, slots, slot_len, head_dim], one tensor per layer, each of them its own allocation: a
-    layer's [kv_heads, slots * slot_len, head_dim] is one contiguous view, which the flex backend reads as a single
-    key sequence, and no layer's view starts at an offset into a larger tensor (inductor's CPU flex kernel ignores
-    such an offset and reads layer 0's keys for every layer). With `scratch`, one more slot past `num_slots` takes the
-    writes of padding rows (CUDA-graph buckets) so they never touch a real sequence. Memory is allocated once, up
-    front.
+    k[layer], v[layer]: [kv_heads, blocks, block_size, head_dim], one tensor per layer, each of them its own
+    allocation: a layer's [kv_heads, blocks * block_size, head_dim] is one contiguous view, which the flex backend
+    reads as a single key sequence, and no layer's view starts at an offset into a larger tensor (inductor's CPU flex
+    kernel ignores such an offset and reads layer 0's keys for every layer). With `scratch`, one more block past
+    `num_blocks` takes the writes of padding rows (CUDA-graph buckets) so they never touch a real sequence. Memory
+    is allocated once, up front.
     """
 
-    def __init__(self, config: ChatGLM2Config, num_slots: int, slot_len: int, *, dtype, device, scratch: bool = False):
-        shape = (config.kv_heads, num_slots + int(scratch), slot_len, config.kv_channels)
+    def __init__(self, config: ChatGLM2Config, num_blocks: int, block_size: int, *, dtype, device,
+                 scratch: bool = False, table_width: int = 1):
+        shape = (config.kv_heads, num_blocks + int(scratch), block_size, config.kv_channels)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.num_slots = num_slots
-        self.slot_len = slot_len
-        self.scratch_slot = num_slots if scratch else None
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.table_width = table_width
+        self.scratch_block = num_blocks if scratch else None
+        # Each block's index in the tables that use it (attention.decode_block_mask), on the device and mirrored here.
+        blocks = num_blocks + int(scratch)
+        self.block_logical = torch.zeros(blocks, dtype=torch.int64, device=device)
+        self._logical = [0] * blocks
+
+    def note_tables(self, tables) -> None:
+        """Record where each block of these tables sits in them, before a step reads them (one small copy when a
+        table has a block at a new index, none otherwise)."""
+        changed = {}
+        for table in tables:
+            for index, block in enumerate(table):
+                if self._logical[block] != index:
+                    changed[block] = index
+        if changed:
+            for block, index in changed.items():
+                self._logical[block] = index
+            self.block_logical[torch.tensor(list(changed), device=self.block_logical.device)] = torch.tensor(
+                list(changed.values()), device=self.block_logical.device)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence a table can hold."""
+        return self.block_size * self.table_width
 
     @property
     def nbytes(self) -> int:
@@ -98,8 +125,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, plan: StepPlan, cache: KVCache, attention) -> torch.Tensor:
         """x [N, hidden] packed tokens; writes their K/V into the cache, then attends through `attention`."""
         q, k, v = self._qkv(x, cos, sin)  # q [N, heads, D], k/v [N, kv_heads, D]
-        layer_k, layer_v = cache.k[self.layer_number], cache.v[self.layer_number]  # [G, slots, slot_len, D]
-        flat_k = layer_k.view(self.kv_heads, -1, self.head_dim)  # [G, slots * slot_len, D]
+        layer_k, layer_v = cache.k[self.layer_number], cache.v[self.layer_number]  # [G, blocks, block_size, D]
+        flat_k = layer_k.view(self.kv_heads, -1, self.head_dim)  # [G, blocks * block_size, D]
         flat_v = layer_v.view(self.kv_heads, -1, self.head_dim)
         flat_k.index_copy_(1, plan.write_index, k.transpose(0, 1).to(flat_k.dtype))
         flat_v.index_copy_(1, plan.write_index, v.transpose(0, 1).to(flat_v.dtype))
@@ -174,16 +201,16 @@ class ChatGLM2ForCausalLM(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.transformer.encoder.final_layernorm.weight.dtype
 
-    def rope(self, slot_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering every position up to seq_length (rounded up to a multiple of 1024, which covers a
-        cache whose slots were rounded up to whole attention blocks), made once and never reallocated: captured CUDA
-        graphs read them by address. slot_len is checked against them."""
+        cache whose tables were rounded up to whole attention blocks), made once and never reallocated: captured CUDA
+        graphs read them by address. `positions` (the most a cache's sequences can hold) is checked against them."""
         if self._rope is None:
             device = self.transformer.encoder.final_layernorm.weight.device
             length = -(-self.config.seq_length // 1024) * 1024
             self._rope = rotary_tables(self.config, length, device, self.compute_dtype)
-        if slot_len > self._rope[0].shape[0]:
-            raise ValueError(f"positions up to {slot_len} exceed the model's seq_length={self.config.seq_length}")
+        if positions > self._rope[0].shape[0]:
+            raise ValueError(f"positions up to {positions} exceed the model's seq_length={self.config.seq_length}")
         return self._rope
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,9 +222,10 @@ class ChatGLM2ForCausalLM(nn.Module):
     def forward_packed(self, plan: StepPlan, cache: KVCache, attention=None) -> torch.Tensor:
         """One forward over a packed step: plan.input_ids [N] hold every span's tokens (see attention.plan_step).
 
-        Writes the tokens' K/V into their slots and returns fp32 logits [R, padded_vocab] for plan.logit_rows.
+        Writes the tokens' K/V into their blocks and returns fp32 logits [R, padded_vocab] for plan.logit_rows.
         Reads nothing back from the device: lengths and positions were known on the host when the plan was built.
         """
+        cache.note_tables(span.blocks for span in plan.spans)
         return self.packed_step(plan, cache, attention)
 
     def packed_step(self, plan: StepPlan, cache: KVCache, attention=None) -> torch.Tensor:
@@ -206,7 +234,7 @@ class ChatGLM2ForCausalLM(nn.Module):
         t = self.transformer
         attention = attention or _SLOT_VIEWS
         attention.prepare(plan, cache)  # what every layer shares (the flex block mask), built once per step
-        cos, sin = self.rope(cache.slot_len)  # tables as long as the cache, so no position needs reading here
+        cos, sin = self.rope(cache.max_positions)  # tables covering the cache, so no position needs reading here
         cos, sin = cos[plan.positions], sin[plan.positions]  # [N, D/4]
         x = t.embedding.word_embeddings(plan.input_ids).to(self.compute_dtype)  # [N, hidden]
         for layer in t.encoder.layers:
@@ -223,7 +251,8 @@ class ChatGLM2ForCausalLM(nn.Module):
         *,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """input_ids, positions [B, T] (each row consecutive positions); slots [B] with a cache.
+        """input_ids, positions [B, T] (each row consecutive positions); slots [B] with a cache
+        of one block per sequence (a slot cache).
 
         Returns fp32 logits [B, T or 1, padded_vocab]. Without a cache every row is a whole sequence from position
         0 (the reference path). With one, the rows become spans of a packed step; this convenience reads positions
@@ -240,7 +269,7 @@ class ChatGLM2ForCausalLM(nn.Module):
         starts, slot_ids = positions[:, 0].tolist(), slots.tolist()
         spans = [Span(b * length, length, slot_ids[b], starts[b]) for b in range(batch)]
         rows = [s.start + length - 1 for s in spans] if last_only else list(range(batch * length))
-        plan = plan_step(spans, input_ids.reshape(-1).tolist(), cache.slot_len, input_ids.device, rows)
+        plan = plan_step(spans, input_ids.reshape(-1).tolist(), cache.block_size, input_ids.device, rows)
         logits = self.forward_packed(plan, cache)
         return logits.view(batch, 1 if last_only else length, -1)
 

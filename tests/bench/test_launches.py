@@ -77,7 +77,7 @@ def test_a_mask_rebuilt_in_every_layer_would_be_counted(models, monkeypatch):
 
     def rebuild_per_layer(self, q, layer_k, layer_v, plan):
         plan.block_mask = attention_module.decode_block_mask(
-            plan.decode_slots, plan.decode_lens, layer_k.shape[1], layer_k.shape[2])
+            plan.decode_tables, plan.decode_lens, torch.zeros(layer_k.shape[1], dtype=torch.int64), layer_k.shape[2])
         return real(self, q, layer_k, layer_v, plan)
 
     monkeypatch.setattr(attention_module.FlexSlotAttention, "__call__", rebuild_per_layer)

@@ -63,8 +63,8 @@ def broken_flex(monkeypatch):
     real = attention_module.FlexSlotAttention.__call__
 
     def off_by_one_slot(self, q, layer_k, layer_v, plan):
-        if plan.decode_slots is not None:
-            plan.decode_slots = (plan.decode_slots + 1) % layer_k.shape[1]
+        if plan.decode_tables is not None:
+            plan.decode_tables = (plan.decode_tables + 1) % layer_k.shape[1]
             self.prepare(plan, _Cache(layer_k))
         return real(self, q, layer_k, layer_v, plan)
 
@@ -74,7 +74,7 @@ def broken_flex(monkeypatch):
 class _Cache:
     def __init__(self, layer_k):
         self.k = layer_k[None]
-        self.slot_len = layer_k.shape[2]
+        self.block_size = layer_k.shape[2]
 
 
 def test_a_broken_fast_path_refuses_to_start_and_names_it(broken_flex):

@@ -47,8 +47,8 @@ def test_graph_replay_equals_the_eager_step(tiny_fp32):
             last[s], positions[s] = token, positions[s] + 1
     # Buckets 4 (sampled rows), 8 (sampled, with top_p/top_k) and 1 (sampled, top_k): one capture per variant.
     assert len(captured) == 3
-    scratch = graphed.cache.scratch_slot
-    keys = torch.stack(graphed.cache.k)  # [layers, G, slots + 1, slot_len, D]
+    scratch = graphed.cache.scratch_block
+    keys = torch.stack(graphed.cache.k)  # [layers, G, blocks + 1, block_size, D]
     assert keys[:, :, scratch, 0].abs().sum() > 0  # padding rows wrote there, and only there
     assert keys[:, :, scratch, 1:].abs().sum() == 0
 

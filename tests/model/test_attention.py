@@ -25,7 +25,7 @@ def full_logits(loaded, tokens: list[int]) -> torch.Tensor:
 def test_packed_step_equals_each_sequence_alone(tiny_fp32, backend):
     model, config = tiny_fp32.model, tiny_fp32.config
     a, b, c = ids(20, 1), ids(9, 2), ids(13, 3)
-    cache = KVCache(config, num_slots=4, slot_len=128, dtype=torch.float32, device="cpu")
+    cache = KVCache(config, num_blocks=4, block_size=128, dtype=torch.float32, device="cpu")
     # Step 1: a's first 12 tokens (chunk), b's whole prompt but its last token, in one call.
     first = [Span(0, 12, 3, 0), Span(12, 8, 1, 0)]
     model.forward_packed(plan_step(first, a[:12] + b[:8], 128, "cpu"), cache, backend)
@@ -44,10 +44,10 @@ def test_packed_step_equals_each_sequence_alone(tiny_fp32, backend):
 
 
 def test_a_step_writes_only_its_own_slots(tiny_fp32):
-    cache = KVCache(tiny_fp32.config, num_slots=3, slot_len=32, dtype=torch.float32, device="cpu", scratch=True)
+    cache = KVCache(tiny_fp32.config, num_blocks=3, block_size=32, dtype=torch.float32, device="cpu", scratch=True)
     tiny_fp32.model.forward_packed(plan_step([Span(0, 5, 1, 0)], ids(5, 4), 32, "cpu"), cache)
     touched = torch.stack(cache.k).abs().sum(dim=(0, 1, 3, 4)) > 0  # per slot
-    assert touched.tolist() == [False, True, False, False] and cache.scratch_slot == 3
+    assert touched.tolist() == [False, True, False, False] and cache.scratch_block == 3
 
 
 def test_plan_reads_token_positions_from_spans():
@@ -55,12 +55,12 @@ def test_plan_reads_token_positions_from_spans():
     assert plan.positions.tolist() == [5, 6, 7, 9]
     assert plan.write_index.tolist() == [2 * 16 + 5, 2 * 16 + 6, 2 * 16 + 7, 9]
     assert plan.logit_rows.tolist() == [2, 3]
-    assert (plan.decode_rows.tolist(), plan.decode_slots.tolist(), plan.decode_lens.tolist()) == ([3], [0], [10])
+    assert (plan.decode_rows.tolist(), plan.decode_tables.tolist(), plan.decode_lens.tolist()) == ([3], [[0]], [10])
     decode = plan_step([Span(0, 1, 2, 5), Span(1, 1, 0, 9)], [1, 2], 16, "cpu")
-    assert decode.decode_slots.tolist() == [2, 0] and decode.decode_lens.tolist() == [6, 10]
+    assert decode.decode_tables.tolist() == [[2], [0]] and decode.decode_lens.tolist() == [6, 10]
     assert decode.decode_rows is None  # all rows
     prefill = plan_step([Span(0, 2, 1, 0)], [1, 2], 16, "cpu")
-    assert prefill.decode_slots is None and prefill.decode_rows is None
+    assert prefill.decode_tables is None and prefill.decode_rows is None
     with pytest.raises(ValueError):
         plan_step([Span(0, 2, 0, 0)], [1], 16, "cpu")
 

@@ -146,7 +146,7 @@ def test_incremental_decode_equals_full_forward(tiny_fp32):
     config = tiny_fp32.config
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
     full = tiny_fp32.model(ids, torch.arange(10)[None])
-    cache = KVCache(config, num_slots=3, slot_len=16, dtype=torch.float32, device="cpu")
+    cache = KVCache(config, num_blocks=3, block_size=16, dtype=torch.float32, device="cpu")
     slot = torch.tensor([2])
     steps = [tiny_fp32.model(ids[:, :4], torch.arange(4)[None], cache, slot)]
     for t in range(4, 10):
@@ -158,7 +158,7 @@ def test_batched_decode_of_different_lengths_equals_single(tiny_fp32):
     """Two slots at different positions in one decode call give what each gives alone."""
     config = tiny_fp32.config
     a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22]
-    cache = KVCache(config, num_slots=2, slot_len=16, dtype=torch.float32, device="cpu")
+    cache = KVCache(config, num_blocks=2, block_size=16, dtype=torch.float32, device="cpu")
     tiny_fp32.model(torch.tensor([a[:-1]]), torch.arange(len(a) - 1)[None], cache, torch.tensor([0]))
     tiny_fp32.model(torch.tensor([b[:-1]]), torch.arange(len(b) - 1)[None], cache, torch.tensor([1]))
     batched = tiny_fp32.model(

@@ -50,7 +50,8 @@ def _surviving(configs, q_block: int, kv_block: int, block_m_of) -> list:
 
 
 def _mask(rows: int = 3, slots: int = 4, slot_len: int = 256):
-    return decode_block_mask(torch.arange(rows) % slots, torch.full((rows,), 5), slots, slot_len)
+    return decode_block_mask((torch.arange(rows) % slots)[:, None], torch.full((rows,), 5),
+                             torch.zeros(slots, dtype=torch.int64), slot_len)
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
@@ -103,8 +104,9 @@ def _decode_inputs(rows: int, slots: int = 4, slot_len: int = 256, heads: int = 
     layer_v = torch.randn(groups, slots, slot_len, dim, generator=generator)
     q = torch.randn(rows, heads, dim, generator=generator)
     long = torch.zeros(0, dtype=torch.int64)
-    plan = StepPlan([], long, long, long, long, torch.arange(rows) % slots, torch.arange(rows) * 7 % slot_len + 1)
-    cache = type("Cache", (), {"k": layer_k[None], "v": layer_v[None], "slot_len": slot_len})()
+    plan = StepPlan([], long, long, long, long, (torch.arange(rows) % slots)[:, None],
+                    torch.arange(rows) * 7 % slot_len + 1)
+    cache = type("Cache", (), {"k": layer_k[None], "v": layer_v[None], "block_size": slot_len, "table_width": 1})()
     return q, layer_k, layer_v, plan, cache
 
 
