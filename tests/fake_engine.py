@@ -108,7 +108,7 @@ class FakeEngine:
         return EngineStats(
             running=self._running, waiting=self._waiting, free_slots=slots - self._running, num_slots=slots,
             max_seq_len=self.max_seq_len, kv_tokens_in_use=self._in_use_tokens,
-            kv_capacity_tokens=slots * self.max_seq_len, kv_cache_bytes=0, cached_prefix_slots=0,
+            kv_capacity_tokens=slots * self.max_seq_len, kv_cache_bytes=0, cached_blocks=0,
             total_requests=self._total, finished=dict(self._finished), steps=0, decode_path="fake")
 
 

@@ -1,8 +1,8 @@
 """The device check a replica runs before it serves: a few decode steps of its serving path against the eager
 reference, on the same device, with the same weights.
 
-- Serving path: the `ModelRunner` as the engine built it. On CUDA that is compiled flex attention over the slot
-  cache, decode steps replayed from CUDA graphs (possibly of a compiled step), and the pool's quantized kernels.
+- Serving path: the `ModelRunner` as the engine built it. On CUDA that is compiled flex attention over the paged
+  cache's block tables, decode steps replayed from CUDA graphs (possibly of a compiled step), and the pool's quantized kernels.
 - Reference: a second runner over a small cache of its own with slot-view attention, eager steps, and every
   quantized layer computed by dequantize + matmul (`quant.reference_kernels`).
 
@@ -11,7 +11,7 @@ with the serving path's ids so that both see identical inputs even where a near 
 passes when every logit is within `bound` = TOLERANCE[dtype] x max(1, max |reference logit|) and every greedy id
 agrees, except where the reference's own top-2 margin is within the bound (a legitimate tie).
 
-The serving runner's slots 0..rows-1 are left holding the check's KV: the engine starts with no cached prefixes, so
+The serving runner's first blocks are left holding the check's KV: the engine starts with no cached prefixes, so
 nothing reads it.
 """
 
@@ -76,20 +76,21 @@ def run_device_check(runner: ModelRunner, *, rows: int = 4, steps: int = 4, prom
     loaded = runner.loaded
     rows = min(rows, runner.max_rows)
     steps = max(1, min(steps, runner.cache.max_positions - prompt_len - 1))
+    tables = runner.cache.disjoint_tables(rows, prompt_len + steps + 1)
+    rows = len(tables)
     greedy = SamplingParams()
     prompts = _prompts(rows, prompt_len, min(loaded.config.padded_vocab_size, 64000))
     reference = ModelRunner(loaded, rows, prompt_len + steps + 1, attention="slot-view", graphs=False)
     served: list[torch.Tensor] = []
     expected: list[torch.Tensor] = []
-    inputs = [Work(p, slot, 0, greedy) for slot, p in enumerate(prompts)]
+    inputs = [(p, 0) for p in prompts]  # per row: the tokens to run and the position of the first
     for step in range(steps + 1):
-        got = _logits_of(runner, inputs)
-        with reference_kernels(loaded.model):
-            want = _logits_of(reference, inputs)
+        got = _logits_of(runner, [Work(ids, tables[row], at, greedy) for row, (ids, at) in enumerate(inputs)])
+        with reference_kernels(loaded.model):  # the reference's slot cache: row r in slot r
+            want = _logits_of(reference, [Work(ids, row, at, greedy) for row, (ids, at) in enumerate(inputs)])
         served.append(got)
         expected.append(want)
-        position = prompt_len + step
-        inputs = [Work([int(t)], slot, position, greedy) for slot, t in enumerate(got.argmax(-1))]
+        inputs = [([int(t)], prompt_len + step) for t in got.argmax(-1)]
     served_t, expected_t = torch.stack(served), torch.stack(expected)  # [steps + 1, rows, vocab]
     bound = tolerance(loaded.model, loaded.dtype) * max(1.0, expected_t.abs().max().item())
     finite = bool(torch.isfinite(served_t).all())

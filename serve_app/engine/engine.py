@@ -1,11 +1,20 @@
-"""Continuous (iteration-level) batching in one process: token ids in, token ids out.
+"""Continuous (iteration-level) batching in one process over a paged KV cache: token ids in, token ids out.
 
-Requests join the running batch as soon as a KV slot is free and leave it the step they finish or are cancelled.
-The state machine is small on purpose (after nano-vllm):
+Requests join the running batch as soon as there is a row for them and blocks for their prompt, and leave it the
+step they finish or are cancelled. The state machine is small on purpose (after nano-vllm):
 
-    Sequence   status WAITING -> PREFILLING -> DECODING -> FINISHED
-    Scheduler  a waiting queue, the running list, and the free KV slots with the prefixes they still hold
+    Sequence   status WAITING -> PREFILLING -> DECODING -> FINISHED (and back to WAITING when preempted)
+    Scheduler  a waiting queue, the running list, and the cache's blocks (serve_app.engine.blocks.BlockPool)
     Engine     a loop on the process's compute thread repeating a step: schedule -> run -> postprocess
+
+KV lives in fixed-size blocks: a sequence holds the blocks of its block table, takes one more when its next token
+starts a new block, and gives them back when it finishes. A full block is kept, keyed by its whole prefix, after
+its sequence is gone (automatic prefix caching): a later prompt that starts with the same tokens (a system prompt,
+a template, the previous turns of a chat) shares those blocks instead of computing them, and
+`RequestStats.cached_prompt_tokens` says how many. When a decoding sequence needs a block and none is left, the
+newest running sequence is preempted: its blocks go back (their full ones stay cached), it goes to the head of the
+queue with what it generated so far, and when there is room again its context is recomputed (mostly found in the
+cache) and it carries on where it stopped: its client only sees a pause.
 
 The loop runs on the compute thread itself (serve_app.model.compute.serve), so a step, its scheduling and its
 postprocessing are plain calls on the thread that runs every torch op, with no hand-over per step (torch releases
@@ -27,10 +36,11 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from serve_app.engine.blocks import BlockPool, block_keys
 from serve_app.engine.engine_config import EngineConfig
 from serve_app.engine.errors import (
     EngineError,
@@ -44,14 +54,17 @@ from serve_app.engine.params import SamplingParams, stop_ids, token_budget
 from serve_app.engine.runner import ModelRunner, Work
 from serve_app.engine.sampling import NON_FINITE_MESSAGE, request_seed
 from serve_app.model import compute
-from serve_app.model.attention import CompileLimitHit
+from serve_app.model.attention import FLEX_BLOCK, CompileLimitHit
 from serve_app.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 FALLBACK_SUFFIX = " (fallback after a failed device check)"  # ends EngineStats.decode_path on the fallback
-# A cached prefix is worth a slot when it covers this many prompt tokens (or the whole prompt but its last token).
-MIN_PREFIX_TOKENS = 16
+# KV block size where the config leaves it unset: on CPU measured with scripts/block_size_bench.py
+# (docs/benchmarks.md, "KV block size"); with the flex backend one flex key block (its kernels' block).
+CPU_BLOCK_SIZE = 64
+# Blocks kept free when admitting a sequence, as a fraction of the cache: room for the running ones to grow.
+ADMIT_WATERMARK = 0.01
 # Steps in a row in which every request failed, even run alone: the device or the process is unfit to serve.
 MAX_FAILED_STEPS = 3
 REPLICA_FAILED_MESSAGE = "this replica failed and is being replaced; retry"
@@ -95,10 +108,13 @@ class Sequence:
     emit: Callable[[TokenDelta | EngineError], None]  # thread-safe delivery to the request's consumer
     seed: int  # 64-bit noise seed (sampling.request_seed): with the position, it fixes every sampled token
     status: Status = Status.WAITING
-    slot: int = -1
-    num_computed: int = 0  # leading tokens of prompt + output whose KV is in the slot
+    blocks: list[int] = field(default_factory=list)  # the block table: position p is in blocks[p // block_size]
+    num_computed: int = 0  # leading tokens of prompt + output whose KV is in the blocks
     output_ids: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks of token_ids known so far
+    registered: int = 0  # leading blocks offered to the prefix cache
     cached_prompt_tokens: int = 0
+    preemptions: int = 0
     abort_requested: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -106,6 +122,12 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to compute before decoding: the prompt, or after a preemption all but the last generated token
+        (which the next decode step feeds)."""
+        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
 
     def stats(self) -> RequestStats:
         now = time.perf_counter()
@@ -121,43 +143,6 @@ class Sequence:
         )
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class FreeSlots:
-    """Free KV slots, least recently freed first, each with the token ids whose KV it still holds."""
-
-    def __init__(self, num_slots: int):
-        self.cached: OrderedDict[int, list[int]] = OrderedDict((slot, []) for slot in range(num_slots))
-
-    def __len__(self) -> int:
-        return len(self.cached)
-
-    def take(self, prompt_ids: list[int], use_prefix: bool) -> tuple[int, int]:
-        """(slot, prompt tokens whose KV the slot already holds). At least the last prompt token is left to run."""
-        if use_prefix:
-            usable = {
-                slot: min(common_prefix_len(ids, prompt_ids), len(prompt_ids) - 1) for slot, ids in self.cached.items()
-            }
-            slot = max(usable, key=usable.get)  # the first (least recent) of equals
-            if usable[slot] >= min(MIN_PREFIX_TOKENS, len(prompt_ids) - 1) and usable[slot] > 0:
-                del self.cached[slot]
-                return slot, usable[slot]
-        # No useful prefix: an empty slot if there is one, else evict the least recently cached prefix.
-        slot = min(self.cached, key=lambda s: bool(self.cached[s]))
-        del self.cached[slot]
-        return slot, 0
-
-    def put(self, slot: int, cached_ids: list[int]) -> None:
-        self.cached[slot] = cached_ids  # most recent last
-
-
 @dataclass
 class Batch:
     """One step's work, run as one packed forward: prefill chunks and decode tokens together."""
@@ -167,42 +152,111 @@ class Batch:
 
 
 class Scheduler:
-    """Waiting and running sequences and who owns which slot. Not thread-safe: the engine holds its lock."""
+    """Waiting and running sequences and the blocks they hold. Not thread-safe: the engine holds its lock."""
 
-    def __init__(self, num_slots: int, prefill_chunk: int, prefix_caching: bool):
+    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int, salt: bytes = b""):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free = FreeSlots(num_slots)
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_running = max_running
         self.prefill_chunk = prefill_chunk
-        self.prefix_caching = prefix_caching
+        self.salt = salt  # what else changes the KV of a prefix (room for an adapter id): part of every block key
+        self.watermark = int(pool.num_blocks * ADMIT_WATERMARK)
+        self.preemptions = 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def free_rows(self) -> int:
+        return self.max_running - len(self.running)
+
     def schedule(self) -> Batch:
-        """Admit waiting sequences into free slots, then pick this step's prefill chunks and decode rows."""
-        while self.waiting and len(self.free):
-            seq = self.waiting.popleft()
-            seq.slot, seq.num_computed = self.free.take(seq.prompt_ids, self.prefix_caching)
-            seq.cached_prompt_tokens = seq.num_computed
-            seq.status = Status.PREFILLING
-            self.running.append(seq)
+        """Give decoding sequences the blocks their next token needs (preempting the newest when there are none),
+        admit waiting sequences while rows and blocks last, then pick this step's prefill chunks and decode rows."""
+        preempted = self._grow()
+        while not preempted and self.waiting and self.free_rows > 0 and self._admit(self.waiting[0]):
+            self.running.append(self.waiting.popleft())
         prefills, left = [], self.prefill_chunk
         for seq in self.running:  # oldest first
             if seq.status is Status.PREFILLING and left > 0:
-                chunk = min(len(seq.prompt_ids) - seq.num_computed, left)
+                chunk = min(seq.prefill_target - seq.num_computed, left)
                 prefills.append((seq, chunk))
                 left -= chunk
         return Batch(prefills, [seq for seq in self.running if seq.status is Status.DECODING])
+
+    def _grow(self) -> bool:
+        """A new block for each decoding sequence whose next position starts one; returns whether any sequence was
+        preempted for it."""
+        preempted, index = False, 0
+        while index < len(self.running):
+            seq = self.running[index]
+            if seq.status is Status.DECODING and seq.num_computed >= len(seq.blocks) * self.block_size:
+                while not self.pool.available and seq.status is not Status.WAITING:
+                    self.preempt(self.running[-1])
+                    preempted = True
+                if seq.status is Status.WAITING:  # it was the newest itself
+                    break
+                seq.blocks.append(self.pool.allocate(after=seq.blocks[-1] if seq.blocks else None))
+            index += 1
+        return preempted
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Blocks for seq's prefill, its cached prefix shared; False (nothing taken) when they do not fit."""
+        size, target = self.block_size, seq.prefill_target
+        tokens = seq.token_ids[:target]
+        if len(seq.keys) < target // size:
+            seq.keys += block_keys(tokens, size, self.salt, seq.keys[-1] if seq.keys else None, len(seq.keys))
+        # At least the last token is computed, in a block of the sequence's own: a shared block is never written.
+        reusable = (target - 1) // size
+        matched = self.pool.match(seq.keys[:reusable])
+        needed = -(-target // size) - len(matched)
+        if self.pool.available < needed + (self.watermark if self.running else 0):
+            self.pool.release(matched)
+            self.pool.hits -= len(matched)
+            return False
+        seq.blocks = list(matched)
+        for _ in range(needed):
+            seq.blocks.append(self.pool.allocate(after=seq.blocks[-1] if seq.blocks else None))
+        seq.registered = len(matched)
+        seq.num_computed = len(matched) * size
+        if not seq.output_ids:
+            seq.cached_prompt_tokens = seq.num_computed
+        seq.status = Status.PREFILLING
+        return True
+
+    def computed(self, seq: Sequence) -> None:
+        """After seq's KV grew: offer its newly full blocks to the prefix cache."""
+        full = seq.num_computed // self.block_size
+        if full <= seq.registered:
+            return
+        if len(seq.keys) < full:
+            tokens = seq.token_ids[: full * self.block_size]
+            seq.keys += block_keys(tokens, self.block_size, self.salt, seq.keys[-1] if seq.keys else None,
+                                   len(seq.keys))
+        for index in range(seq.registered, full):
+            self.pool.register(seq.blocks[index], seq.keys[index])
+        seq.registered = full
+
+    def preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue with its output so far; its blocks go back (the full ones stay cached)."""
+        self.running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.num_computed, seq.registered = [], 0, 0
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, keep_kv: bool) -> None:
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         elif seq.status is not Status.FINISHED:
             self.running.remove(seq)
-            # The slot holds KV for the first num_computed tokens (the last sampled token was never run).
-            cached = seq.token_ids[: seq.num_computed] if keep_kv and self.prefix_caching else []
-            self.free.put(seq.slot, cached)
+            # Its full blocks stay cached for later prefixes, unless its KV may be bad (a failed sequence).
+            self.pool.release(seq.blocks, keep=keep_kv)
+            seq.blocks = []
         seq.status = Status.FINISHED
 
 
@@ -216,28 +270,33 @@ class Engine:
         self.max_seq_len = config.max_seq_len_for(model_config.seq_length)
         if self.max_seq_len > model_config.seq_length:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's seq_length={model_config.seq_length}")
-        slot_bytes = model_config.kv_bytes_per_token(loaded.dtype) * self.max_seq_len
-        num_slots = config.max_batch_size
         graphs = config.cuda_graphs if config.cuda_graphs is not None else loaded.device.type == "cuda"
+        flex = config.attention == "flex" or (config.attention == "auto" and loaded.device.type == "cuda")
+        block_size = config.block_size or (FLEX_BLOCK if flex else CPU_BLOCK_SIZE)
+        width = -(-self.max_seq_len // block_size)  # blocks of one sequence of max_seq_len tokens
+        num_blocks = config.max_batch_size * width  # the memory of max_batch_size slots of max_seq_len
+        block_bytes = model_config.kv_bytes_per_token(loaded.dtype) * block_size
         if config.kv_cache_bytes is not None:
-            # With decode graphs, one more slot takes the padding rows' writes.
-            num_slots = min(num_slots, config.kv_cache_bytes // slot_bytes - int(graphs))
-            if num_slots < 1:
+            num_blocks = config.kv_cache_bytes // block_bytes - int(graphs)  # graphs: a scratch block for padding
+            if num_blocks < width:
                 raise ValueError(
                     f"kv_cache_bytes={config.kv_cache_bytes} cannot hold one sequence of max_seq_len="
-                    f"{self.max_seq_len} tokens ({slot_bytes} bytes); raise kv_cache_bytes or lower max_seq_len"
+                    f"{self.max_seq_len} tokens ({width} blocks of {block_bytes} bytes); raise kv_cache_bytes or "
+                    "lower max_seq_len"
                 )
-        # All KV memory is taken here, once: [layers, kv_heads, slots, max_seq_len, head_dim] for keys and values.
-        self.runner = ModelRunner(loaded, num_slots, self.max_seq_len, attention=config.attention, graphs=graphs,
-                                  compile_decode=bool(config.compile_decode))
+        # All KV memory is taken here, once: [layers, kv_heads, blocks, block_size, head_dim] for keys and values.
+        self._runner_args = dict(block_size=block_size, num_blocks=num_blocks)
+        self.runner = ModelRunner(loaded, config.max_batch_size, self.max_seq_len, attention=config.attention,
+                                  graphs=graphs, compile_decode=bool(config.compile_decode), **self._runner_args)
         self.warmup = self.runner.warmup()  # every flex kernel and decode graph, before the first request
         self.fallback: str | None = None  # why the serving path is a fallback, when it is
         self.device_checks: list[dict] = []
         check = config.device_check if config.device_check is not None else loaded.device.type == "cuda"
         if check:
-            self._check_device(num_slots)
+            self._check_device()
         self.cache = self.runner.cache
-        self.scheduler = Scheduler(num_slots, config.prefill_chunk, config.prefix_caching)
+        self.pool = BlockPool(num_blocks, block_size, caching=config.prefix_caching)
+        self.scheduler = Scheduler(self.pool, config.max_batch_size, config.prefill_chunk)
         self._requests: dict[str, Sequence] = {}
         self._lock = threading.Lock()  # guards the scheduler, _requests and the counters
         self._stopping = False
@@ -248,7 +307,7 @@ class Engine:
         self._steps = 0
         self._loop = compute.serve(self._turn, name="engine")  # steps run on the compute thread from now on
 
-    def _check_device(self, num_slots: int) -> None:
+    def _check_device(self) -> None:
         """The start-up device check (serve_app/engine/device_check.py): refuse to start on a mismatch, or with
         `fallback: eager` serve on the eager path, loudly."""
         from serve_app.engine.device_check import DeviceCheckFailed, run_device_check
@@ -265,7 +324,8 @@ class Engine:
             raise DeviceCheckFailed(f"device check failed: {failed}; set the pool's engine fallback: eager to serve on "
                                     "the eager path instead")
         del self.runner  # its cache and graphs, before the fallback's cache is allocated
-        self.runner = ModelRunner(self.loaded, num_slots, self.max_seq_len, attention="slot-view", graphs=False)
+        self.runner = ModelRunner(self.loaded, self.config.max_batch_size, self.max_seq_len, attention="slot-view",
+                                  graphs=False, **self._runner_args)
         again = run_device_check(self.runner)
         self.device_checks.append(again.as_dict())
         if not again.passed and self.loaded.kernels:
@@ -294,7 +354,7 @@ class Engine:
         max_seq_len or params.max_length). Raises at the first iteration: EngineOverloaded (waiting queue full),
         InvalidRequest (request_id already running) and ReplicaFailed (the engine stopped for good). Raises later:
         GenerationError, or ReplicaFailed for every request when the engine stops. Closing the iterator (a `break`,
-        a cancelled task) aborts the request and frees its slot within one step.
+        a cancelled task) aborts the request and frees its blocks within one step.
         """
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
@@ -348,9 +408,9 @@ class Engine:
                 raise EngineError("the engine has been shut down")
             if seq.request_id in self._requests:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in progress")
-            if len(self.scheduler.waiting) - len(self.scheduler.free) >= self.config.max_waiting:
+            if len(self.scheduler.waiting) - self.scheduler.free_rows >= self.config.max_waiting:
                 raise EngineOverloaded(
-                    f"{len(self.scheduler.waiting)} requests are waiting for one of {self.runner.max_rows} slots; "
+                    f"{len(self.scheduler.waiting)} requests are waiting for one of {self.runner.max_rows} rows; "
                     "retry later"
                 )
             self._requests[seq.request_id] = seq
@@ -374,17 +434,24 @@ class Engine:
     def stats(self) -> EngineStats:
         memory = self.loaded.memory_bytes() | {"kv_cache": self.cache.nbytes}  # outside the lock: reads /proc
         with self._lock:
-            running = self.scheduler.running
+            running, pool = self.scheduler.running, self.pool
             return EngineStats(
                 running=len(running),
                 waiting=len(self.scheduler.waiting),
-                free_slots=len(self.scheduler.free),
+                free_slots=self.scheduler.free_rows,
                 num_slots=self.runner.max_rows,
                 max_seq_len=self.max_seq_len,
-                kv_tokens_in_use=sum(seq.num_computed for seq in running),
-                kv_capacity_tokens=self.runner.max_rows * self.max_seq_len,
+                kv_tokens_in_use=pool.num_held * pool.block_size,
+                kv_capacity_tokens=pool.num_blocks * pool.block_size,
                 kv_cache_bytes=self.cache.nbytes,
-                cached_prefix_slots=sum(1 for ids in self.scheduler.free.cached.values() if ids),
+                cached_blocks=pool.num_cached,
+                block_size=pool.block_size,
+                num_blocks=pool.num_blocks,
+                free_blocks=pool.num_free,
+                used_blocks=pool.num_held,
+                prefix_hit_blocks=pool.hits,
+                evicted_blocks=pool.evictions,
+                preemptions=self.scheduler.preemptions,
                 total_requests=self._total_requests,
                 finished=dict(self._finished),
                 steps=self._steps,
@@ -499,12 +566,13 @@ class Engine:
         work, computed = [], []
         for seq, chunk in batch.prefills:
             start = seq.num_computed
-            done = start + chunk == len(seq.prompt_ids)
-            work.append(Work(seq.prompt_ids[start : start + chunk], seq.slot, start, seq.params if done else None,
-                             seq.seed))
+            # A token is due at the end of the prompt; a preempted sequence's recompute ends before its last token.
+            done = start + chunk == seq.prefill_target and not seq.output_ids
+            work.append(Work(seq.token_ids[start : start + chunk], tuple(seq.blocks), start,
+                             seq.params if done else None, seq.seed))
             computed.append((seq, chunk))
         for seq in batch.decodes:
-            work.append(Work([seq.output_ids[-1]], seq.slot, seq.num_computed, seq.params, seq.seed,
+            work.append(Work([seq.output_ids[-1]], tuple(seq.blocks), seq.num_computed, seq.params, seq.seed,
                              len(seq.output_ids)))
             computed.append((seq, 1))
         ids = self.runner.step(work)
@@ -516,7 +584,7 @@ class Engine:
         outcomes: list[tuple[Sequence, int | None, str | None, EngineError | None]] = []
         for seq, computed, token in results:
             seq.num_computed += computed
-            if seq.num_computed == len(seq.prompt_ids):
+            if seq.status is Status.PREFILLING and seq.num_computed == seq.prefill_target:
                 seq.status = Status.DECODING
             if token is None or seq.abort_requested:
                 outcomes.append((seq, None, "abort" if seq.abort_requested else None, None))
@@ -533,6 +601,8 @@ class Engine:
             for seq, token, reason, error in outcomes:
                 if seq.status is Status.FINISHED:
                     continue
+                if error is None:
+                    self.scheduler.computed(seq)
                 if error is not None:
                     self._fail(seq, error)
                 elif reason is not None:
@@ -541,7 +611,7 @@ class Engine:
                     seq.emit(TokenDelta([token]))
 
     def _finish(self, seq: Sequence, reason: str, token_ids: list[int] | None = None) -> None:
-        """Lock held. Frees the slot, keeping its KV as a cached prefix, and sends the final delta."""
+        """Lock held. Frees its blocks (the full ones stay cached as prefixes) and sends the final delta."""
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, keep_kv=True)
@@ -550,7 +620,7 @@ class Engine:
         seq.emit(TokenDelta(token_ids or [], reason, seq.stats()))
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
-        """Lock held. Frees the slot without keeping its KV (it may hold NaN or half-written rows)."""
+        """Lock held. Frees its blocks without keeping its KV (it may hold NaN or half-written rows)."""
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, keep_kv=False)

@@ -36,12 +36,19 @@ def _choices() -> dict[str, tuple]:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = _field(16, "sequences decoded together (= KV cache slots)", 1)
+    max_batch_size: int = _field(16, "sequences decoded together (rows of a step)", 1)
     max_seq_len: int | None = _field(None, "context cap in tokens; default min(the model's seq_length, 8192)", 2)
-    kv_cache_bytes: int | None = _field(None, "KV memory budget; fewer slots than max_batch_size if needed", 1)
+    kv_cache_bytes: int | None = _field(
+        None, "KV memory budget, in blocks of block_size tokens (default: max_batch_size sequences of max_seq_len); "
+        "sequences take blocks as they grow, so more short ones fit than long ones", 1)
+    block_size: int | None = _field(
+        None, "tokens per KV block; default 64 on CPU (measured), 128 with the flex backend (its key block; a "
+        "multiple of 128 there)", 1)
     max_waiting: int = _field(64, "requests queued in the engine beyond its free slots before 503s", 0)
     prefill_chunk: int = _field(512, "prompt tokens prefilled per step, so long prompts do not stall decodes", 1)
-    prefix_caching: bool = _field(True, "reuse the KV a finished sequence leaves in its slot (multi-turn chats)")
+    prefix_caching: bool = _field(
+        True, "keep full KV blocks keyed by their prefix and share them with later prompts that start the same way "
+        "(system prompts, templates, earlier turns of a chat)")
     attention: Literal[BACKENDS] = _field(
         "auto", "attention over the slot cache (serve_app/model/attention.py); auto: flex on CUDA, slot-view on CPU")
     cuda_graphs: bool | None = _field(None, "replay decode steps from captured CUDA graphs; default: on CUDA only")

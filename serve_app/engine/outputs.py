@@ -29,16 +29,23 @@ class TokenDelta:
 class EngineStats:
     running: int
     waiting: int
-    free_slots: int
-    num_slots: int
+    free_slots: int  # rows a new sequence can still take (max_batch_size less the running ones)
+    num_slots: int  # max_batch_size: sequences decoded together
     max_seq_len: int
-    kv_tokens_in_use: int  # tokens of running sequences held in the KV cache (cached prefixes excluded)
-    kv_capacity_tokens: int
+    kv_tokens_in_use: int  # tokens of the blocks running sequences hold (cached prefixes no one holds excluded)
+    kv_capacity_tokens: int  # num_blocks * block_size
     kv_cache_bytes: int
-    cached_prefix_slots: int  # free slots still holding a finished sequence's KV for reuse
+    cached_blocks: int  # blocks no sequence holds that keep a prefix for reuse (evicted first when blocks run out)
     total_requests: int
     finished: dict[str, int]  # finish reason -> count
     steps: int
+    block_size: int = 0  # tokens per KV block
+    num_blocks: int = 0
+    free_blocks: int = 0  # holding nothing
+    used_blocks: int = 0  # in running sequences' block tables
+    prefix_hit_blocks: int = 0  # blocks shared from the prefix cache since start-up
+    evicted_blocks: int = 0  # cached blocks reused for new KV since start-up
+    preemptions: int = 0  # sequences sent back to the queue for want of blocks since start-up
     decode_path: str = ""  # ModelRunner.path: attention, graphs or eager, kernels; a fallback says so
     device_check: dict | None = None  # DeviceCheck.as_dict() of the check(s) run at start-up, None when not run
     kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel (LoadedModel.kernels)

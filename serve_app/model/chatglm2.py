@@ -94,6 +94,15 @@ class KVCache:
             self.block_logical[torch.tensor(list(changed), device=self.block_logical.device)] = torch.tensor(
                 list(changed.values()), device=self.block_logical.device)
 
+    def disjoint_tables(self, rows: int, length: int) -> list[tuple[int, ...]]:
+        """Block tables of `length` tokens for up to `rows` sequences that share no block (checks and benchmarks that
+        run on a cache outside an engine): as many rows as the cache holds."""
+        per_row = -(-length // self.block_size)
+        if per_row > self.table_width:
+            raise ValueError(f"{length} tokens exceed this cache's {self.max_positions} per sequence")
+        rows = min(rows, self.num_blocks // per_row)
+        return [tuple(range(r * per_row, (r + 1) * per_row)) for r in range(rows)]
+
     @property
     def max_positions(self) -> int:
         """The longest sequence a table can hold."""

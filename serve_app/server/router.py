@@ -1,8 +1,8 @@
 """Conversation affinity: a Serve request router that sends a chat's next turn to the replica holding its KV.
 
-The engine keeps a finished sequence's KV in its slot and reuses the longest common prefix for the next prompt
-(`engine.FreeSlots`), so turn 2 of a conversation skips the prefill of turn 1 — but only on the replica that ran turn
-1. Serve's default router (power of two choices on queue length) spreads the turns of one conversation over the
+The engine keeps the full KV blocks of a finished sequence, keyed by their prefix, and shares them with any later
+prompt that starts the same way (serve_app/engine/blocks.py), so turn 2 of a conversation skips the prefill of turn
+1 — but only on the replica that ran turn 1. Serve's default router (power of two choices on queue length) spreads the turns of one conversation over the
 pool, and the reuse is lost exactly when the pool scales out. This router, configured per pool in the Serve YAML:
 
     deployments:

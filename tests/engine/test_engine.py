@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from serve_app.engine import sequential
-from serve_app.engine.engine import Engine, EngineConfig, FreeSlots
+from serve_app.engine.engine import Engine, EngineConfig
 from serve_app.engine.errors import (
     ContextLengthExceeded,
     EngineOverloaded,
@@ -55,6 +55,8 @@ def make_engine(tiny_fp32):
 
     def make(loaded=None, **config) -> Engine:
         config.setdefault("max_seq_len", 256)
+        if config.get("attention") != "flex":  # small blocks, so that sequences here span several
+            config.setdefault("block_size", 8)
         engine = Engine(loaded or tiny_fp32, EngineConfig(**config))
         engines.append(engine)
         return engine
@@ -329,7 +331,9 @@ def test_limits_raise_documented_errors(make_engine, tiny_fp32):
     slot_bytes = tiny_fp32.config.kv_bytes_per_token(torch.float32) * 256
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         Engine(tiny_fp32, EngineConfig(max_seq_len=256, kv_cache_bytes=slot_bytes - 1))
-    assert make_engine(kv_cache_bytes=int(2.5 * slot_bytes)).stats().num_slots == 2
+    stats = make_engine(kv_cache_bytes=int(2.5 * slot_bytes)).stats()
+    assert stats.num_blocks == int(2.5 * slot_bytes) // (slot_bytes // 256 * 8) == 80  # blocks of 8 tokens
+    assert stats.num_slots == 16 and stats.free_blocks == 80
 
 
 def test_a_full_waiting_queue_is_overloaded(make_engine, tiny_fp32):
@@ -369,27 +373,14 @@ def test_prefix_caching_reuses_the_previous_turn(make_engine, tiny_fp32):
 
     cached_engine = make_engine(max_batch_size=2)
     turn2, tokens, stats = conversation(cached_engine)
-    assert stats.cached_prompt_tokens == 30 + 9  # turn 1 and its reply, but the reply's last token
+    # Turn 1 and its reply but the reply's last token (never run) were computed: their full blocks of 8 are reused.
+    assert stats.cached_prompt_tokens == (30 + 9) // 8 * 8
     assert tokens == sequential.generate(tiny_fp32, turn2, greedy(10)).token_ids
-    assert cached_engine.stats().cached_prefix_slots >= 1 and cached_engine.stats().kv_tokens_in_use == 0
+    after = cached_engine.stats()
+    assert after.cached_blocks >= 4 and after.kv_tokens_in_use == 0 and after.used_blocks == 0
 
     _, uncached_tokens, uncached_stats = conversation(make_engine(max_batch_size=2, prefix_caching=False))
     assert uncached_stats.cached_prompt_tokens == 0 and uncached_tokens == tokens
-
-
-def test_free_slots_prefer_the_longest_prefix_then_empty_then_least_recent():
-    slots = FreeSlots(3)
-    a, b = list(range(40)), list(range(100, 140))
-    assert slots.take(a, use_prefix=True) == (0, 0)  # nothing cached: the first empty slot
-    assert slots.take(b, use_prefix=True) == (1, 0)
-    slots.put(0, a)
-    slots.put(1, b)
-    assert slots.take(b + [7], use_prefix=True) == (1, 40)
-    slots.put(1, b)
-    assert slots.take([1, 2, 3], use_prefix=True) == (2, 0)  # no useful prefix: the empty slot before any cache
-    assert slots.take([1, 2, 3], use_prefix=True) == (0, 0)  # then the least recently cached one
-    slots.put(0, a)
-    assert slots.take(a, use_prefix=True) == (0, 39)  # the whole prompt cached: its last token still runs
 
 
 def test_stats_report_the_kernels_and_the_memory_held(make_engine, tiny_checkpoint):

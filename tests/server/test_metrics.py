@@ -162,6 +162,6 @@ def _stats():
     from serve_app.engine.engine import EngineStats
 
     return EngineStats(running=1, waiting=2, free_slots=1, num_slots=2, max_seq_len=64, kv_tokens_in_use=32,
-                       kv_capacity_tokens=128, kv_cache_bytes=0, cached_prefix_slots=0, total_requests=3,
+                       kv_capacity_tokens=128, kv_cache_bytes=0, cached_blocks=0, total_requests=3,
                        finished={}, steps=4, kernels={"int4pack_mm_cpu": 8},
                        memory_bytes={"weights": 10, "resident": 20, "kv_cache": 5})

@@ -1,0 +1,133 @@
+"""The paged KV cache's blocks on the host: who holds which, and which hold a prefix worth keeping.
+
+Every block is in one of three states:
+
+- free: holds nothing anyone will look up;
+- held: in the block table of one or more running sequences (`refs` counts them);
+- cached: held by nobody but full of a known prefix's KV, kept for reuse and evicted least recently used first when a
+  free block is needed.
+
+A full block is keyed by a digest of every token id up to and including its own (a chain: the digest of the block
+before, then this block's ids) and of a `salt` that stands for anything else that changes the KV (an adapter id, a
+fine-tuned prefix): two sequences share a block only when all of that agrees. The digest is BLAKE2b, so a client
+cannot make two different prefixes collide and read another's KV. A block is registered once its last position's
+KV has been computed; a block still being written is never shared, and a shared block is never written again (the
+engine leaves at least the last prompt token to compute, in a block of the sequence's own).
+
+Not thread-safe: the engine's lock guards it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+def block_keys(token_ids: Sequence[int], block_size: int, salt: bytes = b"", start: bytes | None = None,
+               first: int = 0) -> list[bytes]:
+    """The keys of the full blocks of `token_ids`, from block `first` on (`start`: the key of block first - 1)."""
+    keys, previous = [], start if start is not None else salt
+    for index in range(first, len(token_ids) // block_size):
+        chunk = token_ids[index * block_size : (index + 1) * block_size]
+        digest = hashlib.blake2b(previous, digest_size=16)
+        digest.update(b"".join(int(t).to_bytes(4, "little") for t in chunk))
+        previous = digest.digest()
+        keys.append(previous)
+    return keys
+
+
+class BlockPool:
+    """Free, held and cached blocks (see the module docstring)."""
+
+    def __init__(self, num_blocks: int, block_size: int, caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.caching = caching
+        self.refs = [0] * num_blocks
+        self._free = set(range(num_blocks))
+        self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0 and keyed, least recently released first
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self.hits = 0  # blocks found by `match`
+        self.evictions = 0
+
+    @property
+    def available(self) -> int:
+        """Blocks an allocation can take: free ones and cached ones (evicted on the way)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks held by nobody that keep a prefix for reuse."""
+        return len(self._cached)
+
+    @property
+    def num_held(self) -> int:
+        return self.num_blocks - len(self._free) - len(self._cached)
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        """The blocks of the longest run of `keys` that are cached or held, each now referenced once more."""
+        found = []
+        if not self.caching:
+            return found
+        for key in keys:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            found.append(block)
+        for block in found:
+            self._take(block)
+        self.hits += len(found)
+        return found
+
+    def allocate(self, after: int | None = None) -> int:
+        """A block for new KV (referenced once): the one after `after` when it is free (a sequence's blocks in a run
+        read as one view), else the lowest free one, else the least recently used cached block, evicted."""
+        if after is not None and after + 1 in self._free:
+            block = after + 1
+        elif self._free:
+            block = min(self._free)
+        elif self._cached:
+            block, _ = self._cached.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+            self.evictions += 1
+            self._free.add(block)
+        else:
+            raise RuntimeError("no free KV block (the scheduler checks `available` first)")
+        self._take(block)
+        return block
+
+    def register(self, block: int, key: bytes) -> None:
+        """Block `block` now holds the full prefix `key`: later sequences with that prefix may share it."""
+        if not self.caching or block in self._key_of or key in self._block_of:
+            return  # already keyed, or the same prefix is in another block (that one stays the shared copy)
+        self._key_of[block] = key
+        self._block_of[key] = block
+
+    def release(self, blocks: list[int], keep: bool = True) -> None:
+        """Drop one reference to each block. A block nobody holds becomes cached when it is keyed (and `keep`), else
+        free. Released in reverse, so that a sequence's last blocks, the least shared, are evicted first."""
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] < 0:
+                raise RuntimeError(f"block {block} released more often than it was taken")
+            if self.refs[block]:
+                continue
+            if keep and block in self._key_of:
+                self._cached[block] = None
+            else:
+                key = self._key_of.pop(block, None)
+                if key is not None:
+                    del self._block_of[key]
+                self._free.add(block)
+
+    def _take(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self._free.discard(block)
+            self._cached.pop(block, None)
+        self.refs[block] += 1

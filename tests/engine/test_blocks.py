@@ -1,0 +1,100 @@
+"""The block pool: references, prefix keys, LRU eviction of cached blocks, and what must never happen (a block in
+use evicted, a prefix shared under another prefix's key)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.engine.blocks import BlockPool, block_keys
+
+
+def test_keys_chain_every_token_before_and_the_salt():
+    a = block_keys(list(range(12)), 4)
+    assert len(a) == 3 and len(set(a)) == 3
+    assert block_keys(list(range(13)), 4) == a  # the partial block has no key
+    b = block_keys([0, 1, 2, 3, 9, 5, 6, 7, 8, 9, 10, 11], 4)
+    assert b[0] == a[0] and b[1] != a[1] and b[2] != a[2]  # one token differs: every later key differs
+    assert block_keys(list(range(12)), 4, salt=b"adapter-1")[0] != a[0]
+    # Keys from block 1 on, given block 0's, are the same chain.
+    assert block_keys(list(range(12)), 4, start=a[0], first=1) == a[1:]
+
+
+def test_allocation_prefers_the_next_block_then_the_lowest_free():
+    pool = BlockPool(8, 4)
+    first = pool.allocate()
+    assert (first, pool.allocate(after=first), pool.allocate(after=first)) == (0, 1, 2)  # 1 is taken: lowest free
+    pool.release([1])
+    assert pool.allocate(after=0) == 1
+    assert pool.num_held == 3 and pool.num_free == 5
+
+
+def test_a_released_keyed_block_is_cached_and_found_by_its_prefix():
+    pool = BlockPool(4, 4)
+    keys = block_keys(list(range(8)), 4)
+    blocks = [pool.allocate(), pool.allocate()]
+    for block, key in zip(blocks, keys):
+        pool.register(block, key)
+    pool.release(blocks)
+    assert (pool.num_cached, pool.num_free, pool.available) == (2, 2, 4)
+    assert pool.match(keys + [b"unknown"]) == blocks
+    assert pool.refs[:2] == [1, 1] and pool.num_cached == 0 and pool.hits == 2
+    # A prefix is found while another sequence still holds it too (shared by reference count).
+    assert pool.match(keys[:1]) == blocks[:1] and pool.refs[0] == 2
+    assert pool.match(block_keys([9] * 8, 4)) == []
+
+
+def test_eviction_takes_the_least_recently_released_and_never_a_held_block():
+    pool = BlockPool(3, 2)
+    keys = block_keys(list(range(6)), 2)
+    held = [pool.allocate() for _ in range(3)]
+    for block, key in zip(held, keys):
+        pool.register(block, key)
+    pool.release([held[0]])
+    pool.release([held[2]])
+    # Free blocks: none; cached: 0 (released first), then 2. Block 1 is held.
+    assert pool.allocate() == 0 and pool.evictions == 1
+    assert pool.match(keys[:1]) == []  # its prefix went with it
+    assert pool.allocate() == 2
+    with pytest.raises(RuntimeError, match="no free KV block"):
+        pool.allocate()  # block 1 is held: never evicted
+    assert pool.refs == [1, 1, 1]
+
+
+def test_a_sequences_last_blocks_are_evicted_first():
+    pool = BlockPool(3, 2)
+    keys = block_keys(list(range(6)), 2)
+    blocks = [pool.allocate() for _ in range(3)]
+    for block, key in zip(blocks, keys):
+        pool.register(block, key)
+    pool.release(blocks)
+    assert pool.allocate() == 2  # the end of the prefix goes first; its start (shared most) stays
+    assert pool.match(keys) == [0, 1]
+
+
+def test_a_second_copy_of_a_prefix_is_not_keyed_and_bad_kv_is_not_kept():
+    pool = BlockPool(4, 2)
+    (key,) = block_keys([1, 2], 2)
+    a, b = pool.allocate(), pool.allocate()
+    pool.register(a, key)
+    pool.register(b, key)  # the same prefix computed twice: the first copy stays the shared one
+    pool.release([b])
+    assert pool.num_cached == 0 and pool.num_free == 3
+    pool.release([a], keep=False)  # a failed sequence's blocks: never shared
+    assert pool.num_cached == 0 and pool.match([key]) == []
+
+
+def test_caching_off_shares_nothing():
+    pool = BlockPool(2, 2, caching=False)
+    (key,) = block_keys([1, 2], 2)
+    block = pool.allocate()
+    pool.register(block, key)
+    pool.release([block])
+    assert pool.match([key]) == [] and pool.num_free == 2
+
+
+def test_releasing_twice_is_an_error():
+    pool = BlockPool(2, 2)
+    block = pool.allocate()
+    pool.release([block])
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release([block])
