@@ -12,7 +12,9 @@ before, then this block's ids) and of a `salt` that stands for anything else tha
 fine-tuned prefix): two sequences share a block only when all of that agrees. The digest is BLAKE2b, so a client
 cannot make two different prefixes collide and read another's KV. A block is registered once its last position's
 KV has been computed; a block still being written is never shared, and a shared block is never written again (the
-engine leaves at least the last prompt token to compute, in a block of the sequence's own).
+engine leaves at least the last prompt token to compute, in a block of the sequence's own). A prompt block that a
+running sequence is computing is `pending` under its key until then: the engine holds back a prompt that needs it
+rather than compute the same prefix twice (16 chats that arrive together with one system prompt compute it once).
 
 Not thread-safe: the engine's lock guards it.
 """
@@ -49,6 +51,8 @@ class BlockPool:
         self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0 and keyed, least recently released first
         self._key_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
+        self._pending: dict[bytes, int] = {}  # key -> the block a running sequence is computing it in
+        self._pending_key: dict[int, bytes] = {}
         self.hits = 0  # blocks found by `match`
         self.evictions = 0
 
@@ -102,8 +106,18 @@ class BlockPool:
         self._take(block)
         return block
 
+    def pend(self, block: int, key: bytes) -> None:
+        """Block `block` is about to hold the prefix `key` (its sequence is computing it)."""
+        if self.caching and key not in self._pending and key not in self._block_of:
+            self._pending[key] = block
+            self._pending_key[block] = key
+
+    def is_pending(self, key: bytes) -> bool:
+        return key in self._pending
+
     def register(self, block: int, key: bytes) -> None:
         """Block `block` now holds the full prefix `key`: later sequences with that prefix may share it."""
+        self._unpend(block)
         if not self.caching or block in self._key_of or key in self._block_of:
             return  # already keyed, or the same prefix is in another block (that one stays the shared copy)
         self._key_of[block] = key
@@ -113,6 +127,7 @@ class BlockPool:
         """Drop one reference to each block. A block nobody holds becomes cached when it is keyed (and `keep`), else
         free. Released in reverse, so that a sequence's last blocks, the least shared, are evicted first."""
         for block in reversed(blocks):
+            self._unpend(block)
             self.refs[block] -= 1
             if self.refs[block] < 0:
                 raise RuntimeError(f"block {block} released more often than it was taken")
@@ -125,6 +140,11 @@ class BlockPool:
                 if key is not None:
                     del self._block_of[key]
                 self._free.add(block)
+
+    def _unpend(self, block: int) -> None:
+        key = self._pending_key.pop(block, None)
+        if key is not None:
+            del self._pending[key]
 
     def _take(self, block: int) -> None:
         if self.refs[block] == 0:

@@ -212,13 +212,18 @@ class Scheduler:
         reusable = (target - 1) // size
         matched = self.pool.match(seq.keys[:reusable])
         needed = -(-target // size) - len(matched)
-        if self.pool.available < needed + (self.watermark if self.running else 0):
+        # The next block of its prefix is being computed by a running sequence: wait for it rather than compute it
+        # again (it is published within a few steps).
+        pending = len(matched) < reusable and self.pool.is_pending(seq.keys[len(matched)])
+        if pending or self.pool.available < needed + (self.watermark if self.running else 0):
             self.pool.release(matched)
             self.pool.hits -= len(matched)
             return False
         seq.blocks = list(matched)
         for _ in range(needed):
             seq.blocks.append(self.pool.allocate(after=seq.blocks[-1] if seq.blocks else None))
+        for index in range(len(matched), min(len(seq.keys), target // size)):  # its full prompt blocks to come
+            self.pool.pend(seq.blocks[index], seq.keys[index])
         seq.registered = len(matched)
         seq.num_computed = len(matched) * size
         if not seq.output_ids:

@@ -98,3 +98,16 @@ def test_releasing_twice_is_an_error():
     pool.release([block])
     with pytest.raises(RuntimeError, match="released more often"):
         pool.release([block])
+
+
+def test_a_pending_prefix_is_known_until_computed_or_released():
+    pool = BlockPool(4, 2)
+    key_a, key_b = block_keys([1, 2, 3, 4], 2)
+    a, b = pool.allocate(), pool.allocate()
+    pool.pend(a, key_a)
+    pool.pend(b, key_b)
+    assert pool.is_pending(key_a) and pool.match([key_a]) == []  # not shareable before it is computed
+    pool.register(a, key_a)
+    assert not pool.is_pending(key_a) and pool.is_pending(key_b)
+    pool.release([b])  # its sequence went away before computing it
+    assert not pool.is_pending(key_b)

@@ -223,3 +223,21 @@ def test_the_flex_backend_over_block_tables_with_preemption(tiny_fp32):
     for (tokens, _), prompt in zip(results, prompts):
         assert tokens == sequential.generate(tiny_fp32, prompt, greedy(60)).token_ids
     stop(engine)
+
+
+def test_chats_that_arrive_together_compute_their_shared_prefix_once(tiny_fp32):
+    """All six submitted at once: the first computes the 64-token system prompt, the others wait for its blocks
+    (pending) instead of computing them too, then share them."""
+    engine, watched = watched_engine(tiny_fp32, max_batch_size=6, max_seq_len=256, block_size=8, prefill_chunk=16)
+    system = random_prompt(64, 8)
+    prompts = [system + random_prompt(4 + i, 40 + i) for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, greedy(5)) for p in prompts))
+
+    results = asyncio.run(main())
+    for (tokens, _), prompt in zip(results, prompts):
+        assert tokens == sequential.generate(tiny_fp32, prompt, greedy(5)).token_ids
+    assert sorted(last.stats.cached_prompt_tokens for _, last in results) == [0] + [64] * 5
+    assert engine.stats().prefix_hit_blocks == 5 * 8
+    stop(engine)
