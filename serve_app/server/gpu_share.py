@@ -6,8 +6,9 @@ replica on a GPU (the CPU path is unchanged):
 1. reads its share from Ray and the device's total memory, and caps PyTorch's allocator at the share less the CUDA
    context (which the allocator does not see): `torch.cuda.set_per_process_memory_fraction`;
 2. loads the weights (quantizing on the GPU one layer at a time; the allocator is trimmed afterwards);
-3. sizes its KV cache from what is left of the share after the weights and the activation workspace, and never
-   more than the device has free. An explicit `kv_cache_bytes` wins over the computed size, but must still fit.
+3. sizes its KV cache, in blocks, from what is left of the share after the weights and the activation workspace,
+   and never more than the device has free. An explicit `kv_cache_bytes` wins over the computed size, but must
+   still fit. Sequences take blocks as they grow, so the plan's floor is one sequence of max_seq_len, not a batch.
 
 `plan_memory` and `activation_workspace_bytes` are pure arithmetic (tested without a GPU); `limit_process` and
 `plan_replica` are the thin parts that read Ray and CUDA.
@@ -67,8 +68,10 @@ class MemoryPlan:
     context_bytes: int
     weight_bytes: int
     workspace_bytes: int
-    kv_cache_bytes: int  # the KV budget handed to the engine
+    kv_cache_bytes: int  # the KV budget handed to the engine (whole blocks when block_bytes is known)
     kv_explicit: bool  # kv_cache_bytes came from the config, not from the share
+    block_bytes: int = 0  # one KV block of every layer (keys and values); 0 when the plan was not given it
+    num_blocks: int = 0  # kv_cache_bytes // block_bytes (the engine takes one of them as its scratch block with graphs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -158,19 +161,21 @@ def step_phases(
 
 
 def decode_step_bytes(config: ChatGLM2Config, rows: int, max_seq_len: int, dtype_bytes: int = 2,
-                      sample_bytes_per_logit: int = GRAPH_SAMPLE_BYTES_PER_LOGIT) -> int:
+                      sample_bytes_per_logit: int = GRAPH_SAMPLE_BYTES_PER_LOGIT, kv_blocks: int | None = None) -> int:
     """The peak of one decode step of `rows` rows through flex (a graph bucket's step): `step_phases` for one-token
     spans, plus flex decoding's fp32 partials and the block mask's index tensors (int64 twice, then int32, over
-    every key block of the cache) and the bucket's static buffers."""
+    every key block of the cache: `kv_blocks` flex blocks of 128, by default a slot cache's) and the bucket's static
+    buffers."""
     heads, groups, dim = config.num_attention_heads, config.kv_heads, config.kv_channels
     step = max(step_phases(config, rows, 1, max_seq_len, dtype_bytes,
                            sample_bytes_per_logit=sample_bytes_per_logit).values())
     flex = max(rows * groups, 2 * MAX_SMS) * (heads // groups) * (dim + 2) * 4
-    blocks = (rows + 1) * -(-max_seq_len // 128)  # at most rows slots and the scratch slot
+    blocks = kv_blocks if kv_blocks is not None else (rows + 1) * -(-max_seq_len // 128)
     return step + flex + rows * blocks * (8 + 8 + 4) + rows * 16 * 8
 
 
-def decode_graph_bytes(config: ChatGLM2Config, max_batch_size: int, max_seq_len: int, dtype_bytes: int = 2) -> int:
+def decode_graph_bytes(config: ChatGLM2Config, max_batch_size: int, max_seq_len: int, dtype_bytes: int = 2,
+                       kv_blocks: int | None = None) -> int:
     """What the captured decode graphs (serve_app/engine/graphs.py) keep reserved in their private pool for good:
     every graph's outputs (ids and fp32 logits [bucket, vocab], one graph per bucket and sampling variant), plus the
     intermediates of the largest bucket's step, which the pool keeps for its replays."""
@@ -178,7 +183,7 @@ def decode_graph_bytes(config: ChatGLM2Config, max_batch_size: int, max_seq_len:
 
     buckets = buckets_for(max_batch_size)
     outputs = len(VARIANTS) * sum(bucket * (config.padded_vocab_size * 4 + 8) for bucket in buckets)
-    return outputs + decode_step_bytes(config, buckets[-1], max_seq_len, dtype_bytes)
+    return outputs + decode_step_bytes(config, buckets[-1], max_seq_len, dtype_bytes, kv_blocks=kv_blocks)
 
 
 def activation_workspace_bytes(
@@ -192,6 +197,7 @@ def activation_workspace_bytes(
     attention: str = "auto",
     cuda_graphs: bool = True,
     dequant_bytes: int = 0,
+    kv_blocks: int | None = None,
 ) -> int:
     """An upper bound on what the replica holds beyond its weights and KV cache, for the KV cache to leave room for.
 
@@ -202,7 +208,8 @@ def activation_workspace_bytes(
     allocator's rounding and fragmentation. On CUDA, add what stays reserved for good once the engine has warmed
     up: the cuBLAS workspaces (CUBLAS_WORKSPACE_BYTES on each of CUBLAS_STREAMS) and, unless cuda_graphs is False,
     the decode graphs' pool (`decode_graph_bytes`). `attention` is the engine's backend ("gather" adds its decode
-    gathers); `dequant_bytes` what the largest dequantizing linear materialises (`dequant_transient_bytes`).
+    gathers); `dequant_bytes` what the largest dequantizing linear materialises (`dequant_transient_bytes`);
+    `kv_blocks` an upper bound on the cache's flex key blocks (the block mask's width), by default a slot cache's.
     """
     peak = max(step_phases(config, max_batch_size, prefill_chunk, max_seq_len, dtype_bytes, attention=attention,
                            dequant_bytes=dequant_bytes).values())
@@ -211,10 +218,10 @@ def activation_workspace_bytes(
     from serve_app.engine.graphs import buckets_for
 
     warmup = COMPILE_SCRATCH_BYTES + decode_step_bytes(config, buckets_for(max_batch_size)[-1], max_seq_len,
-                                                       dtype_bytes)
+                                                       dtype_bytes, kv_blocks=kv_blocks)
     total = int(max(peak, warmup) * WORKSPACE_SLACK) + CUBLAS_STREAMS * CUBLAS_WORKSPACE_BYTES
     if cuda_graphs:
-        total += decode_graph_bytes(config, max_batch_size, max_seq_len, dtype_bytes)
+        total += decode_graph_bytes(config, max_batch_size, max_seq_len, dtype_bytes, kv_blocks=kv_blocks)
     return total
 
 
@@ -249,13 +256,15 @@ def plan_memory(
     kv_bytes_per_slot: int,
     kv_cache_bytes: int | None = None,
     context_bytes: int = DEFAULT_CONTEXT_BYTES,
+    kv_block_bytes: int | None = None,
 ) -> MemoryPlan:
     """Size the KV cache of a replica that holds `weight_bytes` of weights (measured after loading).
 
     free_bytes is the device's free memory after loading (other processes on the card count against it).
     The KV budget is what the share has left after context, weights and workspace, and at most what the device has
     free after the workspace. An explicit kv_cache_bytes replaces that figure but must fit both limits. Raises
-    MemoryPlanError when the share cannot hold one sequence of KV (kv_bytes_per_slot), with the numbers.
+    MemoryPlanError when the share cannot hold one sequence of KV (kv_bytes_per_slot), with the numbers. With
+    kv_block_bytes the budget is whole blocks, and the plan says how many.
     """
     fraction = memory_fraction(share, total_bytes, context_bytes)
     budget = int(share * total_bytes)
@@ -275,8 +284,11 @@ def plan_memory(
     if kv < kv_bytes_per_slot:
         raise MemoryPlanError(f"no room for one sequence of KV ({kv_bytes_per_slot / 2**20:.0f} MiB): {explanation}; "
                               "raise num_gpus or lower max_seq_len")
+    blocks = kv // kv_block_bytes if kv_block_bytes else 0
+    if kv_block_bytes:
+        kv = blocks * kv_block_bytes
     return MemoryPlan(share, total_bytes, budget, fraction, context_bytes, weight_bytes, workspace_bytes, kv,
-                      kv_cache_bytes is not None)
+                      kv_cache_bytes is not None, kv_block_bytes or 0, blocks)
 
 
 # ---- the replica side: reads Ray and CUDA -------------------------------------------------------------------------
@@ -311,6 +323,9 @@ def plan_replica(loaded, *, share: float, engine, context_bytes: int = DEFAULT_C
     max_seq_len = engine.max_seq_len_for(loaded.config.seq_length)
     free, total = torch.cuda.mem_get_info(device)
     dtype_bytes = torch.empty((), dtype=loaded.dtype).element_size()
+    block_size = engine.block_size or 128  # the engine's default with the flex backend (serve_app/engine/engine.py)
+    block_bytes = loaded.config.kv_bytes_per_token(loaded.dtype) * block_size
+    flex_blocks = int(share * total) // block_bytes * max(block_size // 128, 1)  # at most what the share could hold
     return plan_memory(
         share=share,
         total_bytes=total,
@@ -320,8 +335,10 @@ def plan_replica(loaded, *, share: float, engine, context_bytes: int = DEFAULT_C
             loaded.config, engine.max_batch_size, engine.prefill_chunk, max_seq_len, dtype_bytes,
             device_type=device.type, attention=engine.attention, cuda_graphs=engine.cuda_graphs is not False,
             dequant_bytes=dequant_transient_bytes(loaded.model) if hasattr(loaded, "model") else 0,
+            kv_blocks=flex_blocks,
         ),
         kv_bytes_per_slot=loaded.config.kv_bytes_per_token(loaded.dtype) * max_seq_len,
         kv_cache_bytes=engine.kv_cache_bytes,
         context_bytes=context_bytes,
+        kv_block_bytes=block_bytes,
     )

@@ -48,6 +48,24 @@ def test_the_whole_plan_stays_inside_the_share(share, total):
     assert not plan.kv_explicit
 
 
+def test_the_plan_sizes_blocks_and_a_quarter_card_holds_hundreds_of_short_chats():
+    """The issue's arithmetic: INT4 on a quarter of an 80 GB card, 8,192-token context. Slots held ~65 sequences
+    whatever their length; in blocks of 128 the same budget holds that many sequences of 8,192 tokens or ~16x as
+    many 500-token chats."""
+    import torch
+
+    block_bytes = CONFIG_6B.kv_bytes_per_token(torch.float16) * 128
+    workspace = activation_workspace_bytes(CONFIG_6B, 64, 512, 8192)
+    plan = plan_memory(share=0.25, total_bytes=H100, free_bytes=H100, weight_bytes=WEIGHTS["int4"],
+                       workspace_bytes=workspace, kv_bytes_per_slot=slot_bytes(), kv_block_bytes=block_bytes)
+    assert plan.kv_cache_bytes == plan.num_blocks * block_bytes and plan.block_bytes == block_bytes
+    long_sequences = plan.num_blocks // (8192 // 128)
+    chats = plan.num_blocks // -(-500 // 128)
+    assert long_sequences == plan.kv_cache_bytes // slot_bytes()  # what slots held
+    assert chats >= 15 * long_sequences
+    print(f"{plan.num_blocks} blocks: {long_sequences} sequences of 8192 or {chats} of 500 tokens")
+
+
 def test_other_processes_on_the_card_limit_the_kv_cache():
     plan = plan_memory(share=0.5, total_bytes=H100, free_bytes=10 * GIB, weight_bytes=WEIGHTS["int8"],
                        workspace_bytes=GIB, kv_bytes_per_slot=slot_bytes())
