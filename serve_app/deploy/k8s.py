@@ -37,8 +37,8 @@ _TEMPLATE = Template("""\
 #     advertise nvidia.com/gpu. The pool budgets in serveConfigV2 assume 80 GB GPUs (H100 / A100 80GB).
 #   - The image $image, built from ./Dockerfile and pullable by the nodes (push it to your registry and
 #     point both `image:` fields at it).
-#   - The official chatglm2-6b checkpoint copied onto the PersistentVolumeClaim below as chatglm2-6b/, so replicas
-#     read it at /models/chatglm2-6b.
+#   - The official chatglm2-6b and chatglm2-6b-32k checkpoints copied onto the PersistentVolumeClaim below as
+#     chatglm2-6b/ and chatglm2-6b-32k/, so replicas read them at /models/chatglm2-6b and /models/chatglm2-6b-32k.
 #   - Secrets chatglm2-api-keys (key `keys`: the API keys, required) and chatglm2-redis (key `password`).
 #   - Pods that may call the service labelled chatglm2-serve/gateway: "true" (NetworkPolicy chatglm2-ray-pods).
 #
@@ -49,7 +49,7 @@ _TEMPLATE = Template("""\
 ---
 # The weights, mounted read-only by every GPU worker pod on any node. ReadOnlyMany needs a storage class with
 # multi-node access (NFS, CephFS, EFS, Filestore, Azure Files) or a pre-populated disk; set spec.storageClassName to
-# such a class if it is not your default. 20Gi holds the fp16 checkpoint (12.5 GB) and a pre-quantized copy.
+# such a class if it is not your default. 40Gi holds both fp16 checkpoints (12.5 GB each) and a pre-quantized copy.
 apiVersion: v1
 kind: PersistentVolumeClaim
 metadata:
@@ -62,7 +62,7 @@ spec:
     - ReadOnlyMany
   resources:
     requests:
-      storage: 20Gi
+      storage: 40Gi
 ---
 apiVersion: ray.io/v1
 kind: RayService

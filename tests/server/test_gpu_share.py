@@ -270,6 +270,19 @@ def test_documented_placement_fits(precision, share, batch, total):
     assert plan.kv_cache_bytes // slot_bytes() >= batch
 
 
+@pytest.mark.parametrize("total", [H100, H200])
+def test_the_long_context_pool_holds_a_few_long_sequences_or_many_short_ones(total):
+    """configs/gpu.yaml's chatglm2-6b-32k pool: int4 on 0.25 of a card, 32,768-token context, 64 rows."""
+    import torch
+
+    block_bytes = CONFIG_6B.kv_bytes_per_token(torch.float16) * 128
+    workspace = activation_workspace_bytes(CONFIG_6B, 64, 512, 32768)
+    plan = plan_memory(share=0.25, total_bytes=total, free_bytes=total, weight_bytes=WEIGHTS["int4"],
+                       workspace_bytes=workspace, kv_bytes_per_slot=slot_bytes(32768), kv_block_bytes=block_bytes)
+    assert plan.num_blocks // (32768 // 128) >= 8  # long sequences at once (9 on an H100, 27 on an H200)
+    assert plan.num_blocks >= 64 * (2048 // 128)  # every row a 2K-token chat
+
+
 def test_the_replica_side_reads_cuda_and_caps_the_allocator(monkeypatch):
     """The thin CUDA-reading part, with torch.cuda's answers faked: what a 0.25 share of an H100 would do."""
     from types import SimpleNamespace
