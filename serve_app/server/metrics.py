@@ -40,6 +40,13 @@ class PoolMetrics:
         self.queue_depth = Gauge("chatglm2_queue_depth", "requests waiting in the engine", tag_keys=("model",))
         self.running = Gauge("chatglm2_running_sequences", "sequences being decoded", tag_keys=("model",))
         self.kv_usage = Gauge("chatglm2_kv_cache_usage_ratio", "KV cache in use, 0..1", tag_keys=("model",))
+        self.kv_blocks = Gauge("chatglm2_kv_blocks", "KV blocks by state: used (in running sequences' tables), "
+                               "cached (a prefix kept for reuse) or free", tag_keys=("model", "state"))
+        self.prefix_hits = Counter("chatglm2_prefix_cache_hit_blocks", "KV blocks shared from the prefix cache",
+                                   tag_keys=("model",))
+        self.preemptions = Counter("chatglm2_preemptions", "sequences sent back to the queue for want of KV blocks "
+                                   "(recomputed, not lost)", tag_keys=("model",))
+        self._counted = {"prefix_hits": 0, "preemptions": 0}  # the engine's running totals already counted
         self.memory = Gauge("chatglm2_memory_bytes", "memory the replica holds: weights, kv_cache, and allocated / "
                             "reserved / peak_* on a GPU or resident on CPU", tag_keys=("model", "kind"))
         self.quantized_layers = Gauge("chatglm2_quantized_layers", "quantized layers per kernel they run",
@@ -47,8 +54,8 @@ class PoolMetrics:
         self.decode_fallback = Gauge("chatglm2_decode_fallback", "1 when the replica serves on the eager fallback "
                                      "after its start-up device check failed", tag_keys=("model",))
         for metric in (self.requests, self.errors, self.generated_tokens, self.prompt_tokens, self.ttft,
-                       self.inter_token, self.queue_depth, self.running, self.kv_usage, self.memory,
-                       self.quantized_layers, self.decode_fallback):
+                       self.inter_token, self.queue_depth, self.running, self.kv_usage, self.kv_blocks,
+                       self.prefix_hits, self.preemptions, self.memory, self.quantized_layers, self.decode_fallback):
             metric.set_default_tags({"model": model_name})
         self._refresh_task: asyncio.Task | None = None
 
@@ -62,6 +69,14 @@ class PoolMetrics:
         self.queue_depth.set(stats.waiting)
         self.running.set(stats.running)
         self.kv_usage.set(stats.kv_tokens_in_use / stats.kv_capacity_tokens if stats.kv_capacity_tokens else 0.0)
+        for state, blocks in (("used", stats.used_blocks), ("cached", stats.cached_blocks),
+                              ("free", stats.free_blocks)):
+            self.kv_blocks.set(blocks, tags={"state": state})
+        for name, metric, total in (("prefix_hits", self.prefix_hits, stats.prefix_hit_blocks),
+                                    ("preemptions", self.preemptions, stats.preemptions)):
+            if total > self._counted[name]:  # the engine keeps totals; the counters take what is new
+                metric.inc(total - self._counted[name])
+                self._counted[name] = total
         for kind, value in stats.memory_bytes.items():
             self.memory.set(value, tags={"kind": kind})
         for kernel, layers in stats.kernels.items():

@@ -73,7 +73,7 @@ def test_metrics_are_exported(cluster, traffic):
         "ray_chatglm2_prompt_tokens_total", "ray_chatglm2_time_to_first_token_seconds_count",
         "ray_chatglm2_time_to_first_token_seconds_bucket", "ray_chatglm2_inter_token_latency_seconds_count",
         "ray_chatglm2_queue_depth", "ray_chatglm2_running_sequences", "ray_chatglm2_kv_cache_usage_ratio",
-        "ray_chatglm2_memory_bytes", "ray_chatglm2_decode_fallback",
+        "ray_chatglm2_memory_bytes", "ray_chatglm2_decode_fallback", "ray_chatglm2_kv_blocks",
     }
     samples: dict = {}
 
@@ -93,6 +93,8 @@ def test_metrics_are_exported(cluster, traffic):
     assert _total(samples, "ray_chatglm2_memory_bytes", kind="weights") > 0  # fp32 pool: no quantized layers
     assert _total(samples, "ray_chatglm2_memory_bytes", kind="kv_cache") > 0
     assert _total(samples, "ray_chatglm2_decode_fallback") == 0  # the serving path is the one configured
+    blocks = {state: _total(samples, "ray_chatglm2_kv_blocks", state=state) for state in ("used", "cached", "free")}
+    assert sum(blocks.values()) > 0 and blocks["free"] > 0  # every block in one state; traffic over: none used
     assert {s.labels["deployment"] for s in samples["ray_chatglm2_requests_total"]} == {MODEL}
 
 
@@ -165,3 +167,18 @@ def _stats():
                        kv_capacity_tokens=128, kv_cache_bytes=0, cached_blocks=0, total_requests=3,
                        finished={}, steps=4, kernels={"int4pack_mm_cpu": 8},
                        memory_bytes={"weights": 10, "resident": 20, "kv_cache": 5})
+
+
+def test_block_counters_take_only_what_is_new():
+    from dataclasses import replace
+
+    from serve_app.server.metrics import PoolMetrics
+
+    metrics = PoolMetrics("m")
+    increments = []
+    metrics.preemptions = type("C", (), {"inc": lambda self, n: increments.append(n)})()
+    stats = replace(_stats(), preemptions=3, used_blocks=2, free_blocks=5, num_blocks=8, cached_blocks=1)
+    metrics.record_engine(stats)
+    metrics.record_engine(stats)  # polled again, nothing new
+    metrics.record_engine(replace(stats, preemptions=5))
+    assert increments == [3, 2]
