@@ -22,8 +22,9 @@ Not thread-safe: the engine's lock guards it.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 
 def block_keys(token_ids: Sequence[int], block_size: int, salt: bytes = b"", start: bytes | None = None,
@@ -48,6 +49,11 @@ class BlockPool:
         self.caching = caching
         self.refs = [0] * num_blocks
         self._free = set(range(num_blocks))
+        self._heap = list(range(num_blocks))  # the free blocks, lowest first (lazy: taken ones are skipped)
+        # Free blocks set aside for a sequence's growth, so that its table stays one run (a view, not a gather, for
+        # the CPU's attention). Soft: taken by anyone once no other free block is left.
+        self._reserved: dict[int, Hashable] = {}
+        self._reservations: dict[Hashable, set[int]] = {}
         self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0 and keyed, least recently released first
         self._key_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
@@ -89,22 +95,67 @@ class BlockPool:
         self.hits += len(found)
         return found
 
-    def allocate(self, after: int | None = None) -> int:
-        """A block for new KV (referenced once): the one after `after` when it is free (a sequence's blocks in a run
-        read as one view), else the lowest free one, else the least recently used cached block, evicted."""
-        if after is not None and after + 1 in self._free:
-            block = after + 1
-        elif self._free:
-            block = min(self._free)
+    def allocate(self, after: int | None = None, owner: Hashable | None = None) -> int:
+        """A block for new KV (referenced once): the one after `after` when it is free and not set aside for
+        another owner (a sequence's blocks in a run read as one view), else the lowest free block nobody set aside,
+        else the least recently used cached block (evicted), else a block set aside for someone else."""
+        following = None if after is None else after + 1
+        if following in self._free and self._reserved.get(following, owner) == owner:
+            block = following
+        elif (block := self._lowest_unreserved()) is not None:
+            pass
         elif self._cached:
             block, _ = self._cached.popitem(last=False)
             del self._block_of[self._key_of.pop(block)]
             self.evictions += 1
             self._free.add(block)
+        elif self._free:
+            block = min(self._free)  # every free block is set aside: take one from another sequence's growth
         else:
             raise RuntimeError("no free KV block (the scheduler checks `available` first)")
         self._take(block)
         return block
+
+    def allocate_run(self, count: int, reserve: int, owner: Hashable) -> list[int]:
+        """`count` blocks for a new sequence, and `reserve` - count more set aside for it to grow into, all one run
+        when the lowest free blocks nobody set aside allow it; otherwise blocks wherever they are free."""
+        start = self._lowest_unreserved()
+        if start is not None and all(b in self._free and b not in self._reserved
+                                     for b in range(start, start + max(reserve, count))):
+            blocks = list(range(start, start + count))
+            for block in blocks:
+                self._take(block)
+            aside = set(range(start + count, start + reserve))
+            for block in aside:
+                self._reserved[block] = owner
+            if aside:
+                self._reservations.setdefault(owner, set()).update(aside)
+            return blocks
+        blocks: list[int] = []
+        for _ in range(count):
+            blocks.append(self.allocate(after=blocks[-1] if blocks else None, owner=owner))
+        return blocks
+
+    def unreserve(self, owner: Hashable) -> None:
+        """Give back what was set aside for `owner` (it finished or was preempted)."""
+        for block in self._reservations.pop(owner, ()):
+            if self._reserved.get(block) == owner:
+                del self._reserved[block]
+
+    def _lowest_unreserved(self) -> int | None:
+        skipped, found = [], None
+        while self._heap:
+            block = self._heap[0]
+            if block not in self._free:
+                heapq.heappop(self._heap)  # taken since it was freed: stale
+            elif block in self._reserved:
+                skipped.append(heapq.heappop(self._heap))
+            else:
+                found = block
+                break
+        for block in skipped:
+            heapq.heappush(self._heap, block)
+        return found
 
     def pend(self, block: int, key: bytes) -> None:
         """Block `block` is about to hold the prefix `key` (its sequence is computing it)."""
@@ -140,6 +191,7 @@ class BlockPool:
                 if key is not None:
                     del self._block_of[key]
                 self._free.add(block)
+                heapq.heappush(self._heap, block)
 
     def _unpend(self, block: int) -> None:
         key = self._pending_key.pop(block, None)
@@ -150,4 +202,7 @@ class BlockPool:
         if self.refs[block] == 0:
             self._free.discard(block)
             self._cached.pop(block, None)
+            owner = self._reserved.pop(block, None)
+            if owner is not None:
+                self._reservations[owner].discard(block)
         self.refs[block] += 1

@@ -198,7 +198,7 @@ class Scheduler:
                     preempted = True
                 if seq.status is Status.WAITING:  # it was the newest itself
                     break
-                seq.blocks.append(self.pool.allocate(after=seq.blocks[-1] if seq.blocks else None))
+                seq.blocks.append(self.pool.allocate(after=seq.blocks[-1] if seq.blocks else None, owner=seq))
             index += 1
         return preempted
 
@@ -219,9 +219,12 @@ class Scheduler:
             self.pool.release(matched)
             self.pool.hits -= len(matched)
             return False
-        seq.blocks = list(matched)
-        for _ in range(needed):
-            seq.blocks.append(self.pool.allocate(after=seq.blocks[-1] if seq.blocks else None))
+        if matched:
+            seq.blocks = list(matched)
+            for _ in range(needed):
+                seq.blocks.append(self.pool.allocate(after=seq.blocks[-1], owner=seq))
+        else:  # one run with room to grow, where the free blocks allow (a view of the cache, not a gather, on CPU)
+            seq.blocks = self.pool.allocate_run(needed, -(-(len(seq.prompt_ids) + seq.budget) // size), owner=seq)
         for index in range(len(matched), min(len(seq.keys), target // size)):  # its full prompt blocks to come
             self.pool.pend(seq.blocks[index], seq.keys[index])
         seq.registered = len(matched)
@@ -248,6 +251,7 @@ class Scheduler:
         """Back to the head of the queue with its output so far; its blocks go back (the full ones stay cached)."""
         self.running.remove(seq)
         self.pool.release(seq.blocks)
+        self.pool.unreserve(seq)
         seq.blocks, seq.num_computed, seq.registered = [], 0, 0
         seq.status = Status.WAITING
         seq.preemptions += 1
@@ -261,6 +265,7 @@ class Scheduler:
             self.running.remove(seq)
             # Its full blocks stay cached for later prefixes, unless its KV may be bad (a failed sequence).
             self.pool.release(seq.blocks, keep=keep_kv)
+            self.pool.unreserve(seq)
             seq.blocks = []
         seq.status = Status.FINISHED
 

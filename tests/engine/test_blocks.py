@@ -111,3 +111,27 @@ def test_a_pending_prefix_is_known_until_computed_or_released():
     assert not pool.is_pending(key_a) and pool.is_pending(key_b)
     pool.release([b])  # its sequence went away before computing it
     assert not pool.is_pending(key_b)
+
+
+def test_a_run_with_room_to_grow_is_set_aside_softly():
+    pool = BlockPool(12, 4)
+    a = pool.allocate_run(2, 5, owner="a")  # blocks 0, 1 now; 2, 3, 4 set aside for a's growth
+    b = pool.allocate_run(2, 3, owner="b")  # placed after a's room: 5, 6; 7 aside
+    assert (a, b) == ([0, 1], [5, 6])
+    assert pool.allocate(after=1, owner="a") == 2  # a grows into its room: still one run
+    assert pool.allocate(after=6, owner="b") == 7
+    assert pool.allocate(after=7, owner="b") == 8  # past its room: the next free block nobody set aside
+    assert pool.allocate() == 9  # a newcomer skips a's room (3, 4)
+    pool.unreserve("a")
+    assert pool.allocate() == 3
+    # Under pressure a room is taken by others: nothing is refused while any block is free.
+    pool.allocate_run(1, 3, owner="c")  # 4 now: 10, 11 do not make a run of 3, so c gets 4 and no room
+    assert pool.allocate() == 10 and pool.allocate() == 11 and pool.available == 0
+    assert sorted(pool._reserved) == []
+
+
+def test_another_sequences_room_is_taken_only_when_nothing_else_is_free():
+    pool = BlockPool(4, 4)
+    assert pool.allocate_run(1, 4, owner="a") == [0]  # 1, 2, 3 aside
+    assert pool.allocate(owner="b") == 1  # all free blocks are a's room: b takes one
+    assert pool.allocate(after=0, owner="a") == 2  # 1 is gone: a still gets a block of its room
