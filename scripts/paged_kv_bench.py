@@ -13,7 +13,7 @@ One checkpoint (written with the small preset if missing), one engine per settin
 - `prefix`: --chats conversations that share a --system-tokens system prompt, each with its own --user-tokens,
   submitted together, with prefix caching and without. Printed: time to first token p50 / p90, prompt tokens
   computed (the rest came from the cache) and wall time.
-- `blocks`: decode throughput at concurrency --concurrency (prompts of --prompt-tokens, --max-new-tokens new,
+- `blocks`: throughput at concurrency --concurrency (--round-requests prompts of --prompt-tokens, --max-new-tokens new,
   greedy and top_p 0.8) for the slot cache and block sizes --sizes, --rounds rounds alternating the order. What the
   CPU default block size is chosen from.
 
@@ -65,6 +65,8 @@ async def capacity(loaded, vocab, args) -> list[str]:
             EngineConfig(max_seq_len=args.slot_tokens, block_size=args.block_size, max_batch_size=args.max_rows,
                          kv_cache_bytes=budget, max_waiting=args.requests),
     }
+    if args.paged_only:
+        settings.pop(next(iter(settings)))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     rows = [f"KV budget {budget / 2**30:.2f} GiB ({args.slots} x {args.slot_tokens} tokens), {args.requests} requests "
             f"of {args.prompt_tokens} + {args.max_new_tokens} tokens submitted at once, sampled for {args.window:.0f} s",
@@ -144,14 +146,16 @@ async def blocks(loaded, vocab, args) -> list[str]:
         order = list(engines.items())
         order = order if round_ % 2 == 0 else order[::-1]
         for index, (name, engine) in enumerate(order):
-            for sampling, params in samplings.items():
-                prompts = random_prompts(vocab, args.concurrency * 2, args.prompt_tokens, 100 * round_ + index)
+            for which, (sampling, params) in enumerate(samplings.items()):
+                # Prompts of their own per run: no run finds another's prefix in the cache.
+                prompts = random_prompts(vocab, args.round_requests, args.prompt_tokens,
+                                         1000 * round_ + 10 * index + which)
                 records, wall = await run_engine_load(engine, prompts, params, args.concurrency)
                 rates[(name, sampling)].append(summarize("engine", args.concurrency, records, wall).output_tokens_per_s)
     for engine in engines.values():
         await engine.shutdown()
     base = statistics.median(rates[("slot cache", "greedy")])
-    rows = [f"concurrency {args.concurrency}, {args.concurrency * 2} requests of {args.prompt_tokens} + "
+    rows = [f"concurrency {args.concurrency}, {args.round_requests} requests of {args.prompt_tokens} + "
             f"{args.max_new_tokens} tokens per round, {args.rounds} rounds (order alternating)", "",
             "| cache | greedy tok/s per round | median | vs slot cache | top_p 0.8 median | top_p vs greedy |",
             "|---|---|---:|---:|---:|---:|"]
@@ -178,6 +182,7 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=256, help="max_batch_size of the paged engine (capacity)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--paged-only", action="store_true", help="capacity: skip the slot cache")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--chats", type=int, default=16)
@@ -186,6 +191,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-requests", type=int, default=32, help="blocks: requests per round and setting")
     args = parser.parse_args()
     if not (args.checkpoint / "config.json").exists():
         write_demo_checkpoint(args.checkpoint, "small")

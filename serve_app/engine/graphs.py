@@ -12,7 +12,8 @@ piece of bookkeeping here (bucket choice, padding, copy-in, slicing the result) 
 step itself (forward and sampling, per bucket) goes through torch.compile first (fullgraph, static shapes; the
 Triton matmul stays one opaque op), and the graph records the compiled kernels.
 
-A graph reads its inputs by address: the static buffers (owned here), the KV cache and the model's rotary tables.
+A graph reads its inputs by address: the static buffers (owned here), the KV cache (with its per-block logical
+indices, which the flex mask reads) and the model's rotary tables.
 `run` checks before every replay that none of them has been reallocated since capture (it raises rather than let
 a graph read freed memory).
 """
@@ -198,9 +199,11 @@ class DecodeGraphs:
         return bucket_for(rows, self.buckets)
 
     def read_addresses(self) -> tuple[int, ...]:
-        """Where the graphs' inputs outside this object live now: the KV cache and the rotary tables."""
+        """Where the graphs' inputs outside this object live now: the KV cache (its blocks and their logical
+        indices) and the rotary tables."""
         cos, sin = self.model.rope(self.cache.max_positions)
-        return tuple(t.data_ptr() for t in self.cache.k + self.cache.v) + (cos.data_ptr(), sin.data_ptr())
+        return tuple(t.data_ptr() for t in self.cache.k + self.cache.v) + (
+            self.cache.block_logical.data_ptr(), cos.data_ptr(), sin.data_ptr())
 
     def capture_all(self) -> dict:
         """Capture every bucket and sampling variant now; returns {"seconds", "graphs"}."""

@@ -105,3 +105,25 @@ def test_the_flex_mask_lists_each_rows_table_and_nothing_else():
     order0 = [b * 256 + o for b in (3, 1, 0) for o in range(256)][:600]
     assert seen[0] == sorted(order0)
     assert seen[1] == list(range(512, 512 + 200))
+
+
+@pytest.mark.slow
+def test_compiled_flex_over_block_tables_equals_eager():
+    """What the GPU decode path compiles, over tables of several scattered blocks (inductor's CPU flex template
+    here; it takes a minute or two to compile, hence slow)."""
+    from serve_app.model.attention import flex_decode
+
+    generator = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 1, 2, 6 * 256, 32, generator=generator)  # [1, G, blocks * block_size, D] each
+    tables, lens = torch.tensor([[4, 0, 2], [1, 5, 5], [3, 3, 3]]), torch.tensor([700, 300, 17])
+    q = torch.randn(3, 8, 1, 32, generator=generator)
+    compiled = torch.compile(flex_decode)(q, keys, values, tables, lens, 256)
+    eager = flex_decode(q, keys, values, tables, lens, 256)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    # And the reference: each row's keys gathered in table order, plain softmax attention.
+    for row in range(3):
+        picked = torch.cat([torch.arange(b * 256, (b + 1) * 256) for b in tables[row].tolist()])[: lens[row]]
+        k, v = keys[0][:, picked], values[0][:, picked]  # [G, L, D]
+        qr = q[row, :, 0].view(2, 4, 32)  # heads grouped by their kv head
+        want = torch.softmax(qr @ k.transpose(1, 2) / 32**0.5, -1) @ v  # [G, 4, D]
+        torch.testing.assert_close(eager[row, :, 0], want.reshape(8, 32), rtol=1e-4, atol=1e-4)
