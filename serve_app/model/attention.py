@@ -126,6 +126,8 @@ class StepPlan:
     decode_rows: Tensor | None = None
     block_size: int = 0
     gathers: dict[int, Tensor] = field(default_factory=dict)
+    # span index -> (start, stop) of its keys in the layer cache viewed as one sequence, for spans whose blocks run
+    runs: dict[int, tuple[int, int]] = field(default_factory=dict)
     block_mask: object | None = None  # the flex backend's, built once per step by its `prepare`
     _masks: dict[int, Tensor] = field(default_factory=dict)
 
@@ -170,8 +172,13 @@ def plan_step(
     for s in decode:
         host += s.blocks[:width] + (s.blocks[0],) * (width - len(s.blocks))
     host += [s.kv_len for s in decode] + [s.start for s in decode]
-    gathered = [(i, s.used_blocks(block_size)) for i, s in enumerate(spans)
-                if s.length > 1 and s.run_start(block_size) is None]
+    gathered, runs = [], {}
+    for i, s in enumerate(spans):
+        first = s.run_start(block_size)
+        if first is not None:
+            runs[i] = (first * block_size, first * block_size + s.kv_len)
+        elif s.length > 1:
+            gathered.append((i, s.used_blocks(block_size)))
     for _, used in gathered:
         host += used
     packed = torch.tensor(host, dtype=torch.int64)
@@ -181,7 +188,7 @@ def plan_step(
     if len(token_ids) != n:
         raise ValueError(f"{len(token_ids)} token ids for spans covering {n} tokens")
     plan = StepPlan(spans, packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], packed[3 * n : 3 * n + r],
-                    block_size=block_size)
+                    block_size=block_size, runs=runs)
     base = 3 * n + r
     if decode:
         d = len(decode)
@@ -197,13 +204,14 @@ def plan_step(
     return plan
 
 
-def span_keys(layer: Tensor, plan: StepPlan, index: int) -> Tensor:
-    """Span `index`'s keys (or values) [G, kv_len, D] from a layer's cache [G, blocks, block_size, D]: a view when its
-    blocks are one run, else a gather of its blocks (one copy)."""
+def span_keys(layer: Tensor, flat: Tensor, plan: StepPlan, index: int) -> Tensor:
+    """Span `index`'s keys (or values) [G, kv_len, D] from a layer's cache [G, blocks, block_size, D] (`flat`: the
+    same viewed as [G, blocks * block_size, D]): a view when its blocks are one run, else a gather of its blocks (one
+    copy)."""
+    run = plan.runs.get(index)
+    if run is not None:
+        return flat[:, run[0] : run[1]]
     span, size = plan.spans[index], plan.block_size or layer.shape[2]
-    first = span.run_start(size)
-    if first is not None:
-        return layer.flatten(1, 2)[:, first * size : first * size + span.kv_len]
     index_tensor = plan.gathers.get(index)
     if index_tensor is None:  # a decode span left to this path: gather its blocks here
         index_tensor = torch.tensor(span.used_blocks(size), device=layer.device)
@@ -227,12 +235,15 @@ class SlotViewAttention:
         per_group = heads // groups
         scale = 1.0 / math.sqrt(dim)
         out = q.new_empty(tokens, heads * dim)
+        flat_k, flat_v = layer_k.flatten(1, 2), layer_v.flatten(1, 2)  # views: [G, blocks * block_size, D]
         for index, span in enumerate(plan.spans):
             if skip_single and span.length == 1:
                 continue
             t, length = span.length, span.kv_len
-            keys = span_keys(layer_k, plan, index).to(q.dtype)  # [G, L, D], a view when dtypes agree and blocks run
-            values = span_keys(layer_v, plan, index).to(q.dtype)
+            keys = span_keys(layer_k, flat_k, plan, index)  # [G, L, D]: a view when the blocks run
+            values = span_keys(layer_v, flat_v, plan, index)
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
             # [T, heads, D] -> [G, heads/G * T, D]: the rows of one kv group share its keys.
             qg = q[span.start : span.start + t].view(t, groups, per_group, dim).permute(1, 2, 0, 3)
             qg = qg.reshape(groups, per_group * t, dim)

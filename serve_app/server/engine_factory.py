@@ -93,10 +93,11 @@ def build_engine(config: PoolConfig) -> ReplicaEngine:
 def _log_ready(name: str, loaded, engine, share: float | None, plan) -> None:
     stats = engine.stats()
     logger.info(
-        "pool %s ready: %s on %s, kernels %s, dense linears %s, %.1f MB of weights, KV cache %.1f MB (%d slots of "
-        "%d tokens)%s",
+        "pool %s ready: %s on %s, kernels %s, dense linears %s, %.1f MB of weights, KV cache %.1f MB (%d blocks of "
+        "%d tokens: %d sequences of %d tokens, up to %d decoded together)%s",
         name, loaded.precision, loaded.device, loaded.kernels or "none (not quantized)", loaded.dense_kernels or "aten",
-        loaded.weight_bytes() / 1e6, stats.kv_cache_bytes / 1e6, stats.num_slots, stats.max_seq_len,
+        loaded.weight_bytes() / 1e6, stats.kv_cache_bytes / 1e6, stats.num_blocks, stats.block_size,
+        stats.kv_capacity_tokens // stats.max_seq_len, stats.max_seq_len, stats.num_slots,
         f", GPU share {share} ({plan.budget_bytes / 2**30:.1f} GiB, allocator fraction "
         f"{plan.memory_fraction:.3f})" if plan else "",
     )
