@@ -115,6 +115,8 @@ class Sequence:
     registered: int = 0  # leading blocks offered to the prefix cache
     cached_prompt_tokens: int = 0
     preemptions: int = 0
+    penalty_row: int | None = None  # its row of the runner's token history while it runs, when it has penalties
+    history_loaded: bool = False
     abort_requested: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -164,6 +166,7 @@ class Scheduler:
         self.salt = salt  # what else changes the KV of a prefix (room for an adapter id): part of every block key
         self.watermark = int(pool.num_blocks * ADMIT_WATERMARK)
         self.preemptions = 0
+        self.free_penalty_rows = list(range(max_running))[::-1]  # a running sequence with penalties holds one
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -229,6 +232,8 @@ class Scheduler:
             self.pool.pend(seq.blocks[index], seq.keys[index])
         seq.registered = len(matched)
         seq.num_computed = len(matched) * size
+        if seq.params.penalized:  # its counts are (re)loaded from its tokens before its first step
+            seq.penalty_row, seq.history_loaded = self.free_penalty_rows.pop(), False
         if not seq.output_ids:
             seq.cached_prompt_tokens = seq.num_computed
         seq.status = Status.PREFILLING
@@ -252,6 +257,7 @@ class Scheduler:
         self.running.remove(seq)
         self.pool.release(seq.blocks)
         self.pool.unreserve(seq)
+        self._give_back_row(seq)
         seq.blocks, seq.num_computed, seq.registered = [], 0, 0
         seq.status = Status.WAITING
         seq.preemptions += 1
@@ -266,8 +272,14 @@ class Scheduler:
             # Its full blocks stay cached for later prefixes, unless its KV may be bad (a failed sequence).
             self.pool.release(seq.blocks, keep=keep_kv)
             self.pool.unreserve(seq)
+            self._give_back_row(seq)
             seq.blocks = []
         seq.status = Status.FINISHED
+
+    def _give_back_row(self, seq: Sequence) -> None:
+        if seq.penalty_row is not None:
+            self.free_penalty_rows.append(seq.penalty_row)
+            seq.penalty_row = None
 
 
 class Engine:
@@ -574,16 +586,20 @@ class Engine:
         """One packed forward and on-device sampling: (sequence, tokens computed, chosen id, -1 for NaN/Inf logits,
         or None when no token is due)."""
         work, computed = [], []
+        for seq in [seq for seq, _ in batch.prefills] + batch.decodes:
+            if seq.penalty_row is not None and not seq.history_loaded:
+                self.runner.load_history(seq.penalty_row, seq.prompt_ids, seq.output_ids)
+                seq.history_loaded = True
         for seq, chunk in batch.prefills:
             start = seq.num_computed
             # A token is due at the end of the prompt; a preempted sequence's recompute ends before its last token.
             done = start + chunk == seq.prefill_target and not seq.output_ids
             work.append(Work(seq.token_ids[start : start + chunk], tuple(seq.blocks), start,
-                             seq.params if done else None, seq.seed))
+                             seq.params if done else None, seq.seed, penalty_row=seq.penalty_row))
             computed.append((seq, chunk))
         for seq in batch.decodes:
             work.append(Work([seq.output_ids[-1]], tuple(seq.blocks), seq.num_computed, seq.params, seq.seed,
-                             len(seq.output_ids)))
+                             len(seq.output_ids), seq.penalty_row))
             computed.append((seq, 1))
         ids = self.runner.step(work)
         return [(seq, n, token) for (seq, n), token in zip(computed, ids)]

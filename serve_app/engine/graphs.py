@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from serve_app.engine.params import MAX_BIAS, MAX_STOP_TOKEN_IDS
-from serve_app.engine.sampling import SamplingTensors, sample
+from serve_app.engine.sampling import Penalties, SamplingTensors, TokenHistory, sample
 from serve_app.model.attention import ROW_BUCKETS, StepPlan, as_table, run_under_recompile_limit
 from serve_app.model.chatglm2 import KVCache
 
@@ -96,7 +96,7 @@ class DecodeRows:
 class StaticDecode:
     """The static buffers of one bucket; `fill` copies a step's rows in and pads the rest."""
 
-    def __init__(self, rows: int, cache: KVCache, device):
+    def __init__(self, rows: int, cache: KVCache, device, history: TokenHistory | None = None):
         long = {"dtype": torch.int64, "device": device}
         self.rows = rows
         self.scratch = cache.scratch_block
@@ -119,6 +119,12 @@ class StaticDecode:
         self.seed_lo = torch.zeros(rows, **long)
         self.seed_hi = torch.zeros(rows, **long)
         self.sample_positions = torch.ones(rows, **long)
+        # Penalties, always applied in a graph (the spare history row and neutral factors change nothing).
+        self.history = history
+        if history is not None:
+            floats = {"dtype": torch.float32, "device": device}
+            self.penalties = Penalties(torch.full((rows,), history.spare, **long), torch.ones(rows, **floats),
+                                       torch.zeros(rows, **floats), torch.zeros(rows, **floats), history)
 
     def plan(self) -> StepPlan:
         return StepPlan([], self.input_ids, self.positions, self.write_index, self.logit_rows, self.tables, self.lens,
@@ -126,7 +132,8 @@ class StaticDecode:
 
     def settings(self, any_sampled: bool, needs_sort: bool) -> SamplingTensors:
         return SamplingTensors(self.temperature, self.top_p, self.top_k, self.min_p, self.greedy, self.seed_lo,
-                               self.seed_hi, any_sampled, needs_sort, self.bias_ids, self.bias_values)
+                               self.seed_hi, any_sampled, needs_sort, self.bias_ids, self.bias_values,
+                               self.penalties if self.history is not None else None)
 
     def fill(self, rows: DecodeRows, settings: SamplingTensors) -> None:
         """Copy the step in (one host tensor, one copy) and reset the padding rows."""
@@ -172,6 +179,17 @@ class StaticDecode:
             width = settings.bias_ids.shape[1]
             self.bias_ids[:n, :width].copy_(settings.bias_ids)
             self.bias_values[:n, :width].copy_(settings.bias_values)
+        if self.history is not None:
+            mine, given = self.penalties, settings.penalties
+            for buffer, values, fill in ((mine.rows, given and given.rows, self.history.spare),
+                                         (mine.repetition, given and given.repetition, 1.0),
+                                         (mine.presence, given and given.presence, 0.0),
+                                         (mine.frequency, given and given.frequency, 0.0)):
+                if values is None:
+                    buffer.fill_(fill)
+                else:
+                    buffer[:n].copy_(values)
+                    buffer[n:].fill_(fill)
 
 
 class DecodeGraphs:
@@ -181,7 +199,8 @@ class DecodeGraphs:
     otherwise each is captured the first time a step needs it."""
 
     def __init__(self, model, cache: KVCache, attention, device, capture: Capture, max_rows: int,
-                 buckets: tuple[int, ...] = BUCKETS, compile_step: bool = False, compile_backend: str = "inductor"):
+                 history: TokenHistory | None = None, buckets: tuple[int, ...] = BUCKETS, compile_step: bool = False,
+                 compile_backend: str = "inductor"):
         if cache.scratch_block is None:
             raise ValueError("decode graphs need a KV cache with a scratch block for padding rows")
         if attention.name != "flex":
@@ -191,6 +210,7 @@ class DecodeGraphs:
         self.buckets = buckets_for(max_rows, buckets)
         self.compile_step = compile_step
         self._compile_backend = compile_backend
+        self.history = history
         self._static: dict[int, StaticDecode] = {}
         self._replays: dict[tuple[int, bool, bool], Callable[[], StepOutputs]] = {}
         self._addresses: tuple[int, ...] | None = None  # of what the graphs read, at the first capture
@@ -202,8 +222,9 @@ class DecodeGraphs:
         """Where the graphs' inputs outside this object live now: the KV cache (its blocks and their logical
         indices) and the rotary tables."""
         cos, sin = self.model.rope(self.cache.max_positions)
+        history = () if self.history is None else (self.history.counts.data_ptr(), self.history.seen.data_ptr())
         return tuple(t.data_ptr() for t in self.cache.k + self.cache.v) + (
-            self.cache.block_logical.data_ptr(), cos.data_ptr(), sin.data_ptr())
+            self.cache.block_logical.data_ptr(), cos.data_ptr(), sin.data_ptr()) + history
 
     def capture_all(self) -> dict:
         """Capture every bucket and sampling variant now; returns {"seconds", "graphs"}."""
@@ -234,7 +255,7 @@ class DecodeGraphs:
     def _static_for(self, bucket: int) -> StaticDecode:
         static = self._static.get(bucket)
         if static is None:
-            static = self._static[bucket] = StaticDecode(bucket, self.cache, self.device)
+            static = self._static[bucket] = StaticDecode(bucket, self.cache, self.device, self.history)
         return static
 
     def _replay_for(self, static: StaticDecode, any_sampled: bool, needs_sort: bool) -> Callable[[], StepOutputs]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from serve_app.engine.errors import ContextLengthExceeded
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+MAX_REPETITION_PENALTY = 10.0  # well past any useful value (1.1 to 1.3 are usual); keeps logits finite
 MAX_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
 MAX_STOP_TOKEN_IDS = 64
 
@@ -28,6 +29,12 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits before temperature (OpenAI's logit_bias); at most MAX_BIAS of them
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     min_tokens: int = 0  # the stop ids (eos unless ignore_eos, stop_token_ids) cannot be chosen before this many
+    # transformers' / the official generate's: logits of every token seen (prompt and output) divided by it when
+    # positive, multiplied when negative; 1 = off
+    repetition_penalty: float = 1.0
+    # OpenAI's, over generated tokens: logit -= presence * (count > 0) + frequency * count; 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0 and self.temperature < float("inf")):
@@ -50,6 +57,16 @@ class SamplingParams:
             raise ValueError("logit_bias needs token ids >= 0 and biases in [-100, 100]")
         if any(token < 0 for token in self.stop_token_ids):
             raise ValueError("stop_token_ids must be >= 0")
+        if not (0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}] (1 = off), not "
+                             f"{self.repetition_penalty}")
+        if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty needs the sequence's token counts."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def token_ids(self) -> set[int]:
         """Every token id these settings name (checked against the vocabulary by the engine)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from serve_app.engine.graphs import BUCKETS, Capture, CudaGraphCapture, DecodeGraphs, DecodeRows
 from serve_app.engine.params import SamplingParams, stop_ids
-from serve_app.engine.sampling import SamplingTensors, resample_overflow, sample
+from serve_app.engine.sampling import Penalties, SamplingTensors, TokenHistory, resample_overflow, sample
 from serve_app.model import compute
 from serve_app.model.attention import FLEX_BLOCK, Span, as_table, make_backend, plan_step
 from serve_app.model.chatglm2 import KVCache
@@ -32,6 +32,7 @@ class Work:
     params: SamplingParams | None  # None when no token is due (a prefill chunk that does not end the prompt)
     seed: int = 0
     generated: int = 0  # tokens the sequence has generated so far (for min_tokens)
+    penalty_row: int | None = None  # its row of the runner's TokenHistory (`load_history`), when it has penalties
 
     def __post_init__(self):
         self.blocks = as_table(self.blocks)
@@ -85,10 +86,12 @@ class ModelRunner:
             num_blocks = num_blocks if num_blocks is not None else max_rows * width
         self.cache = KVCache(loaded.config, num_blocks, block_size, dtype=loaded.dtype, device=self.device,
                              scratch=use_graphs, table_width=width)
+        self.history = TokenHistory(max_rows, loaded.config.padded_vocab_size, self.device)
         self.graphs = None
         if use_graphs:
             capture = capture or CudaGraphCapture()
-            self.graphs = DecodeGraphs(loaded.model, self.cache, self.attention, self.device, capture, max_rows, buckets,
+            self.graphs = DecodeGraphs(loaded.model, self.cache, self.attention, self.device, capture, max_rows,
+                                       self.history, buckets,
                                        compile_step=compile_decode, compile_backend=compile_backend)
 
     @property
@@ -118,6 +121,11 @@ class ModelRunner:
         return report
 
     @compute.confined
+    def load_history(self, row: int, prompt_ids: list[int], output_ids: list[int]) -> None:
+        """Give a sequence with penalties history row `row` (before its first step, and again after a preemption)."""
+        self.history.load(row, prompt_ids, output_ids)
+
+    @compute.confined
     def step(self, work: list[Work]) -> list[int | None]:
         """Per work item: the chosen id, -1 when its logits were NaN/Inf, None when no token was due."""
         return self.step_logits(work)[0]
@@ -134,6 +142,9 @@ class ModelRunner:
         settings = SamplingTensors.build(
             [w.params for w in due], [w.seed for w in due], self.loaded.config.padded_vocab_size, self.device, suppress
         )
+        if any(w.penalty_row is not None for w in due):
+            settings.penalties = Penalties.build([w.params for w in due], [w.penalty_row for w in due],
+                                                 self.history, self.device)
         decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work)
         if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:
             rows = DecodeRows([w.token_ids[0] for w in work], [w.blocks for w in work], [w.position for w in work])
@@ -143,6 +154,8 @@ class ModelRunner:
             logits, sample_positions = self._forward(work)
             ids = sample(logits, settings, sample_positions).tolist()  # the step's one device-to-host copy
         ids = resample_overflow(ids, logits, settings, sample_positions)
+        counted = [(w.penalty_row, t) for w, t in zip(due, ids) if w.penalty_row is not None and t >= 0]
+        self.history.record([row for row, _ in counted], [t for _, t in counted])
         chosen = iter(ids)
         return [next(chosen) if w.params is not None else None for w in work], logits
 

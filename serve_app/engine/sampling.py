@@ -83,6 +83,71 @@ def gumbel_noise(keys: Tensor, vocab: int, ids: Tensor | None = None) -> Tensor:
     return -torch.log(-torch.log(uniform))
 
 
+class TokenHistory:
+    """Per-sequence token counts on the device, for the penalties: rows [max_rows + 1, vocab], the last a spare row
+    that stays empty (rows without penalties read it). `counts` are generated tokens (OpenAI's penalties), `seen`
+    the prompt's tokens (with the counts, what transformers' repetition penalty looks at). Allocated once: captured
+    decode graphs read them by address."""
+
+    def __init__(self, max_rows: int, vocab: int, device):
+        self.spare = max_rows
+        self.counts = torch.zeros(max_rows + 1, vocab, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(max_rows + 1, vocab, dtype=torch.bool, device=device)
+
+    def load(self, row: int, prompt_ids: list[int], output_ids: list[int]) -> None:
+        """Start row `row` for a sequence (new, or resumed after a preemption with its output so far)."""
+        device = self.counts.device
+        self.counts[row].zero_()
+        self.seen[row].zero_()
+        self.seen[row, torch.tensor(prompt_ids, dtype=torch.int64, device=device)] = True
+        if output_ids:
+            ids = torch.tensor(output_ids, dtype=torch.int64, device=device)
+            self.counts[row].index_put_((ids,), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+
+    def record(self, rows: list[int], ids: list[int]) -> None:
+        """Count the tokens just chosen (one per row)."""
+        if rows:
+            device = self.counts.device
+            index = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
+            self.counts.index_put_(index, torch.ones(len(rows), dtype=torch.int32, device=device), accumulate=True)
+
+
+@dataclass
+class Penalties:
+    """The penalties of a batch's rows [B]: which history row each reads and its three factors."""
+
+    rows: Tensor  # int64 rows of TokenHistory (its spare row for rows without penalties)
+    repetition: Tensor  # fp32, 1 = off
+    presence: Tensor  # fp32, 0 = off
+    frequency: Tensor  # fp32, 0 = off
+    history: TokenHistory
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """logits [B, V] fp32 with every row's penalties applied: repetition over the tokens seen (transformers'
+        RepetitionPenaltyLogitsProcessor), then presence and frequency over the generated ones (OpenAI's)."""
+        counts = self.history.counts[self.rows]  # [B, V]
+        generated = counts > 0
+        seen = self.history.seen[self.rows] | generated
+        repetition = self.repetition[:, None]
+        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalized, logits)
+        return logits - self.presence[:, None] * generated - self.frequency[:, None] * counts
+
+    def select(self, rows: Tensor) -> Penalties:
+        return Penalties(self.rows[rows], self.repetition[rows], self.presence[rows], self.frequency[rows],
+                         self.history)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], rows: list[int | None], history: TokenHistory, device) -> Penalties:
+        factors = torch.tensor([[p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                                [p.frequency_penalty for p in params]], dtype=torch.float32)
+        index = torch.tensor([history.spare if r is None else r for r in rows], dtype=torch.int64)
+        if torch.device(device).type == "cuda":
+            factors, index = factors.pin_memory(), index.pin_memory()
+        factors, index = factors.to(device, non_blocking=True), index.to(device, non_blocking=True)
+        return cls(index, factors[0], factors[1], factors[2], history)
+
+
 @dataclass
 class SamplingTensors:
     """Per-row settings on the device [B], plus what the host knows about the batch (which ops are needed)."""
@@ -100,6 +165,7 @@ class SamplingTensors:
     # of a row short of its min_tokens), padded with (0, 0.0); None when no row has any
     bias_ids: Tensor | None = None
     bias_values: Tensor | None = None
+    penalties: Penalties | None = None  # None when no row has any (the eager path then skips them)
 
     def select(self, rows: Tensor) -> SamplingTensors:
         """The settings of some rows only."""
@@ -107,7 +173,8 @@ class SamplingTensors:
         return SamplingTensors(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows],
                                self.greedy[rows], self.seed_lo[rows], self.seed_hi[rows], self.any_sampled,
                                self.needs_sort, self.bias_ids[rows] if biased else None,
-                               self.bias_values[rows] if biased else None)
+                               self.bias_values[rows] if biased else None,
+                               self.penalties.select(rows) if self.penalties is not None else None)
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], vocab: int, device,
@@ -211,6 +278,8 @@ def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candida
     finite = torch.isfinite(logits).all(-1)  # [B], of the model's own logits
     if settings.bias_ids is not None:  # before temperature, for greedy rows too (OpenAI's logit_bias)
         logits = logits.scatter_add(1, settings.bias_ids, settings.bias_values)
+    if settings.penalties is not None:  # then the penalties, also before temperature (as transformers and vLLM)
+        logits = settings.penalties.apply(logits)
     ids = logits.argmax(-1)  # greedy rows
     if settings.any_sampled:
         vocab = logits.shape[-1]

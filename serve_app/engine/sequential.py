@@ -83,7 +83,10 @@ def generate(
 def _generate(runner: ModelRunner, prompt_ids: list[int], params: SamplingParams, budget: int,
               stops: frozenset[int], on_token: Callable[[int], None] | None) -> GenerationOutput:
     seed = request_seed(params)
-    work = Work(list(prompt_ids), 0, 0, params, seed)
+    row = 0 if params.penalized else None  # the one-slot runner's only history row
+    if row is not None:
+        runner.load_history(row, list(prompt_ids), [])
+    work = Work(list(prompt_ids), 0, 0, params, seed, penalty_row=row)
     generated: list[int] = []
     finish_reason = "length"
     while len(generated) < budget:
@@ -96,5 +99,5 @@ def _generate(runner: ModelRunner, prompt_ids: list[int], params: SamplingParams
         if token in stops:
             finish_reason = "stop"
             break
-        work = Work([token], 0, len(prompt_ids) + len(generated) - 1, params, seed, len(generated))
+        work = Work([token], 0, len(prompt_ids) + len(generated) - 1, params, seed, len(generated), row)
     return GenerationOutput(list(prompt_ids), generated, finish_reason)
