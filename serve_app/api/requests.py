@@ -30,7 +30,8 @@ class RequestBuilder:
 
     def params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
                ignore_eos=False, top_k=None, min_p=None, logit_bias=None, stop_token_ids=(),
-               min_tokens=0) -> SamplingParams:
+               min_tokens=0, repetition_penalty=None, presence_penalty=None,
+               frequency_penalty=None) -> SamplingParams:
         d = self.config.defaults
         if max_length is None and max_new_tokens is None:
             max_length = d.max_length
@@ -42,6 +43,9 @@ class RequestBuilder:
             logit_bias=tuple((int(token), bias) for token, bias in (logit_bias or {}).items()),
             stop_token_ids=tuple(stop_token_ids),
             min_tokens=min_tokens,
+            repetition_penalty=repetition_penalty or 1.0,
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
             max_length=max_length,
             max_new_tokens=max_new_tokens,
             seed=seed,
@@ -52,7 +56,9 @@ class RequestBuilder:
     def openai_filters(body) -> dict:
         """The sampling fields of both OpenAI routes beyond temperature and top_p (vLLM's extensions included)."""
         return {"top_k": body.top_k, "min_p": body.min_p, "logit_bias": body.logit_bias,
-                "stop_token_ids": body.stop_token_ids, "min_tokens": body.min_tokens}
+                "stop_token_ids": body.stop_token_ids, "min_tokens": body.min_tokens,
+                "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,
+                "frequency_penalty": body.frequency_penalty}
 
     def check_prompt(self, text: str, param: str) -> None:
         if not text.strip():
@@ -102,17 +108,19 @@ class RequestBuilder:
         self.check_history(body.history)
         return self.bounded(TextRequest(
             request_id=uuid.uuid4().hex,
-            params=self.params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length),
+            params=self.params(temperature=body.temperature, top_p=body.top_p, max_length=body.max_length,
+                               repetition_penalty=body.repetition_penalty),
             prompt=ChatPrompt(body.prompt, list(body.history)),
         ), "prompt")
 
     def chat_turn(self, body: StreamChatRequest) -> TextRequest:
         """The explorer's streaming API over HTTP (/chat, /stream) and WebSocket."""
         return self.turn(body.query, body.history, temperature=body.temperature, top_p=body.top_p,
-                         max_length=body.max_length)
+                         max_length=body.max_length, repetition_penalty=body.repetition_penalty)
 
     def turn(self, query: str, history: list[tuple[str, str]], *, temperature: float | None = None,
-             top_p: float | None = None, max_length: int | None = None) -> TextRequest:
+             top_p: float | None = None, max_length: int | None = None,
+             repetition_penalty: float | None = None) -> TextRequest:
         """A turn of the explorer's streaming API (HTTP, WebSocket, gRPC) from values already within its fields' bounds:
         the last `max_history_rounds` rounds kept."""
         self.check_prompt(query, "query")
@@ -120,7 +128,8 @@ class RequestBuilder:
         keep = self.config.max_history_rounds
         return self.bounded(TextRequest(
             request_id=uuid.uuid4().hex,
-            params=self.params(temperature=temperature, top_p=top_p, max_length=max_length),
+            params=self.params(temperature=temperature, top_p=top_p, max_length=max_length,
+                               repetition_penalty=repetition_penalty),
             prompt=ChatPrompt(query, list(history)[-keep:] if keep else []),
         ), "query")
 

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from serve_app.api.error_table import APIError
-from serve_app.engine.params import MAX_BIAS, MAX_STOP_TOKEN_IDS
+from serve_app.engine.params import MAX_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKEN_IDS
 from serve_app.server.messages import Usage
 
 
@@ -64,6 +64,10 @@ TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False, des
 # absurd integers out; past the vocabulary it keeps every token too.
 TopK = Annotated[int, Strict(), Field(ge=-1, le=1_000_000, description="keep the k most likely tokens; -1 or 0: all"),
                  BeforeValidator(_integral)]
+RepetitionPenalty = Annotated[float, Strict(), Field(
+    gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
+    description="transformers' repetition_penalty over prompt and reply tokens: > 1 repeats less; 1: off")]
+Penalty = Annotated[float, Strict(), Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 MinP = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False,
                                         description="keep tokens at least min_p times as likely as the top one; 0: all")]
 # Bounds go on the int itself, before the validator that accepts 5.0: after it, pydantic would apply them as a
@@ -139,7 +143,6 @@ def _only(value, kind: type, json_type: str):
 
 OnlyFalse = _only(False, bool, "boolean")
 OnlyOne = Annotated[_only(1, int, "integer"), BeforeValidator(_integral)]
-OnlyZero = _only(0.0, float, "number")
 
 
 # --- the official api.py, and its /chatglm alias -------------------------------------------------------------------
@@ -157,6 +160,7 @@ class ApiPyRequest(_Strict):
     max_length: MaxLength | None = None
     top_p: TopP | None = None
     temperature: Temperature | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
 
 
@@ -181,6 +185,7 @@ class StreamChatRequest(_Strict):
     max_length: MaxLength | None = None
     top_p: TopP | None = None
     temperature: Temperature | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
 
 
@@ -266,6 +271,11 @@ class _OpenAICommon(_Strict):
     logit_bias: LogitBias | None = None
     stop_token_ids: StopTokenIds = Field(default_factory=list)
     min_tokens: MinTokens = 0
+    repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: Penalty | None = Field(default=None, description="OpenAI's: minus this times each token's "
+                                              "count in the reply so far")
+    presence_penalty: Penalty | None = Field(default=None, description="OpenAI's: minus this for each token already "
+                                             "in the reply")
     max_tokens: MaxTokens | None = None
     stop: Stops = Field(default_factory=list, description="up to 4 non-empty stop strings (or one string)")
     seed: Seed | None = None
@@ -273,9 +283,7 @@ class _OpenAICommon(_Strict):
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    # Accepted for client compatibility; only their neutral values are supported.
-    frequency_penalty: OnlyZero | None = None
-    presence_penalty: OnlyZero | None = None
+    # Accepted for client compatibility; only its neutral value is supported.
     logprobs: OnlyFalse | None = None
     ignore_eos: Bool = Field(default=False, description="generate past eos (benchmarks; as in vLLM)")
 

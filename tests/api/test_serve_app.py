@@ -359,3 +359,39 @@ def test_logit_bias_stop_token_ids_and_min_tokens_through_the_openai_client(clie
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(**body, logit_bias={"999999": 5})
     assert refused.value.body["code"] == "invalid_request" and "999999" in refused.value.body["message"]
+
+
+def test_penalties_through_the_openai_client_equal_the_references(client, base_url, tiny_checkpoint):
+    """frequency_penalty and presence_penalty (OpenAI's fields) and repetition_penalty (vLLM's extension, through
+    extra_body) on a token-id completion: the reply is what greedy decoding gives with transformers' repetition
+    penalty and OpenAI's formula applied at each step of the no-cache reference forward, in this process. A +20
+    bias on one token makes the unpenalized reply a loop; the penalties break it."""
+    from serve_app.engine.params import SamplingParams
+    from serve_app.model.loader import load_model
+    from tests.engine.test_penalties import reference_tokens
+
+    loaded = load_model(tiny_checkpoint, "fp32", "cpu")
+    prompt = [323, 261, 334, 334, 327]  # the tiny checkpoint's ids of "hello hello", as the model's whole input
+    fields = {"frequency_penalty": 2.0, "presence_penalty": 2.0, "repetition_penalty": 1.5}
+    body = {"model": POOLS[0], "prompt": prompt, "temperature": 0, "max_tokens": 12, "logit_bias": {"200": 20}}
+
+    def text_of(params: SamplingParams) -> str:
+        ids = reference_tokens(loaded, prompt, 12, params)
+        reply = httpx.post(f"{base_url}/detokenize", json={"model": POOLS[0], "tokens": ids}, timeout=60)
+        return reply.json()["prompt"]
+
+    got = client.completions.create(**body, frequency_penalty=fields["frequency_penalty"],
+                                    presence_penalty=fields["presence_penalty"],
+                                    extra_body={"repetition_penalty": fields["repetition_penalty"],
+                                                "ignore_eos": True})
+    penalized = text_of(SamplingParams(logit_bias=((200, 20.0),), **fields))
+    assert got.choices[0].text == penalized
+    plain = client.completions.create(**body, extra_body={"ignore_eos": True})
+    assert plain.choices[0].text == text_of(SamplingParams(logit_bias=((200, 20.0),))) != penalized
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=POOLS[0], prompt=prompt, max_tokens=2, frequency_penalty=3.0)
+    assert refused.value.body["param"] == "frequency_penalty"
+    # The official api.py route takes repetition_penalty too.
+    reply = httpx.post(f"{base_url}/", json={"prompt": "你好", "max_length": 64, "repetition_penalty": 1.2,
+                                             "temperature": 0.01}, timeout=60)
+    assert reply.status_code == 200, reply.text

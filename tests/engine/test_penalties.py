@@ -62,10 +62,14 @@ def test_rows_without_penalties_read_the_spare_row_and_are_unchanged():
 
 
 def reference_tokens(loaded, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
-    """Greedy, recomputing the whole sequence each token, the penalties applied as the references say."""
+    """Greedy, recomputing the whole sequence each token, the penalties applied as the references say (after
+    params.logit_bias, as vLLM orders them)."""
     tokens, generated = list(prompt), []
     for _ in range(n):
-        logits = loaded.model(torch.tensor([tokens]), torch.arange(len(tokens))[None], last_only=True)[0, -1:]
+        logits = loaded.model(torch.tensor([tokens]), torch.arange(len(tokens))[None], last_only=True)
+        logits = logits[0, -1:].clone()
+        for token, bias in params.logit_bias:
+            logits[0, token] += bias
         if params.repetition_penalty != 1.0:
             logits = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(torch.tensor([tokens]), logits)
         logits = openai_penalties(logits[0], generated, params.presence_penalty, params.frequency_penalty)
