@@ -40,6 +40,8 @@ def settings(max_new_tokens: int) -> dict[str, SamplingParams]:
         "top_p 0.8 + top_k 40 + min_p 0.05": SamplingParams(**base, top_p=0.8, top_k=40, min_p=0.05),
         "+ logit_bias (20 ids) + min_tokens 16": SamplingParams(**base, top_p=0.8, top_k=40, min_p=0.05,
                                                                 logit_bias=bias, min_tokens=16),
+        "top_p 0.8 + top_k 40 + penalties (repetition 1.1, presence 0.5, frequency 0.5)": SamplingParams(
+            **base, top_p=0.8, top_k=40, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5),
     }
 
 
