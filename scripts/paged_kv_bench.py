@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from serve_app.bench.engine_bench import (  # noqa: E402
     PromptVocab,
-    percentile,
     random_prompts,
     run_engine_load,
     stream_one,
     summarize,
 )
+from serve_app.bench.stats import percentile  # noqa: E402
 from serve_app.engine.engine import Engine, Status  # noqa: E402
 from serve_app.engine.engine_config import EngineConfig  # noqa: E402
 from serve_app.engine.params import SamplingParams  # noqa: E402
@@ -50,7 +50,7 @@ from serve_app.model.loader import load_model  # noqa: E402
 from serve_app.model.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 
 
-def slot_config(args, max_seq_len: int, **fields) -> EngineConfig:
+def slot_config(max_seq_len: int, **fields) -> EngineConfig:
     """The slot cache: one block per sequence, as long as its context."""
     return EngineConfig(max_seq_len=max_seq_len, block_size=max_seq_len, **fields)
 
@@ -59,7 +59,7 @@ async def capacity(loaded, vocab, args) -> list[str]:
     budget = args.slots * args.slot_tokens * loaded.config.kv_bytes_per_token(loaded.dtype)
     settings = {
         f"slot cache ({args.slots} slots of {args.slot_tokens})":
-            slot_config(args, args.slot_tokens, max_batch_size=args.slots, kv_cache_bytes=budget,
+            slot_config(args.slot_tokens, max_batch_size=args.slots, kv_cache_bytes=budget,
                         max_waiting=args.requests),
         f"blocks of {args.block_size}":
             EngineConfig(max_seq_len=args.slot_tokens, block_size=args.block_size, max_batch_size=args.max_rows,
@@ -131,7 +131,7 @@ async def prefix(loaded, vocab, args) -> list[str]:
 
 async def blocks(loaded, vocab, args) -> list[str]:
     max_seq_len = args.prompt_tokens + args.max_new_tokens
-    configs = {"slot cache": slot_config(args, max_seq_len, max_batch_size=args.concurrency)}
+    configs = {"slot cache": slot_config(max_seq_len, max_batch_size=args.concurrency)}
     for size in args.sizes:
         configs[f"blocks of {size}"] = EngineConfig(max_batch_size=args.concurrency, max_seq_len=max_seq_len,
                                                     block_size=size)

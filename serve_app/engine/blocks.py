@@ -40,6 +40,11 @@ def block_keys(token_ids: Sequence[int], block_size: int, salt: bytes = b"", sta
     return keys
 
 
+# Blocks set aside after a new sequence's first ones for it to grow into: enough for most replies to stay one run,
+# few enough that one request with a large max_tokens does not fence off a large part of the cache.
+MAX_GROWTH_ROOM = 8
+
+
 class BlockPool:
     """Free, held and cached blocks (see the module docstring)."""
 
@@ -117,8 +122,10 @@ class BlockPool:
         return block
 
     def allocate_run(self, count: int, reserve: int, owner: Hashable) -> list[int]:
-        """`count` blocks for a new sequence, and `reserve` - count more set aside for it to grow into, all one run
-        when the lowest free blocks nobody set aside allow it; otherwise blocks wherever they are free."""
+        """`count` blocks for a new sequence, and up to `reserve` - count (at most MAX_GROWTH_ROOM) more set aside for
+        it to grow into, all one run when the lowest free blocks nobody set aside allow it; otherwise blocks wherever
+        they are free."""
+        reserve = min(reserve, count + MAX_GROWTH_ROOM)
         start = self._lowest_unreserved()
         if start is not None and all(b in self._free and b not in self._reserved
                                      for b in range(start, start + max(reserve, count))):
@@ -141,21 +148,17 @@ class BlockPool:
         for block in self._reservations.pop(owner, ()):
             if self._reserved.get(block) == owner:
                 del self._reserved[block]
+                heapq.heappush(self._heap, block)  # a candidate for anyone again
 
     def _lowest_unreserved(self) -> int | None:
-        skipped, found = [], None
+        """The lowest free block nobody set aside. Set-aside and taken blocks leave the heap as they are met (each
+        once per reservation: `unreserve` puts a block back), so this is amortized O(log blocks)."""
         while self._heap:
             block = self._heap[0]
-            if block not in self._free:
-                heapq.heappop(self._heap)  # taken since it was freed: stale
-            elif block in self._reserved:
-                skipped.append(heapq.heappop(self._heap))
-            else:
-                found = block
-                break
-        for block in skipped:
-            heapq.heappush(self._heap, block)
-        return found
+            if block in self._free and block not in self._reserved:
+                return block
+            heapq.heappop(self._heap)
+        return None
 
     def pend(self, block: int, key: bytes) -> None:
         """Block `block` is about to hold the prefix `key` (its sequence is computing it)."""

@@ -113,7 +113,8 @@ class StepPlan:
     decode_tables [D, W], decode_lens [D]: int64 block tables (padded with their first block) and key lengths of the
     one-token spans (the flex backend's inputs), None when there are none; decode_rows [D] is None too when every span
     is one token (then the decode rows are all rows).
-    gathers: span index -> its used blocks [n] on the device, for the spans whose blocks are not one run.
+    gathers: span index -> its used blocks [n] on the device, for the spans whose blocks are not one run (built once
+    per step, not per layer).
     """
 
     spans: list[Span]
@@ -177,7 +178,7 @@ def plan_step(
         first = s.run_start(block_size)
         if first is not None:
             runs[i] = (first * block_size, first * block_size + s.kv_len)
-        elif s.length > 1:
+        else:
             gathered.append((i, s.used_blocks(block_size)))
     for _, used in gathered:
         host += used
@@ -211,11 +212,7 @@ def span_keys(layer: Tensor, flat: Tensor, plan: StepPlan, index: int) -> Tensor
     run = plan.runs.get(index)
     if run is not None:
         return flat[:, run[0] : run[1]]
-    span, size = plan.spans[index], plan.block_size or layer.shape[2]
-    index_tensor = plan.gathers.get(index)
-    if index_tensor is None:  # a decode span left to this path: gather its blocks here
-        index_tensor = torch.tensor(span.used_blocks(size), device=layer.device)
-    return layer.index_select(1, index_tensor).flatten(1, 2)[:, : span.kv_len]
+    return layer.index_select(1, plan.gathers[index]).flatten(1, 2)[:, : plan.spans[index].kv_len]
 
 
 class SlotViewAttention:
@@ -282,6 +279,8 @@ class FlexSlotAttention:
         """Pad the decode rows to their bucket and build their block mask, once per step."""
         if plan.decode_tables is None:
             return
+        if hasattr(cache, "note_tables"):  # what the mask_mod reads (graph replays note it in DecodeGraphs.run)
+            cache.note_tables(span.blocks for span in plan.spans)
         rows = plan.decode_tables.shape[0]
         pad = padded_rows(rows) - rows
         tables, lens = plan.decode_tables, plan.decode_lens

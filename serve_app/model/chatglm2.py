@@ -234,7 +234,6 @@ class ChatGLM2ForCausalLM(nn.Module):
         Writes the tokens' K/V into their blocks and returns fp32 logits [R, padded_vocab] for plan.logit_rows.
         Reads nothing back from the device: lengths and positions were known on the host when the plan was built.
         """
-        cache.note_tables(span.blocks for span in plan.spans)
         return self.packed_step(plan, cache, attention)
 
     def packed_step(self, plan: StepPlan, cache: KVCache, attention=None) -> torch.Tensor:

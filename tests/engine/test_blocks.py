@@ -135,3 +135,12 @@ def test_another_sequences_room_is_taken_only_when_nothing_else_is_free():
     assert pool.allocate_run(1, 4, owner="a") == [0]  # 1, 2, 3 aside
     assert pool.allocate(owner="b") == 1  # all free blocks are a's room: b takes one
     assert pool.allocate(after=0, owner="a") == 2  # 1 is gone: a still gets a block of its room
+
+
+def test_growth_room_is_capped():
+    from serve_app.engine.blocks import MAX_GROWTH_ROOM
+
+    pool = BlockPool(64, 4)
+    assert pool.allocate_run(2, 1000, owner="long") == [0, 1]  # a huge max_tokens sets aside a few blocks only
+    assert len(pool._reservations["long"]) == MAX_GROWTH_ROOM
+    assert pool.allocate() == 2 + MAX_GROWTH_ROOM

@@ -13,7 +13,6 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from serve_app.engine.engine import Engine, EngineConfig
-from serve_app.engine.graphs import DecodeRows  # noqa: F401  (the graphed runner below uses it internally)
 from serve_app.engine.params import SamplingParams
 from serve_app.engine.runner import ModelRunner, Work
 from serve_app.engine.sampling import Penalties, SamplingTensors, TokenHistory, sample

@@ -32,7 +32,8 @@ def test_the_write_index_follows_the_table():
     # Positions 3, 4, 5 of the first: block 5 offset 3, block 2 offsets 0, 1; position 9 of the second: block 4, 1.
     assert plan.write_index.tolist() == [5 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 4 * 4 + 1]
     assert plan.decode_tables.tolist() == [[1, 0, 4]] and plan.decode_lens.tolist() == [10]
-    assert list(plan.gathers) == [0] and plan.gathers[0].tolist() == [5, 2]
+    # Every span whose blocks do not run gets its gather index once per step, decode spans too.
+    assert list(plan.gathers) == [0, 1] and plan.gathers[0].tolist() == [5, 2] and plan.gathers[1].tolist() == [1, 0, 4]
     with pytest.raises(ValueError, match="blocks"):
         plan_step([Span(0, 2, (5,), 3)], [1, 2], 4, "cpu")  # position 4 has no block
 
