@@ -391,7 +391,10 @@ def test_penalties_through_the_openai_client_equal_the_references(client, base_u
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model=POOLS[0], prompt=prompt, max_tokens=2, frequency_penalty=3.0)
     assert refused.value.body["param"] == "frequency_penalty"
-    # The official api.py route takes repetition_penalty too.
-    reply = httpx.post(f"{base_url}/", json={"prompt": "你好", "max_length": 64, "repetition_penalty": 1.2,
-                                             "temperature": 0.01}, timeout=60)
-    assert reply.status_code == 200, reply.text
+    # The official api.py route and the explorer's /chat take repetition_penalty too, within the same bounds.
+    for route, body in (("/", {"prompt": "你好"}), ("/chat", {"query": "你好"})):
+        reply = httpx.post(f"{base_url}{route}", json={**body, "max_length": 64, "repetition_penalty": 1.2,
+                                                       "temperature": 0.01}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        bad = httpx.post(f"{base_url}{route}", json={**body, "repetition_penalty": 0}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "repetition_penalty", bad.text
