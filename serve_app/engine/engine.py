@@ -39,8 +39,10 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from serve_app.engine.blocks import BlockPool, block_keys
+from serve_app.engine.structured import Grammars
 from serve_app.engine.engine_config import EngineConfig
 from serve_app.engine.errors import (
     EngineError,
@@ -49,7 +51,7 @@ from serve_app.engine.errors import (
     InvalidRequest,
     ReplicaFailed,
 )
-from serve_app.engine.outputs import EngineStats, RequestStats, TokenDelta
+from serve_app.engine.outputs import EngineStats, RequestStats, TokenDelta, TokenLogprob
 from serve_app.engine.params import SamplingParams, stop_ids, token_budget
 from serve_app.engine.runner import ModelRunner, Work
 from serve_app.engine.sampling import NON_FINITE_MESSAGE, request_seed
@@ -68,6 +70,11 @@ ADMIT_WATERMARK = 0.01
 # Steps in a row in which every request failed, even run alone: the device or the process is unfit to serve.
 MAX_FAILED_STEPS = 3
 REPLICA_FAILED_MESSAGE = "this replica failed and is being replaced; retry"
+
+
+# One step's outcome for a sequence: (sequence, tokens computed, chosen id (-1: NaN/Inf logits, None: none due),
+# its TokenLogprob when the request asked for logprobs)
+Result = tuple["Sequence", int, "int | None", "TokenLogprob | None"]
 
 
 class EngineUnfit(Exception):
@@ -117,6 +124,7 @@ class Sequence:
     preemptions: int = 0
     penalty_row: int | None = None  # its row of the runner's token history while it runs, when it has penalties
     history_loaded: bool = False
+    matcher: Any = None  # llguidance LLMatcher of its json_schema: which tokens may come next
     abort_requested: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -285,9 +293,12 @@ class Scheduler:
 class Engine:
     """Serves concurrent `generate` calls from one model with continuous batching (see the module docstring)."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), grammars: Grammars | None = None):
+        """`grammars`: the vocabulary's structured-output compiler (engine/structured.py); without it a request with a
+        json_schema is refused."""
         self.loaded = loaded
         self.config = config
+        self.grammars = grammars
         model_config = loaded.config
         self.max_seq_len = config.max_seq_len_for(model_config.seq_length)
         if self.max_seq_len > model_config.seq_length:
@@ -386,10 +397,15 @@ class Engine:
             raise InvalidRequest(f"token id {bad[0]} (logit_bias or stop_token_ids) is not in this model's "
                                  f"vocabulary [0, {vocab})")
         budget = token_budget(len(prompt_ids), params, self.max_seq_len)  # raises ContextLengthExceeded
-        return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex)
+        matcher = None
+        if params.json_schema is not None:
+            if self.grammars is None:
+                raise InvalidRequest("structured output is not available here: this engine has no vocabulary for it")
+            matcher = self.grammars.matcher(params.json_schema)  # raises InvalidRequest
+        return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex, matcher)
 
     async def _stream(
-        self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str
+        self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str, matcher: Any = None
     ) -> AsyncIterator[TokenDelta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenDelta | EngineError] = asyncio.Queue()
@@ -408,6 +424,7 @@ class Engine:
             stops=stop_ids(params, self.loaded.config.eos_token_id),
             emit=emit,
             seed=request_seed(params),  # per request: its seed fixes its tokens whatever the batch
+            matcher=matcher,
         )
         self._submit(seq)
         try:
@@ -551,14 +568,14 @@ class Engine:
             raise EngineUnfit(f"{self._failed_steps} steps in a row failed for every request")
         self._postprocess(results)
 
-    def _run_apart(self, batch: Batch, exc: Exception) -> list[tuple[Sequence, int, int | None]]:
+    def _run_apart(self, batch: Batch, exc: Exception) -> list[Result]:
         """After a failed step: each sequence's work run alone, so that a request that makes the model fail fails
         alone. Safe to repeat: a step writes KV at explicit positions and `num_computed` moves only after it, and a
         token's noise is a function of (seed, position). Returns the results of the runs that succeeded."""
         alone = [(seq, Batch([(seq, chunk)], [])) for seq, chunk in batch.prefills] + [
             (seq, Batch([], [seq])) for seq in batch.decodes]
         logger.error("engine step failed (%d sequences): running each alone", len(alone), exc_info=exc)
-        results: list[tuple[Sequence, int, int | None]] = []
+        results: list[Result] = []
         failed = [alone.pop()[0]] if len(alone) == 1 else []  # a sequence that failed alone fails
         for seq, part in alone:
             try:
@@ -582,7 +599,7 @@ class Engine:
                 self._finish(seq, "abort")
             return self.scheduler.schedule()
 
-    def _run(self, batch: Batch) -> list[tuple[Sequence, int, int | None]]:
+    def _run(self, batch: Batch) -> list[Result]:
         """One packed forward and on-device sampling: (sequence, tokens computed, chosen id, -1 for NaN/Inf logits,
         or None when no token is due)."""
         work, computed = [], []
@@ -595,55 +612,66 @@ class Engine:
             # A token is due at the end of the prompt; a preempted sequence's recompute ends before its last token.
             done = start + chunk == seq.prefill_target and not seq.output_ids
             work.append(Work(seq.token_ids[start : start + chunk], tuple(seq.blocks), start,
-                             seq.params if done else None, seq.seed, penalty_row=seq.penalty_row))
+                             seq.params if done else None, seq.seed, penalty_row=seq.penalty_row,
+                             allowed=seq.matcher.compute_bitmask() if done and seq.matcher else None))
             computed.append((seq, chunk))
         for seq in batch.decodes:
             work.append(Work([seq.output_ids[-1]], tuple(seq.blocks), seq.num_computed, seq.params, seq.seed,
-                             len(seq.output_ids), seq.penalty_row))
+                             len(seq.output_ids), seq.penalty_row,
+                             seq.matcher.compute_bitmask() if seq.matcher else None))
             computed.append((seq, 1))
-        ids = self.runner.step(work)
-        return [(seq, n, token) for (seq, n), token in zip(computed, ids)]
+        ids, logprobs = self.runner.step_logprobs(work)
+        return [(seq, n, token, logprob) for (seq, n), token, logprob in zip(computed, ids, logprobs)]
 
-    def _postprocess(self, results: list[tuple[Sequence, int, int | None]]) -> None:
+    def _postprocess(self, results: list[Result]) -> None:
         """Record each chosen token; deliver; finish sequences."""
         now = time.perf_counter()
-        outcomes: list[tuple[Sequence, int | None, str | None, EngineError | None]] = []
-        for seq, computed, token in results:
+        outcomes: list[tuple[Sequence, int | None, str | None, EngineError | None, TokenLogprob | None]] = []
+        for seq, computed, token, logprob in results:
             seq.num_computed += computed
             if seq.status is Status.PREFILLING and seq.num_computed == seq.prefill_target:
                 seq.status = Status.DECODING
             if token is None or seq.abort_requested:
-                outcomes.append((seq, None, "abort" if seq.abort_requested else None, None))
+                outcomes.append((seq, None, "abort" if seq.abort_requested else None, None, None))
                 continue
             if token < 0:
-                outcomes.append((seq, None, "error", GenerationError(NON_FINITE_MESSAGE)))
+                outcomes.append((seq, None, "error", GenerationError(NON_FINITE_MESSAGE), None))
                 continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
             seq.output_ids.append(token)
             reason = "stop" if token in seq.stops else ("length" if len(seq.output_ids) >= seq.budget else None)
-            outcomes.append((seq, token, reason, None))
+            if seq.matcher is not None and reason != "stop":
+                if not seq.matcher.consume_token(token):
+                    message = f"the reply left its JSON schema: {seq.matcher.get_error()}"
+                    outcomes.append((seq, None, "error", GenerationError(message), None))
+                    continue
+                if seq.matcher.is_stopped():  # the JSON is complete: nothing may follow it
+                    reason = "stop"
+            outcomes.append((seq, token, reason, None, logprob))
         with self._lock:
-            for seq, token, reason, error in outcomes:
+            for seq, token, reason, error, logprob in outcomes:
                 if seq.status is Status.FINISHED:
                     continue
                 if error is None:
                     self.scheduler.computed(seq)
+                logprobs = [logprob] if logprob is not None else None
                 if error is not None:
                     self._fail(seq, error)
                 elif reason is not None:
-                    self._finish(seq, reason, [] if token is None else [token])
+                    self._finish(seq, reason, [] if token is None else [token], logprobs)
                 elif token is not None:
-                    seq.emit(TokenDelta([token]))
+                    seq.emit(TokenDelta([token], logprobs=logprobs))
 
-    def _finish(self, seq: Sequence, reason: str, token_ids: list[int] | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, token_ids: list[int] | None = None,
+                logprobs: list[TokenLogprob] | None = None) -> None:
         """Lock held. Frees its blocks (the full ones stay cached as prefixes) and sends the final delta."""
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, keep_kv=True)
         self._requests.pop(seq.request_id, None)
         self._finished[reason] += 1
-        seq.emit(TokenDelta(token_ids or [], reason, seq.stats()))
+        seq.emit(TokenDelta(token_ids or [], reason, seq.stats(), logprobs))
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         """Lock held. Frees its blocks without keeping its KV (it may hold NaN or half-written rows)."""

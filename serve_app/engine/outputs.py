@@ -19,10 +19,19 @@ class RequestStats:
 
 
 @dataclass
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely tokens' (SamplingParams.logprobs)."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+
+
+@dataclass
 class TokenDelta:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last delta
     stats: RequestStats | None = None  # on the last delta
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 @dataclass

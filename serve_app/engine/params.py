@@ -11,6 +11,7 @@ GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
 MAX_REPETITION_PENALTY = 10.0  # well past any useful value (1.1 to 1.3 are usual); keeps logits finite
 MAX_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
 MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class SamplingParams:
     # OpenAI's, over generated tokens: logit -= presence * (count > 0) + frequency * count; 0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # None: no logprobs; k: each chosen token's logprob and the k most likely tokens' (0 <= k <= MAX_TOP_LOGPROBS),
+    # from the model's raw distribution: log-softmax of its logits before bias, penalties, temperature and filters
+    logprobs: int | None = None
+    # a JSON Schema as JSON text: the reply is constrained to JSON that matches it (engine/structured.py)
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0 and self.temperature < float("inf")):
@@ -62,6 +68,8 @@ class SamplingParams:
                              f"{self.repetition_penalty}")
         if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (top alternatives), not {self.logprobs}")
 
     @property
     def penalized(self) -> bool:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from serve_app.engine.graphs import BUCKETS, Capture, CudaGraphCapture, DecodeGraphs, DecodeRows
+from serve_app.engine.outputs import TokenLogprob
 from serve_app.engine.params import SamplingParams, stop_ids
 from serve_app.engine.sampling import Penalties, SamplingTensors, TokenHistory, resample_overflow, sample
 from serve_app.model import compute
@@ -33,6 +36,7 @@ class Work:
     seed: int = 0
     generated: int = 0  # tokens the sequence has generated so far (for min_tokens)
     penalty_row: int | None = None  # its row of the runner's TokenHistory (`load_history`), when it has penalties
+    allowed: bytes | None = None  # a grammar's bitmask of the ids it may choose (engine/structured.py); None: any
 
     def __post_init__(self):
         self.blocks = as_table(self.blocks)
@@ -128,15 +132,25 @@ class ModelRunner:
     @compute.confined
     def step(self, work: list[Work]) -> list[int | None]:
         """Per work item: the chosen id, -1 when its logits were NaN/Inf, None when no token was due."""
-        return self.step_logits(work)[0]
+        return self._step(work)[0]
 
     @compute.confined
     def step_logits(self, work: list[Work]):
         """`step`'s ids, and the fp32 logits [R, vocab] of the R items with a token due (None when none is)."""
+        ids, logits, _ = self._step(work)
+        return ids, logits
+
+    @compute.confined
+    def step_logprobs(self, work: list[Work]) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """`step`'s ids, and per item the chosen token's `TokenLogprob` where its params ask for logprobs."""
+        ids, _, logprobs = self._step(work)
+        return ids, logprobs
+
+    def _step(self, work: list[Work]):
         due = [w for w in work if w.params is not None]
         if not due:
             self._forward(work)
-            return [None] * len(work), None
+            return [None] * len(work), None, [None] * len(work)
         eos = self.loaded.config.eos_token_id
         suppress = [sorted(stop_ids(w.params, eos)) if w.generated < w.params.min_tokens else [] for w in due]
         settings = SamplingTensors.build(
@@ -145,7 +159,10 @@ class ModelRunner:
         if any(w.penalty_row is not None for w in due):
             settings.penalties = Penalties.build([w.params for w in due], [w.penalty_row for w in due],
                                                  self.history, self.device)
-        decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work)
+        if any(w.allowed is not None for w in due):
+            settings.allow([w.allowed for w in due], self.device)
+        # Grammar masks are not among the captured variants: such steps run eagerly (README, "Structured output").
+        decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work) and settings.allowed is None
         if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:
             rows = DecodeRows([w.token_ids[0] for w in work], [w.blocks for w in work], [w.position for w in work])
             ids, logits, sample_positions = self.graphs.run(rows, settings)
@@ -156,8 +173,10 @@ class ModelRunner:
         ids = resample_overflow(ids, logits, settings, sample_positions)
         counted = [(w.penalty_row, t) for w, t in zip(due, ids) if w.penalty_row is not None and t >= 0]
         self.history.record([row for row, _ in counted], [t for _, t in counted])
+        logprobs = iter(token_logprobs(logits, [w.params.logprobs for w in due], ids))
         chosen = iter(ids)
-        return [next(chosen) if w.params is not None else None for w in work], logits
+        return ([next(chosen) if w.params is not None else None for w in work], logits,
+                [next(logprobs) if w.params is not None else None for w in work])
 
     def _forward(self, work: list[Work]):
         """Eager packed forward: (logits [R, vocab] of the rows with a token due, their next positions [R])."""
@@ -172,3 +191,23 @@ class ModelRunner:
         logits = self.loaded.model.forward_packed(plan, self.cache, self.attention)
         # A due row's token goes at its span's kv_len: one past the last position just run.
         return logits, plan.positions[plan.logit_rows] + 1
+
+
+def token_logprobs(logits, wanted: list[int | None], ids: list[int]) -> list[TokenLogprob | None]:
+    """Per row: None, or (where `wanted[row]` is k, not None) the chosen id's log-probability and the k most likely
+    ids' under log_softmax(logits[row]), the model's raw distribution. One device-to-host copy for all rows."""
+    rows = [i for i, (k, token) in enumerate(zip(wanted, ids)) if k is not None and token >= 0]
+    out: list[TokenLogprob | None] = [None] * len(ids)
+    if not rows:
+        return out
+    device = logits.device
+    logprobs = logits[torch.tensor(rows, device=device)].float().log_softmax(-1)
+    chosen = logprobs.gather(1, torch.tensor([ids[i] for i in rows], device=device)[:, None])
+    k = max(wanted[i] for i in rows)
+    values, order = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    packed = torch.cat([chosen, values, order.to(values.dtype)], dim=1).tolist()  # ids < 2**24: exact in fp32
+    for row, line in zip(rows, packed):
+        top = wanted[row]
+        out[row] = TokenLogprob(line[0], [(int(token), value) for token, value in
+                                          zip(line[1 + k:1 + k + top], line[1:1 + top])])
+    return out

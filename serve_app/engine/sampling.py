@@ -166,6 +166,9 @@ class SamplingTensors:
     bias_ids: Tensor | None = None
     bias_values: Tensor | None = None
     penalties: Penalties | None = None  # None when no row has any (the eager path then skips them)
+    # int32 [B, ceil(V / 32)]: bit v of a row set where token v may be chosen (a grammar's mask, engine/structured.py;
+    # all ones for rows without one); None when no row has a grammar
+    allowed: Tensor | None = None
 
     def select(self, rows: Tensor) -> SamplingTensors:
         """The settings of some rows only."""
@@ -174,7 +177,17 @@ class SamplingTensors:
                                self.greedy[rows], self.seed_lo[rows], self.seed_hi[rows], self.any_sampled,
                                self.needs_sort, self.bias_ids[rows] if biased else None,
                                self.bias_values[rows] if biased else None,
-                               self.penalties.select(rows) if self.penalties is not None else None)
+                               self.penalties.select(rows) if self.penalties is not None else None,
+                               self.allowed[rows] if self.allowed is not None else None)
+
+    def allow(self, masks: list[bytes | None], device) -> None:
+        """Set `allowed` from per-row bitmasks (None: every token), one host-to-device copy."""
+        width = next(len(m) for m in masks if m is not None)
+        host = torch.frombuffer(bytearray(b"".join(m if m is not None else b"\xff" * width for m in masks)),
+                                dtype=torch.int32).view(len(masks), width // 4)
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        self.allowed = host.to(device, non_blocking=True)
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], vocab: int, device,
@@ -222,6 +235,12 @@ def _biases(params: list[SamplingParams], suppress: list[list[int]], device) -> 
     if torch.device(device).type == "cuda":
         ids, values = ids.pin_memory(), values.pin_memory()
     return ids.to(device, non_blocking=True), values.to(device, non_blocking=True)
+
+
+def unpack_allowed(allowed: Tensor, vocab: int) -> Tensor:
+    """int32 [B, W] bitmasks -> bool [B, vocab]: bit v % 32 of word v // 32 (llguidance's layout)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=allowed.device)
+    return ((allowed[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]
 
 
 def nucleus_drop(sorted_logits: Tensor, top_p: Tensor, top_k: Tensor, log_norm: Tensor | None = None,
@@ -276,6 +295,8 @@ def sample(logits: Tensor, settings: SamplingTensors, positions: Tensor, candida
     most likely tokens are examined (None: all); a row whose nucleus may reach past them gets OVERFLOW, and the
     caller samples it again with candidates=None (`sample_rows`). No host synchronisation inside."""
     finite = torch.isfinite(logits).all(-1)  # [B], of the model's own logits
+    if settings.allowed is not None:  # a grammar's mask first: nothing after it may bring a banned token back
+        logits = logits.masked_fill(~unpack_allowed(settings.allowed, logits.shape[-1]), float("-inf"))
     if settings.bias_ids is not None:  # before temperature, for greedy rows too (OpenAI's logit_bias)
         logits = logits.scatter_add(1, settings.bias_ids, settings.bias_values)
     if settings.penalties is not None:  # then the penalties, also before temperature (as transformers and vLLM)

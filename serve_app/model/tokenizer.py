@@ -174,6 +174,7 @@ class ChatGLM2Tokenizer:
             i: int(self._sp.id_to_piece(i)[3:5], 16) for i in range(self.sp_vocab_size) if self._sp.is_byte(i)
         }
         self._anchor_id, self._anchor_text = self._find_anchor()
+        self._plain: spm.SentencePieceProcessor | None = None  # without the dummy "▁" prefix (encode_continuation)
 
     def _find_anchor(self) -> tuple[int, str]:
         # SentencePiece drops the leading "▁" of the first piece it decodes. Decoding a window behind a fixed piece
@@ -244,6 +245,33 @@ class ChatGLM2Tokenizer:
         The text is not stripped; `IncrementalDetokenizer` strips it as the official `chat()` does.
         """
         return self._sp.decode(self._text_ids(ids))
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for in a reply, by id (vocab_size of them): a piece's UTF-8 with "▁" as a space,
+        a byte-fallback piece's one byte, and for control and special ids b"\\xff" + their name (the marker grammar
+        engines use for tokens that are not text)."""
+        out = []
+        for i in range(self.vocab_size):
+            if i >= self.sp_vocab_size:
+                out.append(b"\xff" + SPECIAL_TOKENS[i - self.sp_vocab_size].encode())
+            elif i in self._byte_values:
+                out.append(bytes([self._byte_values[i]]))
+            elif self._sp.is_control(i) or self._sp.is_unknown(i) or self._sp.is_unused(i):
+                out.append(b"\xff" + self._sp.id_to_piece(i).encode())
+            else:
+                out.append(self._sp.id_to_piece(i).replace(_SPACE_SYMBOL, " ").encode())
+        return out
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as it would continue a reply: without the "▁" SentencePiece puts before a text's start."""
+        if self._plain is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            model = sentencepiece_model_pb2.ModelProto()
+            model.ParseFromString(self.path.read_bytes())
+            model.normalizer_spec.add_dummy_prefix = False
+            self._plain = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
+        return self._plain.encode(text)
 
     def _text_ids(self, ids: Iterable[int]) -> list[int]:
         # Every id >= sp_vocab_size is either one of the five specials or an embedding padding row.

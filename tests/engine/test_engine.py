@@ -425,9 +425,9 @@ def test_steps_run_on_the_compute_thread_itself_with_no_hand_over(make_engine, m
     engine = make_engine(max_batch_size=2)
     compute_thread = compute.run(threading.current_thread)
     step_threads, runner_threads, jobs = set(), set(), []
-    engine_step, runner_step = engine.step, engine.runner.step
+    engine_step, runner_step = engine.step, engine.runner.step_logprobs
     monkeypatch.setattr(engine, "step", lambda: step_threads.add(threading.current_thread()) or engine_step())
-    monkeypatch.setattr(engine.runner, "step",
+    monkeypatch.setattr(engine.runner, "step_logprobs",
                         lambda work: runner_threads.add(threading.current_thread()) or runner_step(work))
     submit = compute.submit
     monkeypatch.setattr(compute, "submit", lambda *args, **kwargs: jobs.append(args) or submit(*args, **kwargs))

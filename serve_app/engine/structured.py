@@ -1,0 +1,92 @@
+"""Structured output: a reply constrained to JSON that matches a JSON Schema, through llguidance.
+
+    grammars = Grammars.for_tokenizer(tokenizer, n_vocab=config.padded_vocab_size)
+    matcher = grammars.matcher(schema_text)        # InvalidRequest for a schema it cannot compile
+    allowed = matcher.compute_bitmask()            # before each token: 1 bit per vocabulary id
+    matcher.consume_token(token)                   # after it
+
+llguidance compiles a schema into a grammar over bytes and computes, from the ChatGLM2 vocabulary's bytes, which
+token ids may come next. The engine sends that bitmask with the row and `sampling.sample` sets every other id's logit
+to -inf on the device, before the bias, the penalties and the filters; greedy and sampled rows alike then choose only
+ids that keep the reply inside the grammar, and the reply ends when the grammar is complete. Compiled grammars are
+cached per schema text. JSON is written compactly with `", "` and `": "` between items, like `json.dumps`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+from serve_app.engine.errors import InvalidRequest
+
+GRAMMAR_CACHE = 256  # compiled schemas kept per engine
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ANY_OBJECT = json.dumps({"type": "object"})  # response_format {"type": "json_object"}
+
+
+def canonical_schema(schema: dict | bool) -> str:
+    """The schema as the JSON text a request carries (sorted keys: one cache entry per schema, however sent)."""
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads: every id's bytes, eos, specials and an encoder."""
+
+    def __init__(self, tokenizer, n_vocab: int):
+        # The model's embedding rows past the tokenizer's ids (padding) are tokens no grammar allows.
+        tokens = tokenizer.token_bytes()
+        self.tokens = tokens + [b"\xff[PAD%d]" % i for i in range(len(tokens), n_vocab)]
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = sorted(tokenizer.special_ids)
+        self._encode = tokenizer.encode_continuation
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        return self._encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+
+class Grammars:
+    """JSON Schema -> llguidance matchers over one vocabulary; compiled grammars cached (thread-safe)."""
+
+    def __init__(self, tokenizer, n_vocab: int, cache_size: int = GRAMMAR_CACHE):
+        import llguidance
+
+        self._llg = llguidance
+        self.n_vocab = n_vocab
+        self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer, n_vocab)))
+        if self.tokenizer.vocab_size != n_vocab:
+            raise ValueError(f"llguidance read {self.tokenizer.vocab_size} tokens, not the model's {n_vocab}")
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, n_vocab: int) -> Grammars:
+        return cls(tokenizer, n_vocab)
+
+    def grammar(self, schema: str) -> str:
+        """The compiled, validated grammar of `schema` (JSON text); InvalidRequest naming what is wrong."""
+        with self._lock:
+            if schema in self._cache:
+                self._cache.move_to_end(schema)
+                return self._cache[schema]
+        try:
+            grammar = self._llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        except ValueError as exc:
+            raise InvalidRequest(f"the JSON schema is not valid JSON: {exc}") from None
+        is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            raise InvalidRequest(f"unsupported JSON schema: {messages[0] if messages else 'it does not compile'}")
+        with self._lock:
+            self._cache[schema] = grammar
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def matcher(self, schema: str):
+        """A fresh llguidance LLMatcher for a reply constrained to `schema`."""
+        matcher = self._llg.LLMatcher(self.tokenizer, self.grammar(schema))
+        if matcher.is_error():
+            raise InvalidRequest(f"unsupported JSON schema: {matcher.get_error()}")
+        return matcher
