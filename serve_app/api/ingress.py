@@ -55,11 +55,13 @@ from serve_app.api.schemas import (
     TokenizeRequest,
     TokenizeResponse,
     UsageInfo,
+    chat_logprobs,
+    completion_logprobs,
 )
 from serve_app.api.security import SecuritySettings
 from serve_app.api.websocket import WebSocketMixin
 from serve_app.api.ingress_config import IngressConfig
-from serve_app.server.messages import TextRequest
+from serve_app.server.messages import TextDelta, TextRequest
 
 POOL_HEADER = "x-chatglm2-model"
 # OpenAPI `responses=` of the generating routes: their answer, and the errors any of them can give.
@@ -82,8 +84,8 @@ def _event(model: BaseModel, event: str | None = None) -> str:
 
 @dataclass
 class _Chunks:
-    """The chunk events of one OpenAI stream: `start()` (None when there is none), `text(piece)`,
-    `finish(reason)`, `usage(usage)`. A subclass says which chunk model and `object` they are."""
+    """The chunk events of one OpenAI stream: `start(index)` (None when there is none), `piece(delta)` for a delta's
+    text and logprobs, `finish(index, reason)`, `usage(usage)`. A subclass says which chunk model and `object`."""
 
     id: str
     model: str
@@ -99,22 +101,22 @@ class _Chunks:
 
 
 class ChatChunks(_Chunks):
-    """chat.completion.chunk events (an empty assistant delta first, as OpenAI sends)."""
+    """chat.completion.chunk events (an empty assistant delta first for each choice, as OpenAI sends)."""
 
     chunk_model, object = ChatCompletionChunk, "chat.completion.chunk"
 
-    def _choice(self, delta: ChunkDelta, finish_reason: str | None) -> BaseModel:
-        return self._chunk(choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason,
-                                                    logprobs=None)])
+    def _choice(self, index: int, delta: ChunkDelta, finish_reason: str | None, logprobs=None) -> BaseModel:
+        return self._chunk(choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                                    logprobs=logprobs)])
 
-    def start(self) -> BaseModel:
-        return self._choice(ChunkDelta(role="assistant", content=""), None)
+    def start(self, index: int) -> BaseModel:
+        return self._choice(index, ChunkDelta(role="assistant", content=""), None)
 
-    def text(self, text: str) -> BaseModel:
-        return self._choice(ChunkDelta(content=text), None)
+    def piece(self, delta: TextDelta) -> BaseModel:
+        return self._choice(delta.index, ChunkDelta(content=delta.text), None, chat_logprobs(delta.logprobs))
 
-    def finish(self, finish_reason: str | None) -> BaseModel:
-        return self._choice(ChunkDelta(), finish_reason)
+    def finish(self, index: int, finish_reason: str | None) -> BaseModel:
+        return self._choice(index, ChunkDelta(), finish_reason)
 
 
 class CompletionChunks(_Chunks):
@@ -122,15 +124,24 @@ class CompletionChunks(_Chunks):
 
     chunk_model, object = CompletionChunk, "text_completion"
 
-    def start(self) -> None:
+    def __post_init__(self):
+        self.offsets: dict[int, int] = {}  # choice -> characters sent (the legacy logprobs' text_offset)
+
+    def start(self, index: int) -> None:
         return None
 
-    def text(self, text: str, finish_reason: str | None = None) -> BaseModel:
-        return self._chunk(choices=[CompletionChunkChoice(index=0, text=text, finish_reason=finish_reason,
-                                                          logprobs=None)])
+    def _choice(self, index: int, text: str, finish_reason: str | None, logprobs=None) -> BaseModel:
+        return self._chunk(choices=[CompletionChunkChoice(index=index, text=text, finish_reason=finish_reason,
+                                                          logprobs=logprobs)])
 
-    def finish(self, finish_reason: str | None) -> BaseModel:
-        return self.text("", finish_reason)
+    def piece(self, delta: TextDelta) -> BaseModel:
+        offset = self.offsets.get(delta.index, 0)
+        self.offsets[delta.index] = offset + len(delta.text)
+        return self._choice(delta.index, delta.text, None, completion_logprobs(delta.logprobs, offset))
+
+    def finish(self, index: int, finish_reason: str | None) -> BaseModel:
+        return self._choice(index, "", finish_reason)
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
@@ -209,10 +220,12 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         request = self.requests.chat_completion(body)
         if not body.stream:
             answer = await self.client.collect(body.model, request)
-            choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=answer.text),
-                                finish_reason=answer.finish_reason, logprobs=None)
+            choices = [ChatChoice(index=i, message=AssistantMessage(role="assistant", content=c.text),
+                                  finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs))
+                       for i, c in enumerate(answer.choices)]
             return _json(ChatCompletion(id=request.request_id, object="chat.completion", created=int(time.time()),
-                                        model=answer.pool, choices=[choice], usage=UsageInfo.of(answer.usage)), answer.pool)
+                                        model=answer.pool, choices=choices, usage=UsageInfo.of(answer.usage)),
+                         answer.pool)
         return await self._openai_stream(body, request, ChatChunks)
 
     @app.post("/v1/completions", responses=OPENAI_COMPLETION_RESPONSES)
@@ -220,9 +233,10 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         request = self.requests.completion(body)
         if not body.stream:
             answer = await self.client.collect(body.model, request)
-            choice = CompletionChoice(index=0, text=answer.text, finish_reason=answer.finish_reason, logprobs=None)
+            choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                                        logprobs=completion_logprobs(c.logprobs)) for i, c in enumerate(answer.choices)]
             return _json(Completion(id=request.request_id, object="text_completion", created=int(time.time()),
-                                    model=answer.pool, choices=[choice], usage=UsageInfo.of(answer.usage)), answer.pool)
+                                    model=answer.pool, choices=choices, usage=UsageInfo.of(answer.usage)), answer.pool)
         return await self._openai_stream(body, request, CompletionChunks)
 
     async def _openai_stream(self, body, request: TextRequest, chunks: type[_Chunks]):
@@ -234,15 +248,18 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
-            if (start := build.start()) is not None:
-                yield _event(start)
+            for index in range(request.n):
+                if (start := build.start(index)) is not None:
+                    yield _event(start)
             try:
-                async for piece in stream.pieces():
-                    yield _event(build.text(piece))
+                async for delta in stream.deltas():
+                    if delta.text or delta.logprobs:
+                        yield _event(build.piece(delta))
+                    if delta.finish_reason:
+                        yield _event(build.finish(delta.index, delta.finish_reason))
             except APIError as exc:
                 yield sse(ErrorResponse.model_validate(exc.body()).model_dump_json())
                 return
-            yield _event(build.finish(stream.finish_reason))
             if include_usage and stream.usage:
                 yield _event(build.usage(UsageInfo.of(stream.usage)))
             yield sse("[DONE]")

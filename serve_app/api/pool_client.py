@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError
 from serve_app.api.error_table import APIError, internal_error
 from serve_app.api.pool_choice import Router
 from serve_app.api.ingress_config import IngressConfig
-from serve_app.server.messages import TextDelta, TextRequest, Tokens, Usage
+from serve_app.server.messages import LogprobEntry, TextDelta, TextRequest, Tokens, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,11 +53,12 @@ class Stream:
     and `usage` are set by the final delta. The stream is closed when that iteration ends, however it ends, and on
     leaving `async with stream:`, which a caller that may abandon the iteration half-way holds it in."""
 
-    def __init__(self, pool: str, first: TextDelta, rest, router: Router, resend_divisor: int = 0):
+    def __init__(self, pool: str, first: TextDelta, rest, router: Router, resend_divisor: int = 0, n: int = 1):
         self.pool = pool
         self._resend_divisor = resend_divisor
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
+        self.n = n  # choices: the stream ends when each has had its final delta
+        self.finish_reasons: dict[int, str] = {}  # choice index -> finish_reason
+        self.usage: Usage | None = None  # the prompt's tokens once, every choice's completion tokens
         self._first, self._rest, self._router = first, rest, router
         self._closed = False
 
@@ -67,6 +68,20 @@ class Stream:
     async def __aexit__(self, *exc_info) -> None:
         self._close()
 
+    @property
+    def finish_reason(self) -> str | None:
+        return self.finish_reasons.get(0)
+
+    def _finished(self, delta: TextDelta) -> bool:
+        """Note a choice's final delta; whether every choice has ended."""
+        self.finish_reasons[delta.index] = delta.finish_reason
+        if delta.usage is not None:
+            if self.usage is None:
+                self.usage = dataclasses.replace(delta.usage)
+            else:  # the prompt is counted once
+                self.usage.completion_tokens += delta.usage.completion_tokens
+        return len(self.finish_reasons) >= self.n
+
     async def deltas(self) -> AsyncIterator[TextDelta]:
         """Every delta, the first included; an error delta raises APIError."""
         async with self:
@@ -74,10 +89,9 @@ class Stream:
             while True:
                 if delta.error:
                     raise APIError.from_info(delta.error)
-                if delta.finish_reason:
-                    self.finish_reason, self.usage = delta.finish_reason, delta.usage
+                done = bool(delta.finish_reason) and self._finished(delta)
                 yield delta
-                if delta.finish_reason:
+                if done:
                     return
                 try:
                     delta = await self._rest.__anext__()
@@ -127,11 +141,25 @@ class Stream:
 
 
 @dataclass
+class Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[LogprobEntry] | None = None
+
+
+@dataclass
 class Answer:
     pool: str
-    text: str
-    finish_reason: str | None
+    choices: list[Choice]
     usage: Usage | None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
 
 
 class PoolClient:
@@ -182,7 +210,7 @@ class PoolClient:
         if first.error:
             self._release(pool, rest)
             raise APIError.from_info(first.error)
-        return Stream(pool, first, rest, self.router, self.resend_divisor)
+        return Stream(pool, first, rest, self.router, self.resend_divisor, request.n)
 
     def _release(self, pool: str, rest) -> None:
         self.router.finished(pool)
@@ -190,9 +218,20 @@ class PoolClient:
             rest.cancel()  # a started generation that nobody will read
 
     async def collect(self, model: str | None, request: TextRequest) -> Answer:
+        """The whole answer: each choice's text, finish_reason and (when asked for) logprobs."""
+        choices = [Choice() for _ in range(request.n)]
         async with await self.open(model, request) as stream:
-            text = "".join([piece async for piece in stream.pieces()])
-        return Answer(stream.pool, text, stream.finish_reason, stream.usage)
+            pieces: list[list[str]] = [[] for _ in choices]
+            async for delta in stream.deltas():
+                pieces[delta.index].append(delta.text)
+                if delta.logprobs is not None:
+                    choice = choices[delta.index]
+                    choice.logprobs = (choice.logprobs or []) + delta.logprobs
+        for index, choice in enumerate(choices):
+            choice.text, choice.finish_reason = "".join(pieces[index]), stream.finish_reasons.get(index)
+            if request.params.logprobs is not None and choice.logprobs is None:
+                choice.logprobs = []
+        return Answer(stream.pool, choices, stream.usage)
 
     async def tokenize(self, model: str | None, request: TextRequest, special_tokens: bool = True) -> Tokens:
         """The prompt ids the pool would run for `request` (a raw prompt without [gMASK] sop if not

@@ -14,6 +14,8 @@ from serve_app.api.schemas import (
     ApiPyRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
     StreamChatRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
@@ -21,6 +23,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.api.ingress_config import IngressConfig
 from serve_app.engine.params import SamplingParams
+from serve_app.engine.structured import ANY_OBJECT, canonical_schema
 from serve_app.server.messages import ChatPrompt, RawPrompt, TextRequest, TokenPrompt
 
 
@@ -31,7 +34,7 @@ class RequestBuilder:
     def params(self, *, temperature=None, top_p=None, max_length=None, max_new_tokens=None, seed=None,
                ignore_eos=False, top_k=None, min_p=None, logit_bias=None, stop_token_ids=(),
                min_tokens=0, repetition_penalty=None, presence_penalty=None,
-               frequency_penalty=None) -> SamplingParams:
+               frequency_penalty=None, logprobs=None, json_schema=None) -> SamplingParams:
         d = self.config.defaults
         if max_length is None and max_new_tokens is None:
             max_length = d.max_length
@@ -50,6 +53,8 @@ class RequestBuilder:
             max_new_tokens=max_new_tokens,
             seed=seed,
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            json_schema=json_schema,
         )
 
     @staticmethod
@@ -137,15 +142,29 @@ class RequestBuilder:
         self.check_messages(body.messages)
         system, history, query = split_messages(body.messages)
         self.check_prompt(query, "messages")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError("invalid_request", "top_logprobs needs logprobs: true", param="top_logprobs")
         return self.bounded(TextRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p,
                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
-                               ignore_eos=body.ignore_eos, **self.openai_filters(body)),
+                               ignore_eos=body.ignore_eos, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                               json_schema=self.json_schema(body.response_format), **self.openai_filters(body)),
             prompt=ChatPrompt(query, history, system),
             stop=body.stop or [],
             context_strict=True,
+            n=body.n,
         ), "messages")
+
+    @staticmethod
+    def json_schema(response_format) -> str | None:
+        """response_format -> the JSON Schema text the reply is constrained to (None for text)."""
+        match response_format:
+            case JsonObjectFormat():
+                return ANY_OBJECT
+            case JsonSchemaFormat(json_schema=spec):
+                return canonical_schema(spec.schema_)
+        return None
 
     def completion(self, body: CompletionRequest) -> TextRequest:
         """A text prompt gets the [gMASK] sop prefix; token ids are the model's whole input, as given."""
@@ -157,10 +176,12 @@ class RequestBuilder:
         return self.bounded(TextRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             params=self.params(temperature=body.temperature, top_p=body.top_p, max_new_tokens=body.max_tokens,
-                               seed=body.seed, ignore_eos=body.ignore_eos, **self.openai_filters(body)),
+                               seed=body.seed, ignore_eos=body.ignore_eos, logprobs=body.logprobs,
+                               **self.openai_filters(body)),
             prompt=prompt,
             stop=body.stop or [],
             context_strict=True,
+            n=body.n,
         ), "prompt")
 
     def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TextRequest:

@@ -24,8 +24,8 @@ from pydantic import (
 )
 
 from serve_app.api.error_table import APIError
-from serve_app.engine.params import MAX_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKEN_IDS
-from serve_app.server.messages import Usage
+from serve_app.engine.params import MAX_BIAS, MAX_REPETITION_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS
+from serve_app.server.messages import LogprobEntry, Usage
 
 
 def _unicode(value: str) -> str:
@@ -126,6 +126,13 @@ LogitBias = Annotated[
     Field(max_length=MAX_BIAS, description="token id -> bias in [-100, 100], added before sampling")]
 StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS,
                                               description="token ids that end the reply (vLLM's extension)")]
+MAX_CHOICES = 16  # n: choices per request
+Choices = Annotated[int, Strict(), Field(ge=1, le=MAX_CHOICES, description="choices, sharing the prompt's prefill"),
+                    BeforeValidator(_integral)]
+TopLogprobs = Annotated[int, Strict(), Field(ge=0, le=MAX_TOP_LOGPROBS, description="most likely tokens shown per "
+                                             "token (needs logprobs: true)"), BeforeValidator(_integral)]
+LegacyLogprobs = Annotated[int, Strict(), Field(ge=0, le=5, description="the chosen tokens' logprobs and this many "
+                                                "most likely tokens' per token"), BeforeValidator(_integral)]
 MinTokens = Annotated[int, Strict(), Field(ge=0, le=10**6, description="no stop before this many tokens (vLLM's)"),
                       BeforeValidator(_integral)]
 
@@ -258,6 +265,36 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+SchemaName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class JsonSchemaSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: SchemaName
+    description: Text | None = None
+    schema_: dict | bool = Field(default_factory=dict, alias="schema", description="a JSON Schema")
+    strict: Bool | None = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type",
+                           description="json_object or json_schema: the reply is JSON (of that schema), enforced "
+                           "token by token")]
+
+
 class StreamOptions(_Strict):
     include_usage: Bool = False
 
@@ -279,12 +316,10 @@ class _OpenAICommon(_Strict):
     max_tokens: MaxTokens | None = None
     stop: Stops = Field(default_factory=list, description="up to 4 non-empty stop strings (or one string)")
     seed: Seed | None = None
-    n: OnlyOne = Field(default=1, description="only one choice per request")
+    n: Choices = 1
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    # Accepted for client compatibility; only its neutral value is supported.
-    logprobs: OnlyFalse | None = None
     ignore_eos: Bool = Field(default=False, description="generate past eos (benchmarks; as in vLLM)")
 
 
@@ -297,11 +332,16 @@ class ChatCompletionRequest(_OpenAICommon):
 
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation; it must end with a user message")
     max_completion_tokens: MaxTokens | None = None
+    logprobs: Bool | None = Field(default=None, description="each reply token's logprob, from the model's raw "
+                                  "distribution (before temperature, penalties and filters)")
+    top_logprobs: TopLogprobs | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_OpenAICommon):
     prompt: OnePrompt = Field(description="the text to continue, or its token ids (a list must hold exactly one)")
     echo: OnlyFalse = False
+    logprobs: LegacyLogprobs | None = None
 
 
 class ModelCard(BaseModel):
@@ -336,6 +376,29 @@ class UsageInfo(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="the token's UTF-8 bytes; null for special tokens")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str
@@ -345,7 +408,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
 
 
 class ChatCompletion(BaseModel):
@@ -368,7 +431,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: FinishReason | None
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -386,7 +449,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None
+    logprobs: CompletionLogprobs | None
 
 
 class Completion(BaseModel):
@@ -404,7 +467,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None
+    logprobs: CompletionLogprobs | None
 
 
 class CompletionChunk(BaseModel):
@@ -487,3 +550,24 @@ def split_messages(messages: list[ChatMessage]) -> tuple[str | None, History, st
     turns = ["\n\n".join(texts) for _, texts in runs]
     history = [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)]
     return system, history, turns[-1]
+
+
+def chat_logprobs(entries: list[LogprobEntry] | None) -> ChoiceLogprobs | None:
+    """A choice's LogprobEntry list in the chat shape (None when logprobs were not asked for)."""
+    if entries is None:
+        return None
+    return ChoiceLogprobs(content=[TokenLogprob(
+        token=e.token.token, logprob=e.logprob, bytes=e.token.bytes,
+        top_logprobs=[TopLogprob(token=t.token, logprob=v, bytes=t.bytes) for t, v in e.top]) for e in entries])
+
+
+def completion_logprobs(entries: list[LogprobEntry] | None, offset: int = 0) -> CompletionLogprobs | None:
+    """The legacy completions shape; `offset`: characters of the reply before these tokens (text_offset)."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token.token) if e.token.bytes is not None else 0
+    return CompletionLogprobs(tokens=[e.token.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                              top_logprobs=[{t.token: v for t, v in e.top} for e in entries], text_offset=offsets)

@@ -385,7 +385,7 @@ class Engine:
 
         Raises at once: InvalidRequest (empty prompt) and ContextLengthExceeded (no room to generate within
         max_seq_len or params.max_length). Raises at the first iteration: EngineOverloaded (waiting queue full),
-        InvalidRequest (request_id already running) and ReplicaFailed (the engine stopped for good). Raises later:
+        InvalidRequest (request_id already running, or a json_schema that does not compile) and ReplicaFailed (the engine stopped for good). Raises later:
         GenerationError, or ReplicaFailed for every request when the engine stops. Closing the iterator (a `break`,
         a cancelled task) aborts the request and frees its blocks within one step.
         """
@@ -397,17 +397,17 @@ class Engine:
             raise InvalidRequest(f"token id {bad[0]} (logit_bias or stop_token_ids) is not in this model's "
                                  f"vocabulary [0, {vocab})")
         budget = token_budget(len(prompt_ids), params, self.max_seq_len)  # raises ContextLengthExceeded
-        matcher = None
-        if params.json_schema is not None:
-            if self.grammars is None:
-                raise InvalidRequest("structured output is not available here: this engine has no vocabulary for it")
-            matcher = self.grammars.matcher(params.json_schema)  # raises InvalidRequest
-        return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex, matcher)
+        if params.json_schema is not None and self.grammars is None:
+            raise InvalidRequest("structured output is not available here: this engine has no vocabulary for it")
+        return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex)
 
     async def _stream(
-        self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str, matcher: Any = None
+        self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str
     ) -> AsyncIterator[TokenDelta]:
         loop = asyncio.get_running_loop()
+        matcher = None
+        if params.json_schema is not None:  # compiling may take a while: never on the event loop
+            matcher = await loop.run_in_executor(None, self.grammars.matcher, params.json_schema)
         queue: asyncio.Queue[TokenDelta | EngineError] = asyncio.Queue()
 
         def emit(item: TokenDelta | EngineError) -> None:

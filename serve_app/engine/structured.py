@@ -9,7 +9,7 @@ llguidance compiles a schema into a grammar over bytes and computes, from the Ch
 token ids may come next. The engine sends that bitmask with the row and `sampling.sample` sets every other id's logit
 to -inf on the device, before the bias, the penalties and the filters; greedy and sampled rows alike then choose only
 ids that keep the reply inside the grammar, and the reply ends when the grammar is complete. Compiled grammars are
-cached per schema text. JSON is written compactly with `", "` and `": "` between items, like `json.dumps`.
+cached per schema text (a compiled matcher, copied for each request). JSON is written compactly with `", "` and `": "` between items, like `json.dumps`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Grammars:
         self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer, n_vocab)))
         if self.tokenizer.vocab_size != n_vocab:
             raise ValueError(f"llguidance read {self.tokenizer.vocab_size} tokens, not the model's {n_vocab}")
-        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cache: OrderedDict[str, object] = OrderedDict()  # schema -> its pristine LLMatcher
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -65,28 +65,32 @@ class Grammars:
     def for_tokenizer(cls, tokenizer, n_vocab: int) -> Grammars:
         return cls(tokenizer, n_vocab)
 
-    def grammar(self, schema: str) -> str:
-        """The compiled, validated grammar of `schema` (JSON text); InvalidRequest naming what is wrong."""
+    def matcher(self, schema: str):
+        """A fresh llguidance LLMatcher for a reply constrained to `schema` (JSON text): a copy of the schema's
+        compiled matcher, compiled on first use (milliseconds; up to a second for huge schemas, so callers on an event
+        loop run this on a thread). InvalidRequest naming what is wrong with a schema it cannot compile."""
         with self._lock:
-            if schema in self._cache:
+            compiled = self._cache.get(schema)
+            if compiled is not None:
                 self._cache.move_to_end(schema)
-                return self._cache[schema]
+        if compiled is None:
+            compiled = self._compile(schema)
+            with self._lock:
+                self._cache[schema] = compiled
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return compiled.deep_copy()
+
+    def _compile(self, schema: str):
+        llg = self._llg
         try:
-            grammar = self._llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
         except ValueError as exc:
             raise InvalidRequest(f"the JSON schema is not valid JSON: {exc}") from None
-        is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
             raise InvalidRequest(f"unsupported JSON schema: {messages[0] if messages else 'it does not compile'}")
-        with self._lock:
-            self._cache[schema] = grammar
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return grammar
-
-    def matcher(self, schema: str):
-        """A fresh llguidance LLMatcher for a reply constrained to `schema`."""
-        matcher = self._llg.LLMatcher(self.tokenizer, self.grammar(schema))
+        matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"unsupported JSON schema: {matcher.get_error()}")
         return matcher

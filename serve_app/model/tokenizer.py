@@ -175,6 +175,7 @@ class ChatGLM2Tokenizer:
         }
         self._anchor_id, self._anchor_text = self._find_anchor()
         self._plain: spm.SentencePieceProcessor | None = None  # without the dummy "▁" prefix (encode_continuation)
+        self._token_bytes: list[bytes] | None = None
 
     def _find_anchor(self) -> tuple[int, str]:
         # SentencePiece drops the leading "▁" of the first piece it decodes. Decoding a window behind a fixed piece
@@ -250,6 +251,8 @@ class ChatGLM2Tokenizer:
         """The bytes each id stands for in a reply, by id (vocab_size of them): a piece's UTF-8 with "▁" as a space,
         a byte-fallback piece's one byte, and for control and special ids b"\\xff" + their name (the marker grammar
         engines use for tokens that are not text)."""
+        if self._token_bytes is not None:
+            return self._token_bytes
         out = []
         for i in range(self.vocab_size):
             if i >= self.sp_vocab_size:
@@ -260,6 +263,7 @@ class ChatGLM2Tokenizer:
                 out.append(b"\xff" + self._sp.id_to_piece(i).encode())
             else:
                 out.append(self._sp.id_to_piece(i).replace(_SPACE_SYMBOL, " ").encode())
+        self._token_bytes = out
         return out
 
     def encode_continuation(self, text: str) -> list[int]:

@@ -24,11 +24,15 @@ _END = object()  # the source is exhausted
 
 
 def merge(deltas: list[TextDelta]) -> TextDelta:
-    """Text deltas (none but the last may be final or an error) as one: their text, the last one's ending."""
+    """Text deltas of one choice (none but the last may be final or an error) as one: their text and logprobs, the
+    last one's ending."""
     last = deltas[-1]
     if len(deltas) == 1:
         return last
-    return TextDelta("".join(delta.text for delta in deltas), last.finish_reason, last.usage, last.error)
+    logprobs = [entry for delta in deltas for entry in delta.logprobs or []] if last.logprobs is not None or any(
+        delta.logprobs for delta in deltas) else None
+    return TextDelta("".join(delta.text for delta in deltas), last.finish_reason, last.usage, last.error, logprobs,
+                     last.index)
 
 
 def _ends(delta: TextDelta) -> bool:
@@ -86,8 +90,8 @@ async def coalesce(source: AsyncIterator[TextDelta], window_s: float) -> AsyncIt
                             nxt = await ready.get()
                     except TimeoutError:
                         break
-                if nxt is _END or isinstance(nxt, Exception) or nxt.error:
-                    held = nxt  # sent after this batch's text, as it came
+                if nxt is _END or isinstance(nxt, Exception) or nxt.error or nxt.index != batch[0].index:
+                    held = nxt  # sent after this batch's text, as it came (another choice's: in its own message)
                     break
                 batch.append(nxt)
             first = False

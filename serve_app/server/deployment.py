@@ -11,6 +11,7 @@ that belong to the request (context too long, overloaded, numeric failure) come 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -119,19 +120,61 @@ class ChatGLM2Server:
         if error := self._context_error(request, len(prompt_ids)):
             yield TextDelta(error=error)
             return
-        reply = ReplyText(self.tokenizer, request.stop, len(prompt_ids))
+        if request.n == 1:
+            async for delta in self._choice(request, request.params, prompt_ids, 0, trace):
+                yield delta
+            return
+        async for delta in self._choices(request, prompt_ids, trace):
+            yield delta
+
+    async def _choices(self, request: TextRequest, prompt_ids: list[int], trace: RequestTrace):
+        """n choices of one prompt, run together: the first computes the prompt's KV blocks and the others share
+        them from the prefix cache (they wait for blocks being computed). With a seed, choice i uses seed + i.
+        Their deltas interleave, each with its index; an error ends them all."""
+        deltas: asyncio.Queue[TextDelta | None] = asyncio.Queue()
+
+        async def run(index: int) -> None:
+            seed = request.params.seed
+            params = dataclasses.replace(request.params, seed=None if seed is None else seed + index)
+            try:
+                async for delta in self._choice(request, params, prompt_ids, index, trace):
+                    deltas.put_nowait(delta)
+            finally:
+                deltas.put_nowait(None)
+
+        tasks = [asyncio.create_task(run(index)) for index in range(request.n)]
         try:
-            async for delta in self.engine.generate(prompt_ids, request.params, request.request_id):
-                trace.tokens(len(delta.token_ids))
-                if (text := reply.push(delta)) is not None:
-                    yield text
-                if reply.finished:
-                    return  # leaving the loop closes the engine stream, which frees the sequence
+            running = request.n
+            while running:
+                delta = await deltas.get()
+                if delta is None:
+                    running -= 1
+                    continue
+                yield delta
+                if delta.error:
+                    return
+        finally:  # the client went away, or a choice failed: the other choices stop too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice(self, request: TextRequest, params, prompt_ids: list[int], index: int,
+                      trace: RequestTrace) -> AsyncIterator[TextDelta]:
+        reply = ReplyText(self.tokenizer, request.stop, len(prompt_ids), index)
+        request_id = request.request_id if index == 0 else f"{request.request_id}-{index}"
+        try:
+            async with aclosing(self.engine.generate(prompt_ids, params, request_id)) as stream:
+                async for delta in stream:
+                    trace.tokens(len(delta.token_ids))
+                    if (text := reply.push(delta)) is not None:
+                        yield text
+                    if reply.finished:
+                        return  # leaving the loop closes the engine stream, which frees the sequence
         except EngineError as exc:
-            yield TextDelta(error=ErrorInfo(exc.code, str(exc)))
+            yield TextDelta(error=ErrorInfo(exc.code, str(exc)), index=index)
         except Exception:  # a bug must fail this request clearly, not the replica
             logger.exception("request %s failed", request.request_id)
-            yield TextDelta(error=ErrorInfo("internal_error", "internal error while generating"))
+            yield TextDelta(error=ErrorInfo("internal_error", "internal error while generating"), index=index)
 
     async def tokenize(self, request: TextRequest, special_tokens: bool = True) -> Tokens:
         """The ids a generation of `request` would run (chat turns always carry the prefix), and their count."""

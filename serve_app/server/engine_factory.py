@@ -67,6 +67,7 @@ def build_engine(config: PoolConfig) -> ReplicaEngine:
     import torch
 
     from serve_app.engine.engine import Engine
+    from serve_app.engine.structured import Grammars
     from serve_app.model.loader import load_model, resolve_device
     from serve_app.server import gpu_share
 
@@ -85,7 +86,8 @@ def build_engine(config: PoolConfig) -> ReplicaEngine:
         plan = gpu_share.plan_replica(loaded, share=share, engine=engine_config,
                                       context_bytes=config.cuda_context_bytes)
         engine_config = dataclasses.replace(engine_config, kv_cache_bytes=plan.kv_cache_bytes)
-    engine = Engine(loaded, engine_config)
+    grammars = Grammars(tokenizer, loaded.config.padded_vocab_size)  # response_format and tools
+    engine = Engine(loaded, engine_config, grammars)
     _log_ready(config.name, loaded, engine, share, plan)
     return ReplicaEngine(engine, tokenizer, plan)
 

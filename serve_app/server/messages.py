@@ -66,6 +66,7 @@ class TextRequest:
     prompt: Prompt
     stop: list[str] = field(default_factory=list)
     context_strict: bool = False
+    n: int = 1  # choices, sharing the prompt's prefill; with a seed, choice i samples with seed + i
     # The ingress replica's Ray actor name: the pool stops the generation if that actor dies (server/caller_watch.py).
     caller: str | None = None
 
@@ -90,13 +91,33 @@ class Usage:
 
 
 @dataclass
+class TokenText:
+    """A token as OpenAI's logprobs show it: its text, and its UTF-8 bytes (None for special tokens)."""
+
+    token: str
+    bytes: list[int] | None
+
+
+@dataclass
+class LogprobEntry:
+    """A generated token's logprob, and the most likely tokens' (SamplingParams.logprobs)."""
+
+    token: TokenText
+    logprob: float
+    top: list[tuple[TokenText, float]] = field(default_factory=list)
+
+
+@dataclass
 class TextDelta:
-    """One streamed piece of a reply. The last one has finish_reason (and usage), or error instead."""
+    """One streamed piece of a reply. The last one has finish_reason (and usage), or error instead. With n choices,
+    `index` says whose piece it is and each choice has a last delta of its own (an error ends them all)."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
+    logprobs: list[LogprobEntry] | None = None  # one per token this delta carries, when asked for
+    index: int = 0
 
 
 @dataclass

@@ -113,7 +113,8 @@ def test_bad_schemas_are_invalid_requests(engine, grammars):
                       (canonical_schema({"type": "object", "properties": {"a": {"$ref": "#/nope"}}}), "nope"),
                       (canonical_schema({"type": "string", "minLength": 5, "maxLength": 2}), "unsupported")]:
         with pytest.raises(InvalidRequest, match=says):
-            engine.generate([1, 2, 3], SamplingParams(json_schema=bad))
+            reply(engine, None, SamplingParams(json_schema=bad), prompt=[1, 2, 3])
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
 
 
 def test_an_engine_without_a_vocabulary_refuses_schemas(tiny_fp32):
@@ -127,13 +128,14 @@ def test_an_engine_without_a_vocabulary_refuses_schemas(tiny_fp32):
 
 def test_grammars_are_compiled_once_per_schema(grammars, monkeypatch):
     schema = canonical_schema({"type": "array", "items": {"type": "integer"}})
-    grammars.grammar(schema)
+    first = grammars.matcher(schema)
+    assert first.consume_tokens(grammars.tokenizer.tokenize_str("[1"))
     calls = []
     original = grammars._llg.LLMatcher.grammar_from_json_schema
     monkeypatch.setattr(grammars._llg.LLMatcher, "grammar_from_json_schema",
                         lambda *a, **k: calls.append(a) or original(*a, **k), raising=False)
-    grammars.matcher(schema)
-    assert calls == []
+    second = grammars.matcher(schema)
+    assert calls == [] and not second.is_error() and second.compute_bitmask() != first.compute_bitmask()
     assert canonical_schema({"b": 1, "a": 2}) == canonical_schema({"a": 2, "b": 1})
 
 
