@@ -11,6 +11,7 @@ so the OpenAPI document is the response shape.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route handlers' annotations at import.
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
 
-from serve_app.api import proxy_guard
+from serve_app.api import proxy_guard, tools
 from serve_app.api.error_table import APIError
 from serve_app.api.grpc import GrpcMixin
 from serve_app.api.http import EventStream, app, configure, errors, json_or_sse, sse, sse_only
@@ -52,6 +53,7 @@ from serve_app.api.schemas import (
     StreamChatResponse,
     StreamDeltaEvent,
     StreamErrorEvent,
+    ToolCallDelta,
     TokenizeRequest,
     TokenizeResponse,
     UsageInfo,
@@ -64,6 +66,12 @@ from serve_app.api.ingress_config import IngressConfig
 from serve_app.server.messages import TextDelta, TextRequest
 
 POOL_HEADER = "x-chatglm2-model"
+
+
+def calls_tools(body: ChatCompletionRequest) -> bool:
+    """Whether the reply is constrained to a tool call (the builder has checked tool_choice against tools)."""
+    return bool(body.tools) and body.tool_choice != "none"
+
 # OpenAPI `responses=` of the generating routes: their answer, and the errors any of them can give.
 GENERATION_ERRORS = errors(400, 401, 404, 413, 503)
 API_PY_RESPONSES = {200: {"model": ApiPyResponse}} | GENERATION_ERRORS
@@ -117,6 +125,11 @@ class ChatChunks(_Chunks):
 
     def finish(self, index: int, finish_reason: str | None) -> BaseModel:
         return self._choice(index, ChunkDelta(), finish_reason)
+
+    def message(self, index: int, message: AssistantMessage) -> BaseModel:
+        """A whole message's content or tool calls in one chunk."""
+        calls = [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(message.tool_calls or [])]
+        return self._choice(index, ChunkDelta(content=message.content, tool_calls=calls or None), None)
 
 
 class CompletionChunks(_Chunks):
@@ -220,13 +233,23 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         request = self.requests.chat_completion(body)
         if not body.stream:
             answer = await self.client.collect(body.model, request)
-            choices = [ChatChoice(index=i, message=AssistantMessage(role="assistant", content=c.text),
+            choices = [ChatChoice(index=i, message=self._message(body, c.text, c.finish_reason),
                                   finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs))
                        for i, c in enumerate(answer.choices)]
+            for choice in choices:
+                if choice.message.tool_calls:
+                    choice.finish_reason = "tool_calls"
             return _json(ChatCompletion(id=request.request_id, object="chat.completion", created=int(time.time()),
                                         model=answer.pool, choices=choices, usage=UsageInfo.of(answer.usage)),
                          answer.pool)
-        return await self._openai_stream(body, request, ChatChunks)
+        return await self._openai_stream(body, request, ChatChunks, calls_tools(body))
+
+    @staticmethod
+    def _message(body: ChatCompletionRequest, text: str, finish_reason: str | None) -> AssistantMessage:
+        """The assistant message of a reply: a tool call when the request asked for one and the reply finished."""
+        if calls_tools(body) and finish_reason == "stop" and (call := tools.tool_call(text)) is not None:
+            return AssistantMessage(role="assistant", content=None, tool_calls=[call])
+        return AssistantMessage(role="assistant", content=text)
 
     @app.post("/v1/completions", responses=OPENAI_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest):
@@ -239,10 +262,10 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                                     model=answer.pool, choices=choices, usage=UsageInfo.of(answer.usage)), answer.pool)
         return await self._openai_stream(body, request, CompletionChunks)
 
-    async def _openai_stream(self, body, request: TextRequest, chunks: type[_Chunks]):
+    async def _openai_stream(self, body, request: TextRequest, chunks: type[_Chunks], calling: bool = False):
         """Both OpenAI streams: the builder's first chunk (if any), a chunk per piece of text, a chunk with the
         finish_reason, the usage (with include_usage) and `[DONE]`; an error after the first token is an error event
-        instead of the rest."""
+        instead of the rest. A tool call (`calling`) is sent whole, in one chunk when its choice finishes."""
         stream = await self.client.open(body.model, request)
         build = chunks(request.request_id, stream.pool)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -251,12 +274,21 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             for index in range(request.n):
                 if (start := build.start(index)) is not None:
                     yield _event(start)
+            held: dict[int, str] = {}  # a tool-calling choice's reply so far
             try:
                 async for delta in stream.deltas():
+                    if calling:
+                        held[delta.index] = held.get(delta.index, "") + delta.text
+                        delta = dataclasses.replace(delta, text="")
                     if delta.text or delta.logprobs:
                         yield _event(build.piece(delta))
                     if delta.finish_reason:
-                        yield _event(build.finish(delta.index, delta.finish_reason))
+                        reason = delta.finish_reason
+                        if calling:
+                            message = self._message(body, held.pop(delta.index, ""), reason)
+                            yield _event(build.message(delta.index, message))
+                            reason = "tool_calls" if message.tool_calls else reason
+                        yield _event(build.finish(delta.index, reason))
             except APIError as exc:
                 yield sse(ErrorResponse.model_validate(exc.body()).model_dump_json())
                 return

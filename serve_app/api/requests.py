@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 
+from serve_app.api import tools
 from serve_app.api.error_table import APIError
 from serve_app.api.schemas import (
     ApiPyRequest,
@@ -149,7 +150,8 @@ class RequestBuilder:
             params=self.params(temperature=body.temperature, top_p=body.top_p,
                                max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed,
                                ignore_eos=body.ignore_eos, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                               json_schema=self.json_schema(body.response_format), **self.openai_filters(body)),
+                               json_schema=tools.call_schema(body) or self.json_schema(body.response_format),
+                               **self.openai_filters(body)),
             prompt=ChatPrompt(query, history, system),
             stop=body.stop or [],
             context_strict=True,

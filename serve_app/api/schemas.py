@@ -295,6 +295,33 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Fie
                            "token by token")]
 
 
+class FunctionSpec(_Strict):
+    name: SchemaName
+    description: Text | None = None
+    parameters: dict | None = Field(default=None, description="a JSON Schema of the arguments; none: no arguments")
+    strict: Bool | None = None
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: SchemaName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice, Field(
+    description="required or a named function: the reply is a call of one of `tools`, its arguments their schema "
+    "(enforced token by token); auto is refused, ChatGLM2 having no tool-call format of its own to decide with")]
+MAX_TOOLS = 128
+
+
 class StreamOptions(_Strict):
     include_usage: Bool = False
 
@@ -336,6 +363,9 @@ class ChatCompletionRequest(_OpenAICommon):
                                   "distribution (before temperature, penalties and filters)")
     top_logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolSpec], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: Bool | None = Field(default=None, description="accepted; a reply is one call")
 
 
 class CompletionRequest(_OpenAICommon):
@@ -373,7 +403,22 @@ class UsageInfo(BaseModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens))
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text of the arguments")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCall):
+    index: int
 
 
 class TopLogprob(BaseModel):
@@ -401,7 +446,8 @@ class CompletionLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -425,6 +471,7 @@ class ChatCompletion(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, description="in the first chunk only")
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, description="a tool call, whole, in one chunk")
 
 
 class ChatChunkChoice(BaseModel):

@@ -26,8 +26,9 @@ ANY_OBJECT = json.dumps({"type": "object"})  # response_format {"type": "json_ob
 
 
 def canonical_schema(schema: dict | bool) -> str:
-    """The schema as the JSON text a request carries (sorted keys: one cache entry per schema, however sent)."""
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The schema as the JSON text a request carries: compact, its keys in the order given (the reply's properties
+    come in the order the schema lists them, which clients rely on: "reasoning" before "answer")."""
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 class _Vocabulary:

@@ -161,3 +161,69 @@ def test_bad_schemas_and_unsupported_formats_are_400s(client, base_url):
     assert reply.status_code == 400 and reply.json()["error"]["param"].startswith("response_format"), reply.text
     after = client.chat.completions.create(model=POOL, messages=messages(), max_tokens=3)  # nothing broke
     assert after.choices[0].finish_reason in ("stop", "length")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 8},
+                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                                                "required": ["city", "days"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}
+
+
+def test_tool_calls_required_and_named_streamed_and_not(client):
+    for tool_choice, names in (("required", {"get_weather", "get_time"}),
+                               ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"})):
+        for seed in (1, 2):
+            answer = client.chat.completions.create(model=POOL, messages=messages("天气?"), tools=[WEATHER, CLOCK],
+                                                    tool_choice=tool_choice, temperature=1.0, seed=seed,
+                                                    max_tokens=120)
+            choice = answer.choices[0]
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            (call,) = choice.message.tool_calls
+            assert call.type == "function" and call.function.name in names and call.id.startswith("call_")
+            schema = WEATHER["function"]["parameters"] if call.function.name == "get_weather" else \
+                {"type": "object", "additionalProperties": False}
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+    stream = client.chat.completions.create(model=POOL, messages=messages("天气?"), tools=[WEATHER],
+                                            tool_choice="required", temperature=1.0, seed=1, max_tokens=120,
+                                            stream=True)
+    chunks = [c for chunk in stream for c in chunk.choices]
+    calls = [tc for c in chunks if c.delta.tool_calls for tc in c.delta.tool_calls]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather" and chunks[-1].finish_reason == "tool_calls"
+    assert "city" in json.loads(calls[0].function.arguments)
+
+
+def test_tool_choices_that_cannot_be_honoured_are_400s_naming_why(client, base_url):
+    for fields, param, says in (({"tools": [WEATHER]}, "tool_choice", "auto"),
+                                ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "no tool-call format"),
+                                ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+                                ({"tools": [WEATHER], "tool_choice": {"type": "function",
+                                                                      "function": {"name": "nope"}}},
+                                 "tool_choice", "not in tools"),
+                                ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools", "duplicate")):
+        reply = httpx.post(f"{base_url}/v1/chat/completions", json={"model": POOL, "messages": messages(),
+                                                                    "max_tokens": 4, **fields}, timeout=60)
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == param and says in error["message"], error
+    # "none": the plain reply OpenAI defines for it
+    plain = client.chat.completions.create(model=POOL, messages=messages(), tools=[WEATHER], tool_choice="none",
+                                           max_tokens=3)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
+
+
+def test_langchain_with_structured_output_by_function_calling(base_url):
+    from langchain_openai import ChatOpenAI
+
+    class Weather(BaseModel):
+        """The weather to look up."""
+
+        city: str = Field(max_length=8)
+        days: int = Field(ge=1, le=7)
+
+    model = ChatOpenAI(base_url=f"{base_url}/v1", api_key="unused", model=POOL, temperature=0.8, max_tokens=120,
+                       max_retries=0)
+    structured = model.with_structured_output(Weather, method="function_calling")
+    result = structured.invoke("明天北京天气怎么样?")
+    assert isinstance(result, Weather) and 1 <= result.days <= 7

@@ -136,7 +136,14 @@ def test_grammars_are_compiled_once_per_schema(grammars, monkeypatch):
                         lambda *a, **k: calls.append(a) or original(*a, **k), raising=False)
     second = grammars.matcher(schema)
     assert calls == [] and not second.is_error() and second.compute_bitmask() != first.compute_bitmask()
-    assert canonical_schema({"b": 1, "a": 2}) == canonical_schema({"a": 2, "b": 1})
+
+
+
+def test_properties_come_in_the_order_the_schema_lists_them(engine, tiny_tokenizer):
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    text, _ = reply(engine, tiny_tokenizer, SamplingParams(max_new_tokens=40, json_schema=canonical_schema(schema)))
+    assert list(json.loads(text)) == ["zeta", "alpha"]
 
 
 def test_the_mask_bans_exactly_the_ids_whose_bit_is_clear():
