@@ -86,3 +86,18 @@ def test_logprobs_outside_0_to_20_are_refused():
         SamplingParams(logprobs=21)
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=-1)
+
+
+def test_choices_of_one_prompt_submitted_together_compute_its_blocks_once(engine):
+    """What the pool does for n > 1: n requests of one prompt at once. The first computes the prompt's full blocks;
+    the others wait for them and take them from the prefix cache."""
+    prompt = list(range(100, 141))  # 41 tokens: 5 full blocks of 8 and one token more
+    params = [SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=1.0, seed=9 + i) for i in range(4)]
+
+    async def main():
+        return await asyncio.gather(*(run(engine, prompt, p) for p in params))
+
+    results = asyncio.run(main())
+    cached = sorted(deltas[-1].stats.cached_prompt_tokens for _, _, deltas in results)
+    assert cached == [0, 40, 40, 40]
+    assert len({tuple(tokens) for tokens, _, _ in results}) > 1  # each its own noise
