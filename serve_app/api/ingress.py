@@ -98,6 +98,7 @@ class _Chunks:
     id: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
+    offsets: dict[int, int] = field(default_factory=dict)  # choice -> characters sent (legacy text_offset)
     chunk_model: ClassVar[type[BaseModel]]
     object: ClassVar[str]
 
@@ -136,9 +137,6 @@ class CompletionChunks(_Chunks):
     """text_completion chunk events."""
 
     chunk_model, object = CompletionChunk, "text_completion"
-
-    def __post_init__(self):
-        self.offsets: dict[int, int] = {}  # choice -> characters sent (the legacy logprobs' text_offset)
 
     def start(self, index: int) -> None:
         return None

@@ -159,6 +159,9 @@ class Batch:
 
     prefills: list[tuple[Sequence, int]]  # (sequence, chunk length)
     decodes: list[Sequence]  # one token each
+    # (source block, destination block, tokens): KV copied before the step, a prompt's last partial block taken from
+    # a running sequence with the same prompt (Scheduler._tail_donor)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -187,7 +190,8 @@ class Scheduler:
         """Give decoding sequences the blocks their next token needs (preempting the newest when there are none),
         admit waiting sequences while rows and blocks last, then pick this step's prefill chunks and decode rows."""
         preempted = self._grow()
-        while not preempted and self.waiting and self.free_rows > 0 and self._admit(self.waiting[0]):
+        copies: list[tuple[int, int, int]] = []
+        while not preempted and self.waiting and self.free_rows > 0 and self._admit(self.waiting[0], copies):
             self.running.append(self.waiting.popleft())
         prefills, left = [], self.prefill_chunk
         for seq in self.running:  # oldest first
@@ -195,7 +199,7 @@ class Scheduler:
                 chunk = min(seq.prefill_target - seq.num_computed, left)
                 prefills.append((seq, chunk))
                 left -= chunk
-        return Batch(prefills, [seq for seq in self.running if seq.status is Status.DECODING])
+        return Batch(prefills, [seq for seq in self.running if seq.status is Status.DECODING], copies)
 
     def _grow(self) -> bool:
         """A new block for each decoding sequence whose next position starts one; returns whether any sequence was
@@ -213,8 +217,10 @@ class Scheduler:
             index += 1
         return preempted
 
-    def _admit(self, seq: Sequence) -> bool:
-        """Blocks for seq's prefill, its cached prefix shared; False (nothing taken) when they do not fit."""
+    def _admit(self, seq: Sequence, copies: list[tuple[int, int, int]]) -> bool:
+        """Blocks for seq's prefill, its cached prefix shared; False (nothing taken) when they do not fit. Where a
+        running sequence has computed the same prompt (n choices of one request), the KV of its last, partial block
+        up to the last token is appended to `copies` and seq computes the last token alone."""
         size, target = self.block_size, seq.prefill_target
         tokens = seq.token_ids[:target]
         if len(seq.keys) < target // size:
@@ -240,12 +246,28 @@ class Scheduler:
             self.pool.pend(seq.blocks[index], seq.keys[index])
         seq.registered = len(matched)
         seq.num_computed = len(matched) * size
+        if len(matched) == reusable and (donor := self._tail_donor(seq, matched, target)) is not None:
+            copies.append((donor, seq.blocks[len(matched)], target - 1 - seq.num_computed))
+            seq.num_computed = target - 1
         if seq.params.penalized:  # its counts are (re)loaded from its tokens before its first step
             seq.penalty_row, seq.history_loaded = self.free_penalty_rows.pop(), False
         if not seq.output_ids:
             seq.cached_prompt_tokens = seq.num_computed
         seq.status = Status.PREFILLING
         return True
+
+    def _tail_donor(self, seq: Sequence, matched: list[int], target: int) -> int | None:
+        """The block of a running sequence that holds the KV of seq's tokens [len(matched) * size, target - 1): one
+        that shares seq's matched blocks (the same prefix) and has computed the same tokens after them."""
+        start = len(matched) * self.block_size
+        if target - 1 <= start:
+            return None
+        tail = seq.token_ids[start : target - 1]
+        for other in self.running:
+            if (other.num_computed >= target - 1 and len(other.blocks) > len(matched)
+                    and other.blocks[: len(matched)] == matched and other.token_ids[start : target - 1] == tail):
+                return other.blocks[len(matched)]
+        return None
 
     def computed(self, seq: Sequence) -> None:
         """After seq's KV grew: offer its newly full blocks to the prefix cache."""
@@ -536,9 +558,11 @@ class Engine:
             if is_device_error(exc):
                 self._stop_for_good(exc)
                 return False
-            logger.exception("engine step failed outside the model: failing the running requests")
+            # A fault in scheduling would repeat at every turn for the waiting requests too: they fail with the
+            # running ones rather than wait forever.
+            logger.exception("engine step failed outside the model: failing the running and waiting requests")
             with self._lock:
-                for seq in list(self.scheduler.running):
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._fail(seq, generation_failed(seq.request_id))
         return True
 
@@ -554,6 +578,8 @@ class Engine:
     def step(self) -> None:
         """One iteration of continuous batching."""
         batch = self._schedule()
+        if batch.copies:
+            self.runner.copy_kv(batch.copies)
         try:
             results = self._run(batch)
         except CompileLimitHit:

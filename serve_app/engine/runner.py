@@ -130,6 +130,11 @@ class ModelRunner:
         self.history.load(row, prompt_ids, output_ids)
 
     @compute.confined
+    def copy_kv(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy the KV of the first `count` positions of block `src` into block `dst`, per (src, dst, count)."""
+        self.cache.copy_positions(copies)
+
+    @compute.confined
     def step(self, work: list[Work]) -> list[int | None]:
         """Per work item: the chosen id, -1 when its logits were NaN/Inf, None when no token was due."""
         return self._step(work)[0]

@@ -94,6 +94,14 @@ class KVCache:
             self.block_logical[torch.tensor(list(changed), device=self.block_logical.device)] = torch.tensor(
                 list(changed.values()), device=self.block_logical.device)
 
+    def copy_positions(self, copies: list[tuple[int, int, int]]) -> None:
+        """For each (src, dst, count): positions [0, count) of block src into block dst, keys and values, every
+        layer (a sequence taking the KV another computed for the same tokens at the same positions)."""
+        for src, dst, count in copies:
+            for cache in (self.k, self.v):
+                for layer in cache:
+                    layer[:, dst, :count] = layer[:, src, :count]
+
     def disjoint_tables(self, rows: int, length: int) -> list[tuple[int, ...]]:
         """Block tables of `length` tokens for up to `rows` sequences that share no block (checks and benchmarks that
         run on a cache outside an engine): as many rows as the cache holds."""

@@ -439,3 +439,25 @@ def test_steps_run_on_the_compute_thread_itself_with_no_hand_over(make_engine, m
     assert [len(tokens) for tokens, _ in results] == [12, 12] and engine.stats().steps >= 12
     assert step_threads == runner_threads == {compute_thread}
     assert jobs == []
+
+
+def test_a_fault_in_scheduling_fails_the_waiting_requests_instead_of_leaving_them_waiting(make_engine):
+    engine = make_engine(max_batch_size=2)
+    real_admit = engine.scheduler._admit
+    faults = iter([RuntimeError("simulated scheduler bug")])
+
+    def admit(seq, copies):
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        return real_admit(seq, copies)
+
+    engine.scheduler._admit = admit
+
+    async def main():
+        with pytest.raises(GenerationError):
+            await asyncio.wait_for(collect(engine, random_prompt(9, 1), greedy(4)), timeout=10)
+        return await asyncio.wait_for(collect(engine, random_prompt(9, 2), greedy(4)), timeout=10)
+
+    tokens, _ = asyncio.run(main())
+    assert len(tokens) == 4  # the engine serves on

@@ -88,16 +88,20 @@ def test_logprobs_outside_0_to_20_are_refused():
         SamplingParams(logprobs=-1)
 
 
-def test_choices_of_one_prompt_submitted_together_compute_its_blocks_once(engine):
-    """What the pool does for n > 1: n requests of one prompt at once. The first computes the prompt's full blocks;
-    the others wait for them and take them from the prefix cache."""
-    prompt = list(range(100, 141))  # 41 tokens: 5 full blocks of 8 and one token more
-    params = [SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=1.0, seed=9 + i) for i in range(4)]
+def test_choices_of_one_prompt_submitted_together_compute_its_kv_once(engine):
+    """What the pool does for n > 1: n requests of one prompt at once. The first computes the prompt; the others wait
+    for its full blocks, take them from the prefix cache and copy the KV of its last, partial block, so that each
+    computes only the prompt's last token. Their tokens are those each gives alone, when it computes the tail itself."""
+    prompt = list(range(100, 145))  # 45 tokens: 5 full blocks of 8 and 5 tokens more
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1.0, seed=9 + i) for i in range(4)]
 
     async def main():
-        return await asyncio.gather(*(run(engine, prompt, p) for p in params))
+        together = await asyncio.gather(*(run(engine, prompt, p) for p in params))
+        alone = [await run(engine, prompt, p) for p in params]
+        return together, alone
 
-    results = asyncio.run(main())
-    cached = sorted(deltas[-1].stats.cached_prompt_tokens for _, _, deltas in results)
-    assert cached == [0, 40, 40, 40]
-    assert len({tuple(tokens) for tokens, _, _ in results}) > 1  # each its own noise
+    together, alone = asyncio.run(main())
+    assert sorted(deltas[-1].stats.cached_prompt_tokens for _, _, deltas in together) == [0, 44, 44, 44]
+    assert [deltas[-1].stats.cached_prompt_tokens for _, _, deltas in alone] == [40] * 4  # no running donor
+    assert [tokens for tokens, _, _ in together] == [tokens for tokens, _, _ in alone]
+    assert len({tuple(tokens) for tokens, _, _ in together}) > 1  # each its own noise

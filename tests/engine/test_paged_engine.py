@@ -98,8 +98,8 @@ def test_more_demand_than_blocks_preempts_and_loses_nothing(tiny_fp32):
     admitted: list[int] = []
     real_admit = engine.scheduler._admit
 
-    def admit(seq):
-        ok = real_admit(seq)
+    def admit(seq, copies):
+        ok = real_admit(seq, copies)
         if ok and seq.preemptions == 0:
             admitted.append(int(seq.request_id))
         return ok
