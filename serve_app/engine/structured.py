@@ -1,6 +1,6 @@
 """Structured output: a reply constrained to JSON that matches a JSON Schema, through llguidance.
 
-    grammars = Grammars.for_tokenizer(tokenizer, n_vocab=config.padded_vocab_size)
+    grammars = Grammars(tokenizer, n_vocab=config.padded_vocab_size)
     matcher = grammars.matcher(schema_text)        # InvalidRequest for a schema it cannot compile
     allowed = matcher.compute_bitmask()            # before each token: 1 bit per vocabulary id
     matcher.consume_token(token)                   # after it
@@ -61,10 +61,6 @@ class Grammars:
         self._cache: OrderedDict[str, object] = OrderedDict()  # schema -> its pristine LLMatcher
         self._cache_size = cache_size
         self._lock = threading.Lock()
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer, n_vocab: int) -> Grammars:
-        return cls(tokenizer, n_vocab)
 
     def matcher(self, schema: str):
         """A fresh llguidance LLMatcher for a reply constrained to `schema` (JSON text): a copy of the schema's

@@ -130,13 +130,14 @@ def test_grammars_are_compiled_once_per_schema(grammars, monkeypatch):
     schema = canonical_schema({"type": "array", "items": {"type": "integer"}})
     first = grammars.matcher(schema)
     assert first.consume_tokens(grammars.tokenizer.tokenize_str("[1"))
-    calls = []
-    original = grammars._llg.LLMatcher.grammar_from_json_schema
-    monkeypatch.setattr(grammars._llg.LLMatcher, "grammar_from_json_schema",
-                        lambda *a, **k: calls.append(a) or original(*a, **k), raising=False)
-    second = grammars.matcher(schema)
-    assert calls == [] and not second.is_error() and second.compute_bitmask() != first.compute_bitmask()
-
+    compiled = []
+    real_compile = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda text: compiled.append(text) or real_compile(text))
+    second = grammars.matcher(schema)  # from the cache: a fresh copy, untouched by what `first` consumed
+    assert compiled == [] and not second.is_error() and second.compute_bitmask() != first.compute_bitmask()
+    other = canonical_schema({"type": "boolean"})
+    grammars.matcher(other)
+    assert compiled == [other]
 
 
 def test_properties_come_in_the_order_the_schema_lists_them(engine, tiny_tokenizer):
