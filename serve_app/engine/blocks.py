@@ -100,6 +100,13 @@ class BlockPool:
         self.hits += len(found)
         return found
 
+    def share(self, blocks: list[int]) -> None:
+        """One more reference to each of these held blocks (a P-tuning prefix's, which its adapter holds)."""
+        for block in blocks:
+            if not self.refs[block]:
+                raise RuntimeError(f"block {block} is shared but nobody holds it")
+            self.refs[block] += 1
+
     def allocate(self, after: int | None = None, owner: Hashable | None = None) -> int:
         """A block for new KV (referenced once): the one after `after` when it is free and not set aside for
         another owner (a sequence's blocks in a run read as one view), else the lowest free block nobody set aside,

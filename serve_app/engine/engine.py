@@ -72,6 +72,34 @@ MAX_FAILED_STEPS = 3
 REPLICA_FAILED_MESSAGE = "this replica failed and is being replaced; retry"
 
 
+# Stands for each position of a P-tuning prefix in block keys (every real token id is below it); the adapter's salt
+# tells prefixes apart.
+PREFIX_ID = 0xFFFFFFFF
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """An adapter loaded into this engine (model/adapters.py): a P-tuning prefix's KV in blocks of the cache, or a
+    LoRA adapter in a slot of the model's LoRA layers."""
+
+    name: str
+    adapter: Any  # PrefixAdapter | LoRAAdapter
+    salt: bytes  # part of every block key of its sequences: their KV differs from the base model's
+    offset: int = 0  # P-tuning: the prefix's length (positions before each sequence's first token)
+    lora: int = 0  # LoRA: its slot (1..max_adapters)
+    blocks: list[int] = field(default_factory=list)  # P-tuning: the blocks holding the prefix (held while loaded)
+    shared: list[int] = field(default_factory=list)  # those of them that are full: every sequence's first blocks
+    users: int = 0  # sequences waiting or running with it
+    ready: bool = False  # its KV or weights are in place
+    closing: bool = False  # unloaded while in use: freed when its last sequence ends
+    load_seconds: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind
+
+
+
 # One step's outcome for a sequence: (sequence, tokens computed, chosen id (-1: NaN/Inf logits, None: none due),
 # its TokenLogprob when the request asked for logprobs)
 Result = tuple["Sequence", int, "int | None", "TokenLogprob | None"]
@@ -125,6 +153,7 @@ class Sequence:
     penalty_row: int | None = None  # its row of the runner's token history while it runs, when it has penalties
     history_loaded: bool = False
     matcher: Any = None  # llguidance LLMatcher of its json_schema: which tokens may come next
+    adapter: LoadedAdapter | None = None
     abort_requested: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -134,10 +163,24 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def offset(self) -> int:
+        """KV positions before its first token: its P-tuning prefix's (0 without one)."""
+        return self.adapter.offset if self.adapter is not None else 0
+
+    @property
+    def salt(self) -> bytes:
+        return self.adapter.salt if self.adapter is not None else b""
+
+    @property
+    def kv_ids(self) -> list[int]:
+        """What each KV position holds: PREFIX_ID for the prefix's positions, then its tokens."""
+        return [PREFIX_ID] * self.offset + self.token_ids if self.offset else self.token_ids
+
+    @property
     def prefill_target(self) -> int:
-        """Tokens to compute before decoding: the prompt, or after a preemption all but the last generated token
-        (which the next decode step feeds)."""
-        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+        """KV positions to compute before decoding: the prefix and the prompt, or after a preemption all but the last
+        generated token (which the next decode step feeds)."""
+        return self.offset + len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
 
     def stats(self) -> RequestStats:
         now = time.perf_counter()
@@ -167,14 +210,13 @@ class Batch:
 class Scheduler:
     """Waiting and running sequences and the blocks they hold. Not thread-safe: the engine holds its lock."""
 
-    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int, salt: bytes = b""):
+    def __init__(self, pool: BlockPool, max_running: int, prefill_chunk: int):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.pool = pool
         self.block_size = pool.block_size
         self.max_running = max_running
         self.prefill_chunk = prefill_chunk
-        self.salt = salt  # what else changes the KV of a prefix (room for an adapter id): part of every block key
         self.watermark = int(pool.num_blocks * ADMIT_WATERMARK)
         self.preemptions = 0
         self.free_penalty_rows = list(range(max_running))[::-1]  # a running sequence with penalties holds one
@@ -222,19 +264,22 @@ class Scheduler:
         running sequence has computed the same prompt (n choices of one request), the KV of its last, partial block
         up to the last token is appended to `copies` and seq computes the last token alone."""
         size, target = self.block_size, seq.prefill_target
-        tokens = seq.token_ids[:target]
+        tokens = seq.kv_ids[:target]
         if len(seq.keys) < target // size:
-            seq.keys += block_keys(tokens, size, self.salt, seq.keys[-1] if seq.keys else None, len(seq.keys))
+            seq.keys += block_keys(tokens, size, seq.salt, seq.keys[-1] if seq.keys else None, len(seq.keys))
         # At least the last token is computed, in a block of the sequence's own: a shared block is never written.
         reusable = (target - 1) // size
-        matched = self.pool.match(seq.keys[:reusable])
+        # A P-tuning prefix's full blocks are always shared (its adapter holds them); the rest is looked up.
+        prefix = list(seq.adapter.shared) if seq.adapter is not None else []
+        self.pool.share(prefix)
+        matched = prefix + self.pool.match(seq.keys[len(prefix):reusable])
         needed = -(-target // size) - len(matched)
         # The next block of its prefix is being computed by a running sequence: wait for it rather than compute it
         # again (it is published within a few steps).
         pending = len(matched) < reusable and self.pool.is_pending(seq.keys[len(matched)])
         if pending or self.pool.available < needed + (self.watermark if self.running else 0):
             self.pool.release(matched)
-            self.pool.hits -= len(matched)
+            self.pool.hits -= len(matched) - len(prefix)
             return False
         if matched:
             seq.blocks = list(matched)
@@ -249,10 +294,13 @@ class Scheduler:
         if len(matched) == reusable and (donor := self._tail_donor(seq, matched, target)) is not None:
             copies.append((donor, seq.blocks[len(matched)], target - 1 - seq.num_computed))
             seq.num_computed = target - 1
+        elif seq.num_computed < seq.offset:  # the prefix's last, partial block: a copy of its own
+            copies.append((seq.adapter.blocks[len(matched)], seq.blocks[len(matched)], seq.offset - seq.num_computed))
+            seq.num_computed = seq.offset
         if seq.params.penalized:  # its counts are (re)loaded from its tokens before its first step
             seq.penalty_row, seq.history_loaded = self.free_penalty_rows.pop(), False
         if not seq.output_ids:
-            seq.cached_prompt_tokens = seq.num_computed
+            seq.cached_prompt_tokens = seq.num_computed - seq.offset
         seq.status = Status.PREFILLING
         return True
 
@@ -262,10 +310,10 @@ class Scheduler:
         start = len(matched) * self.block_size
         if target - 1 <= start:
             return None
-        tail = seq.token_ids[start : target - 1]
+        tail = seq.kv_ids[start : target - 1]
         for other in self.running:
-            if (other.num_computed >= target - 1 and len(other.blocks) > len(matched)
-                    and other.blocks[: len(matched)] == matched and other.token_ids[start : target - 1] == tail):
+            if (other.num_computed >= target - 1 and len(other.blocks) > len(matched) and other.salt == seq.salt
+                    and other.blocks[: len(matched)] == matched and other.kv_ids[start : target - 1] == tail):
                 return other.blocks[len(matched)]
         return None
 
@@ -275,8 +323,8 @@ class Scheduler:
         if full <= seq.registered:
             return
         if len(seq.keys) < full:
-            tokens = seq.token_ids[: full * self.block_size]
-            seq.keys += block_keys(tokens, self.block_size, self.salt, seq.keys[-1] if seq.keys else None,
+            tokens = seq.kv_ids[: full * self.block_size]
+            seq.keys += block_keys(tokens, self.block_size, seq.salt, seq.keys[-1] if seq.keys else None,
                                    len(seq.keys))
         for index in range(seq.registered, full):
             self.pool.register(seq.blocks[index], seq.keys[index])
@@ -340,7 +388,13 @@ class Engine:
                     "lower max_seq_len"
                 )
         # All KV memory is taken here, once: [layers, kv_heads, blocks, block_size, head_dim] for keys and values.
-        self._runner_args = dict(block_size=block_size, num_blocks=num_blocks)
+        self.lora = None  # the model's LoRA slots (model/lora.py), with max_adapters
+        if config.max_adapters:
+            from serve_app.model.lora import install_lora
+
+            self.lora = install_lora(loaded.model, config.max_adapters, config.max_lora_rank, loaded.dtype,
+                                     loaded.device)
+        self._runner_args = dict(block_size=block_size, num_blocks=num_blocks, lora=self.lora)
         self.runner = ModelRunner(loaded, config.max_batch_size, self.max_seq_len, attention=config.attention,
                                   graphs=graphs, compile_decode=bool(config.compile_decode), **self._runner_args)
         self.warmup = self.runner.warmup()  # every flex kernel and decode graph, before the first request
@@ -353,6 +407,8 @@ class Engine:
         self.pool = BlockPool(num_blocks, block_size, caching=config.prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_batch_size, config.prefill_chunk)
         self._requests: dict[str, Sequence] = {}
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._free_lora = list(range(config.max_adapters, 0, -1))  # LoRA slots, 1..max_adapters
         self._lock = threading.Lock()  # guards the scheduler, _requests and the counters
         self._stopping = False
         self._failed: str | None = None  # why the loop stopped for good (a ReplicaFailed fault)
@@ -401,13 +457,14 @@ class Engine:
     # ---- the asyncio side -------------------------------------------------------------------------------------
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, adapter: str | None = None
     ) -> AsyncIterator[TokenDelta]:
         """Stream the generated tokens of one request (see the module docstring for the delta convention).
 
         Raises at once: InvalidRequest (empty prompt) and ContextLengthExceeded (no room to generate within
         max_seq_len or params.max_length). Raises at the first iteration: EngineOverloaded (waiting queue full),
-        InvalidRequest (request_id already running, or a json_schema that does not compile) and ReplicaFailed (the engine stopped for good). Raises later:
+        InvalidRequest (request_id already running, a json_schema that does not compile, an `adapter` that is not
+        loaded) and ReplicaFailed (the engine stopped for good). Raises later:
         GenerationError, or ReplicaFailed for every request when the engine stops. Closing the iterator (a `break`,
         a cancelled task) aborts the request and frees its blocks within one step.
         """
@@ -418,13 +475,23 @@ class Engine:
         if bad := sorted(token for token in params.token_ids() if token >= vocab):
             raise InvalidRequest(f"token id {bad[0]} (logit_bias or stop_token_ids) is not in this model's "
                                  f"vocabulary [0, {vocab})")
-        budget = token_budget(len(prompt_ids), params, self.max_seq_len)  # raises ContextLengthExceeded
+        loaded = self._adapter(adapter) if adapter is not None else None
+        # A P-tuning prefix takes positions of the context: it counts against max_seq_len like the prompt.
+        offset = loaded.offset if loaded is not None else 0
+        budget = token_budget(len(prompt_ids) + offset, params, self.max_seq_len)  # raises ContextLengthExceeded
         if params.json_schema is not None and self.grammars is None:
             raise InvalidRequest("structured output is not available here: this engine has no vocabulary for it")
-        return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex)
+        return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex, adapter)
+
+    def _adapter(self, name: str) -> LoadedAdapter:
+        with self._lock:
+            loaded = self._adapters.get(name)
+        if loaded is None or loaded.closing or not loaded.ready:
+            raise InvalidRequest(f"adapter {name!r} is not loaded on this replica")
+        return loaded
 
     async def _stream(
-        self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str
+        self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str, adapter: str | None = None
     ) -> AsyncIterator[TokenDelta]:
         loop = asyncio.get_running_loop()
         matcher = None
@@ -448,7 +515,7 @@ class Engine:
             seed=request_seed(params),  # per request: its seed fixes its tokens whatever the batch
             matcher=matcher,
         )
-        self._submit(seq)
+        self._submit(seq, adapter)
         try:
             while True:
                 item = await queue.get()
@@ -461,7 +528,7 @@ class Engine:
             with self._lock:
                 self._abort(seq)
 
-    def _submit(self, seq: Sequence) -> None:
+    def _submit(self, seq: Sequence, adapter: str | None = None) -> None:
         with self._lock:
             if self._failed is not None:
                 raise ReplicaFailed(REPLICA_FAILED_MESSAGE)
@@ -474,10 +541,104 @@ class Engine:
                     f"{len(self.scheduler.waiting)} requests are waiting for one of {self.runner.max_rows} rows; "
                     "retry later"
                 )
+            if adapter is not None:
+                loaded = self._adapters.get(adapter)
+                if loaded is None or loaded.closing or not loaded.ready:
+                    raise InvalidRequest(f"adapter {adapter!r} is not loaded on this replica")
+                seq.adapter = loaded
+                loaded.users += 1
             self._requests[seq.request_id] = seq
             self.scheduler.waiting.append(seq)
             self._total_requests += 1
             self._loop.wake()
+
+    # ---- adapters (model/adapters.py) ------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, adapter) -> LoadedAdapter:
+        """Load a PrefixAdapter or LoRAAdapter under `name` (blocking: call it off the event loop). A P-tuning
+        prefix's KV is written once into blocks of the cache that every request of it shares; a LoRA adapter takes
+        a slot of the model's LoRA layers. Loading a name again returns the loaded one (and keeps it if it was being
+        unloaded). Raises AdapterError when it does not fit (max_adapters, max_lora_rank, no free KV blocks)."""
+        from serve_app.model.adapters import AdapterError
+
+        start = time.perf_counter()
+        with self._lock:
+            existing = self._adapters.get(name)
+            if existing is not None:
+                if existing.adapter.digest != adapter.digest:
+                    raise AdapterError(f"adapter {name!r}: another adapter is loaded under this name")
+                if not existing.ready:
+                    raise AdapterError(f"adapter {name!r} is being loaded; retry")
+                existing.closing = False
+                return existing
+            if len(self._adapters) >= self.config.max_adapters:
+                raise AdapterError(f"adapter {name!r}: this engine holds at most max_adapters="
+                                   f"{self.config.max_adapters} adapters, and that many are loaded")
+            loaded = LoadedAdapter(name, adapter, b"adapter:" + adapter.digest)
+            if adapter.kind == "ptuning":
+                length = adapter.pre_seq_len
+                if length >= self.max_seq_len:
+                    raise AdapterError(f"adapter {name!r}: its pre_seq_len={length} leaves no room in max_seq_len="
+                                       f"{self.max_seq_len}")
+                count = -(-length // self.pool.block_size)
+                if self.pool.available < count:
+                    raise AdapterError(f"adapter {name!r}: no free KV blocks for its prefix now; retry")
+                loaded.offset, loaded.blocks = length, self.pool.allocate_run(count, count, owner=loaded)
+                loaded.shared = loaded.blocks[: length // self.pool.block_size]
+            else:
+                if adapter.rank > self.config.max_lora_rank:
+                    raise AdapterError(f"adapter {name!r}: its rank {adapter.rank} exceeds max_lora_rank="
+                                       f"{self.config.max_lora_rank}")
+                loaded.lora = self._free_lora.pop()
+            self._adapters[name] = loaded
+        try:
+            if loaded.blocks:
+                self.runner.write_prefix(loaded.blocks, adapter.kv)
+            else:
+                self.runner.load_lora(loaded.lora, adapter)
+        except BaseException:
+            with self._lock:
+                self._drop(loaded)
+            raise
+        with self._lock:
+            loaded.ready = True
+        loaded.load_seconds = time.perf_counter() - start
+        logger.info("adapter %s (%s) loaded in %.3f s", name, adapter.kind, loaded.load_seconds)
+        return loaded
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter: now, or when the last request using it ends (new ones are refused meanwhile)."""
+        with self._lock:
+            loaded = self._adapters.get(name)
+            if loaded is None:
+                return
+            loaded.closing = True
+            if not loaded.users:
+                self._drop(loaded)
+
+    def adapters(self) -> dict[str, str]:
+        with self._lock:
+            return {name: a.kind for name, a in self._adapters.items() if a.ready and not a.closing}
+
+    def _drop(self, loaded: LoadedAdapter) -> None:
+        """Lock held. Its blocks and slot go back (a LoRA slot's old weights stay until the next load overwrites
+        them: no row selects a free slot)."""
+        if self._adapters.get(loaded.name) is loaded:
+            del self._adapters[loaded.name]
+        if loaded.blocks:
+            self.pool.release(loaded.blocks, keep=False)
+            loaded.blocks, loaded.shared = [], []
+        if loaded.lora:
+            self._free_lora.append(loaded.lora)
+            loaded.lora = 0
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        """Lock held: seq ended."""
+        loaded = seq.adapter
+        if loaded is not None:
+            loaded.users -= 1
+            if loaded.closing and not loaded.users:
+                self._drop(loaded)
 
     def abort(self, request_id: str) -> None:
         """Stop a request: it gets a final delta with finish_reason "abort" and leaves the batch within one step."""
@@ -521,6 +682,7 @@ class Engine:
                 kernels=dict(self.loaded.kernels),
                 dense_kernels=dict(self.loaded.dense_kernels),
                 memory_bytes=memory,
+                adapters={name: a.kind for name, a in self._adapters.items() if a.ready and not a.closing},
             )
 
     def healthy(self) -> bool:
@@ -637,14 +799,17 @@ class Engine:
             start = seq.num_computed
             # A token is due at the end of the prompt; a preempted sequence's recompute ends before its last token.
             done = start + chunk == seq.prefill_target and not seq.output_ids
-            work.append(Work(seq.token_ids[start : start + chunk], tuple(seq.blocks), start,
+            adapter = seq.adapter
+            work.append(Work(seq.kv_ids[start : start + chunk], tuple(seq.blocks), start,
                              seq.params if done else None, seq.seed, penalty_row=seq.penalty_row,
-                             allowed=seq.matcher.compute_bitmask() if done and seq.matcher else None))
+                             allowed=seq.matcher.compute_bitmask() if done and seq.matcher else None,
+                             offset=seq.offset, lora=adapter.lora if adapter is not None else 0))
             computed.append((seq, chunk))
         for seq in batch.decodes:
             work.append(Work([seq.output_ids[-1]], tuple(seq.blocks), seq.num_computed, seq.params, seq.seed,
                              len(seq.output_ids), seq.penalty_row,
-                             seq.matcher.compute_bitmask() if seq.matcher else None))
+                             seq.matcher.compute_bitmask() if seq.matcher else None,
+                             seq.offset, seq.adapter.lora if seq.adapter is not None else 0))
             computed.append((seq, 1))
         ids, logprobs = self.runner.step_logprobs(work)
         return [(seq, n, token, logprob) for (seq, n), token, logprob in zip(computed, ids, logprobs)]
@@ -695,6 +860,7 @@ class Engine:
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, keep_kv=True)
+        self._release_adapter(seq)
         self._requests.pop(seq.request_id, None)
         self._finished[reason] += 1
         seq.emit(TokenDelta(token_ids or [], reason, seq.stats(), logprobs))
@@ -704,6 +870,7 @@ class Engine:
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, keep_kv=False)
+        self._release_adapter(seq)
         self._requests.pop(seq.request_id, None)
         self._finished["error"] += 1
         seq.emit(error)

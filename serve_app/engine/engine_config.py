@@ -63,6 +63,11 @@ class EngineConfig:
         "without graphs (and dequantize + matmul if the kernels fail too), with a warning, the path in the engine "
         "stats and the chatglm2_decode_fallback metric")
 
+    max_adapters: int = _field(
+        0, "fine-tuned adapters (P-tuning v2 prefixes, LoRA) loaded at once; 0: none. LoRA takes a slot of the "
+        "model's LoRA layers each (memory per targeted module: max_adapters * max_lora_rank * (in + out))", 0)
+    max_lora_rank: int = _field(16, "the largest LoRA rank a slot holds (smaller ranks are padded with zeros)", 1)
+
     def max_seq_len_for(self, model_seq_length: int) -> int:
         """The engine's context cap for a model: max_seq_len, else min(the model's seq_length, 8192)."""
         return self.max_seq_len or min(model_seq_length, 8192)

@@ -60,3 +60,4 @@ class EngineStats:
     kernels: dict[str, int] = field(default_factory=dict)  # quantized layers per kernel (LoadedModel.kernels)
     dense_kernels: dict[str, int] = field(default_factory=dict)  # other linears per path (LoadedModel.dense_kernels)
     memory_bytes: dict[str, int] = field(default_factory=dict)  # LoadedModel.memory_bytes() plus "kv_cache"
+    adapters: dict[str, str] = field(default_factory=dict)  # loaded adapter -> its kind ("ptuning" | "lora")

@@ -37,6 +37,8 @@ class Work:
     generated: int = 0  # tokens the sequence has generated so far (for min_tokens)
     penalty_row: int | None = None  # its row of the runner's TokenHistory (`load_history`), when it has penalties
     allowed: bytes | None = None  # a grammar's bitmask of the ids it may choose (engine/structured.py); None: any
+    offset: int = 0  # positions of a P-tuning prefix before token 0 (attention.Span.offset)
+    lora: int = 0  # its LoRA slot (model/lora.py), 0: the base model
 
     def __post_init__(self):
         self.blocks = as_table(self.blocks)
@@ -72,6 +74,7 @@ class ModelRunner:
         compile_decode: bool = False,
         compile_flex: bool | None = None,
         compile_backend: str = "inductor",
+        lora=None,
     ):
         self.loaded = loaded
         self.device = loaded.device
@@ -91,6 +94,7 @@ class ModelRunner:
         self.cache = KVCache(loaded.config, num_blocks, block_size, dtype=loaded.dtype, device=self.device,
                              scratch=use_graphs, table_width=width)
         self.history = TokenHistory(max_rows, loaded.config.padded_vocab_size, self.device)
+        self.lora = lora  # model/lora.py's slots, when the model has LoRA layers installed
         self.graphs = None
         if use_graphs:
             capture = capture or CudaGraphCapture()
@@ -130,6 +134,30 @@ class ModelRunner:
         self.history.load(row, prompt_ids, output_ids)
 
     @compute.confined
+    def write_prefix(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Write a P-tuning prefix's KV (kv [layers, 2, L, kv_heads, D], model/adapters.py) into positions [0, L) of
+        the table `blocks`, in the cache's dtype (keys as they are: a prefix's keys are not rotated)."""
+        size = self.cache.block_size
+        length = kv.shape[2]
+        kv = kv.to(self.device, self.cache.k[0].dtype)
+        for layer in range(len(self.cache.k)):
+            for index, block in enumerate(blocks):
+                part = slice(index * size, min((index + 1) * size, length))
+                count = part.stop - part.start
+                self.cache.k[layer][:, block, :count] = kv[layer, 0, part].transpose(0, 1)
+                self.cache.v[layer][:, block, :count] = kv[layer, 1, part].transpose(0, 1)
+
+    @compute.confined
+    def load_lora(self, slot: int, adapter) -> None:
+        """Put a LoRA adapter in slot `slot` of the model's LoRA layers (between steps: this runs on the compute
+        thread)."""
+        self.lora.load(slot, adapter)
+
+    @compute.confined
+    def clear_lora(self, slot: int) -> None:
+        self.lora.clear(slot)
+
+    @compute.confined
     def copy_kv(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy the KV of the first `count` positions of block `src` into block `dst`, per (src, dst, count)."""
         self.cache.copy_positions(copies)
@@ -167,7 +195,9 @@ class ModelRunner:
         if any(w.allowed is not None for w in due):
             settings.allow([w.allowed for w in due], self.device)
         # Grammar masks are not among the captured variants: such steps run eagerly (README, "Structured output").
-        decode_only = all(len(w.token_ids) == 1 and w.params is not None for w in work) and settings.allowed is None
+        # Nor are adapters' rows (prefix offsets, LoRA slots): such steps run eagerly too (README, "Adapters").
+        decode_only = (all(len(w.token_ids) == 1 and w.params is not None and not w.offset and not w.lora
+                           for w in work) and settings.allowed is None)
         if decode_only and self.graphs is not None and self.graphs.bucket(len(work)) is not None:
             rows = DecodeRows([w.token_ids[0] for w in work], [w.blocks for w in work], [w.position for w in work])
             ids, logits, sample_positions = self.graphs.run(rows, settings)
@@ -187,14 +217,22 @@ class ModelRunner:
         """Eager packed forward: (logits [R, vocab] of the rows with a token due, their next positions [R])."""
         spans, tokens, rows, start = [], [], [], 0
         for w in work:
-            spans.append(Span(start, len(w.token_ids), w.blocks, w.position))
+            spans.append(Span(start, len(w.token_ids), w.blocks, w.position, w.offset))
             tokens += w.token_ids
             start += len(w.token_ids)
             if w.params is not None:
                 rows.append(start - 1)
         plan = plan_step(spans, tokens, self.cache.block_size, self.device, rows, self.cache.table_width)
-        logits = self.loaded.model.forward_packed(plan, self.cache, self.attention)
-        # A due row's token goes at its span's kv_len: one past the last position just run.
+        lora = self.lora if any(w.lora for w in work) else None
+        if lora is not None:
+            slots = [w.lora for w in work for _ in w.token_ids]
+            lora.begin(torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True))
+        try:
+            logits = self.loaded.model.forward_packed(plan, self.cache, self.attention)
+        finally:
+            if lora is not None:
+                lora.end()
+        # A due row's token goes one past the last position just run (its noise is keyed by that rotary position).
         return logits, plan.positions[plan.logit_rows] + 1
 
 

@@ -78,12 +78,17 @@ def as_table(blocks: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Span:
     """One sequence's tokens in a packed step: rows [start, start + length) at positions [position, + length), whose
-    keys live in `blocks` (its block table, at least up to kv_len; an int is a slot: a table of one block)."""
+    keys live in `blocks` (its block table, at least up to kv_len; an int is a slot: a table of one block).
+
+    `offset`: positions before the sequence's first token that hold a fixed prefix's KV (a P-tuning v2 prefix): they
+    are attended to like any earlier key, and the tokens' rotary positions start after them at 0 (position - offset),
+    as the original code keeps the prompt's position ids unshifted."""
 
     start: int
     length: int
     blocks: tuple[int, ...]
     position: int
+    offset: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "blocks", as_table(self.blocks))
@@ -107,7 +112,7 @@ class Span:
 class StepPlan:
     """What every layer of one packed forward needs. Built on the host from spans; its tensors are on the device.
 
-    input_ids, positions, write_index: [N] int64 (write_index: where each token's K/V goes in the layer's cache viewed
+    input_ids, positions, write_index: [N] int64 (positions: rotary ones, which a span's offset shifts; write_index: where each token's K/V goes in the layer's cache viewed
     as one sequence of blocks * block_size tokens: table[p // block_size] * block_size + p % block_size).
     logit_rows: [R] int64, the packed rows whose logits are wanted (usually each span's last token).
     decode_tables [D, W], decode_lens [D]: int64 block tables (padded with their first block) and key lengths of the
@@ -164,7 +169,7 @@ def plan_step(
     for s in spans:
         if len(s.blocks) * block_size < s.kv_len:
             raise ValueError(f"a span up to position {s.kv_len} with {len(s.blocks)} blocks of {block_size} tokens")
-        positions += range(s.position, s.kv_len)
+        positions += range(s.position - s.offset, s.kv_len - s.offset)  # rotary positions
         write_index += [s.blocks[p // block_size] * block_size + p % block_size for p in range(s.position, s.kv_len)]
     rows = logit_rows if logit_rows is not None else [s.start + s.length - 1 for s in spans]
     decode = [s for s in spans if s.length == 1]
