@@ -10,6 +10,7 @@ engine factory it builds its engine with.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from ray.serve import Application
 
@@ -19,6 +20,17 @@ from serve_app.server.deployment import ChatGLM2Server
 from serve_app.server.engine_factory import ReplicaEngine, build_engine
 
 __all__ = ["AppArgs", "PoolArgs", "build_app", "build_graph"]
+
+
+def check_adapters(pools: list[PoolConfig]) -> None:
+    """Read every pool's adapters against its checkpoint's config, where that checkpoint is already there (a demo
+    checkpoint is written by the replicas: theirs check them then): a bad one fails the deploy here, by name."""
+    from serve_app.model.checkpoint import read_config
+    from serve_app.server.engine_factory import read_adapters
+
+    for pool in pools:
+        if pool.adapters and (Path(pool.checkpoint) / "config.json").is_file():
+            read_adapters(pool.adapters, pool.checkpoint, read_config(pool.checkpoint))
 
 
 def build_app(args: AppArgs) -> Application:
@@ -33,6 +45,7 @@ def build_graph(args: AppArgs, engine_factory: Callable[[PoolConfig], ReplicaEng
     engine with (tests pass a fake one: tests/fake_engine.py)."""
     if not isinstance(args, AppArgs):  # called from Python with a dict
         args = AppArgs.model_validate(args)
+    check_adapters(args.pool_configs())
     pools = {pool.name: ChatGLM2Server.options(name=pool.name).bind(pool, engine_factory)
              for pool in args.pool_configs()}
     return ChatIngress.bind(pools, args.ingress_config())

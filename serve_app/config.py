@@ -21,12 +21,13 @@ from pydantic import Field, field_validator, model_validator
 from serve_app.api.ingress_config import FrozenArgs, GenerationDefaults, IngressArgs, IngressConfig
 from serve_app.api.pool_choice import AUTO
 from serve_app.engine.engine_config import EngineConfig
+from serve_app.model.adapters import DEMO_ADAPTERS
 from serve_app.model.demo import PRESETS
 from serve_app.model.loader import DEVICES, PRECISIONS
 from serve_app.model.quant_kernels import QUANT_KERNELS
 from serve_app.server.gpu_share import DEFAULT_CONTEXT_BYTES
 
-__all__ = ["AppArgs", "GenerationDefaults", "IngressConfig", "PoolArgs", "PoolConfig", "QuantArgs"]
+__all__ = ["AdapterArgs", "AppArgs", "GenerationDefaults", "IngressConfig", "PoolArgs", "PoolConfig", "QuantArgs"]
 
 Precision = Literal[PRECISIONS]
 Device = Literal[DEVICES]
@@ -62,6 +63,21 @@ class PoolArgs(FrozenArgs):
     _absolute_checkpoint = field_validator("checkpoint")(lambda cls, value: value and _absolute(value))
 
 
+class AdapterArgs(FrozenArgs):
+    """A fine-tuned adapter (P-tuning v2 or peft LoRA, its kind read from its files: model/adapters.py)."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="the `model` requests name it by (or `<pool>:<name>`)")
+    path: str = Field(min_length=1, description="its directory")
+    pools: list[str] | None = Field(default=None, min_length=1,
+                                    description="the pools it is enabled on, first one first; default: every pool")
+    demo: Literal[DEMO_ADAPTERS] | None = Field(
+        default=None, description="write a random demo adapter of this kind to `path` first if it is missing (for "
+        "the demo checkpoints)")
+
+    _absolute_path = field_validator("path")(lambda cls, value: _absolute(value))
+
+
 class PoolConfig(FrozenArgs):
     """Everything one pool's replicas read, resolved from AppArgs by `build_app` (no defaults of its own)."""
 
@@ -76,6 +92,8 @@ class PoolConfig(FrozenArgs):
     cuda_context_bytes: int
     stream_coalesce_ms: float
     log_prompts: bool
+    adapters: list[AdapterArgs] = []  # those enabled on this pool
+    max_loaded_adapters: int = 0  # per replica, least recently used unloaded (Serve's multiplexing)
 
 
 def _default_pools() -> list[PoolArgs]:
@@ -106,6 +124,13 @@ class AppArgs(IngressArgs):
         "with the ones that follow it within this long, as one message to the ingress; a delta that comes later (a "
         "slow stream) and the first token of a reply are sent at once; 0 sends every delta alone")
 
+    adapters: list[AdapterArgs] = Field(
+        default_factory=list, max_length=1024, description="fine-tuned adapters served on the pools (P-tuning v2, "
+        "LoRA); a request picks one by `model`")
+    max_loaded_adapters: int = Field(
+        default=4, ge=1, le=64, description="adapters a replica holds at once (Serve's multiplexing: the least "
+        "recently used is unloaded past it, and requests go to replicas that hold theirs)")
+
     _absolute_checkpoint = field_validator("checkpoint")(lambda cls, value: _absolute(value))
 
     @model_validator(mode="after")
@@ -117,7 +142,19 @@ class AppArgs(IngressArgs):
             raise ValueError("'auto' is the routing policy's name; a pool cannot be called that")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of the pools {names}")
+        adapters = [adapter.name for adapter in self.adapters]
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"adapter names must be unique: {adapters}")
+        for adapter in self.adapters:
+            if adapter.name in names or adapter.name == AUTO:
+                raise ValueError(f"adapter {adapter.name!r}: a pool or the routing policy is called that")
+            if unknown := [pool for pool in adapter.pools or () if pool not in names]:
+                raise ValueError(f"adapter {adapter.name!r}: no pool is called {', '.join(map(repr, unknown))}")
         return self
+
+    def adapter_pools(self) -> dict[str, list[str]]:
+        """adapter -> the pools it is enabled on, first one first."""
+        return {adapter.name: list(adapter.pools or self.pool_names) for adapter in self.adapters}
 
     @property
     def pool_names(self) -> list[str]:
@@ -125,7 +162,8 @@ class AppArgs(IngressArgs):
         return [pool.model for pool in self.pools]
 
     def ingress_config(self) -> IngressConfig:
-        return IngressConfig(pool_names=self.pool_names, **{key: getattr(self, key) for key in IngressArgs.model_fields})
+        return IngressConfig(pool_names=self.pool_names, adapters=self.adapter_pools(),
+                             **{key: getattr(self, key) for key in IngressArgs.model_fields})
 
     def pool_configs(self) -> list[PoolConfig]:
         """One config per pool, highest precision first: a pool's own checkpoint, engine and quant win over the
@@ -136,4 +174,6 @@ class AppArgs(IngressArgs):
             device=self.device, torch_threads=self.torch_threads, engine=pool.engine or self.engine,
             quant=pool.quant or self.quant, cuda_context_bytes=self.cuda_context_bytes,
             stream_coalesce_ms=self.stream_coalesce_ms, log_prompts=self.log_prompts,
+            adapters=[a for a in self.adapters if pool.model in self.adapter_pools()[a.name]],
+            max_loaded_adapters=self.max_loaded_adapters if self.adapters else 0,
         ) for pool in self.pools]

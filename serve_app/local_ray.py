@@ -39,6 +39,9 @@ def local_config(checkpoint: Path, **arg_overrides) -> dict:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     app = config["applications"][0]
     app["args"].update({"checkpoint": str(checkpoint), "demo_preset": None, **arg_overrides})
+    for adapter in app["args"].get("adapters", []):  # demo adapters beside that checkpoint, made for it
+        if adapter.get("demo"):
+            adapter["path"] = str(Path(checkpoint).parent / f"{Path(checkpoint).name}-adapters" / adapter["name"])
     pools = {pool["model"] for pool in app["args"]["pools"]}
     app["deployments"] = [d for d in app["deployments"] if d["name"] == "ChatIngress" or d["name"] in pools]
     return config

@@ -103,7 +103,7 @@ class GrpcMixin:
             # of a stream only with a message or an exception.
             _status(grpc_context, exc)
             return GenerateResponse()
-        return GenerateResponse(generated_text=answer.text, model=answer.pool)
+        return GenerateResponse(generated_text=answer.text, model=answer.model)
 
     async def StreamGenerate(self, request: GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[GenerateResponse]:
@@ -139,6 +139,6 @@ class GrpcMixin:
             stream = await self.client.open(message.model or None, text_request)
             async with stream:  # closed however the call ends: a cancelled call stops the engine, not just the proxy
                 async for text, last in stream.growing():
-                    yield stream.pool, text_request, text, last
+                    yield stream.model, text_request, text, last
         except APIError as exc:
             raise _status(context, exc) from None

@@ -224,6 +224,10 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         created = int(time.time())
         cards = [ModelCard(id=name, object="model", created=created, owned_by="chatglm2-serve")
                  for name in self.config.pool_names]
+        for adapter, pools in self.config.adapters.items():  # by its name (on its first pool) and per pool
+            for name, parent in [(adapter, pools[0])] + [(f"{pool}:{adapter}", pool) for pool in pools]:
+                cards.append(ModelCard(id=name, object="model", created=created, owned_by="chatglm2-serve",
+                                       parent=parent))
         return ModelList(object="list", data=cards).model_dump(mode="json")
 
     @app.post("/v1/chat/completions", responses=OPENAI_CHAT_RESPONSES)
@@ -238,7 +242,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
                 if choice.message.tool_calls:
                     choice.finish_reason = "tool_calls"
             return _json(ChatCompletion(id=request.request_id, object="chat.completion", created=int(time.time()),
-                                        model=answer.pool, choices=choices, usage=UsageInfo.of(answer.usage)),
+                                        model=answer.model, choices=choices, usage=UsageInfo.of(answer.usage)),
                          answer.pool)
         return await self._openai_stream(body, request, ChatChunks, calls_tools(body))
 
@@ -257,7 +261,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
             choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
                                         logprobs=completion_logprobs(c.logprobs)) for i, c in enumerate(answer.choices)]
             return _json(Completion(id=request.request_id, object="text_completion", created=int(time.time()),
-                                    model=answer.pool, choices=choices, usage=UsageInfo.of(answer.usage)), answer.pool)
+                                    model=answer.model, choices=choices, usage=UsageInfo.of(answer.usage)), answer.pool)
         return await self._openai_stream(body, request, CompletionChunks)
 
     async def _openai_stream(self, body, request: TextRequest, chunks: type[_Chunks], calling: bool = False):
@@ -265,7 +269,7 @@ class ChatIngress(WebSocketMixin, GrpcMixin):
         finish_reason, the usage (with include_usage) and `[DONE]`; an error after the first token is an error event
         instead of the rest. A tool call (`calling`) is sent whole, in one chunk when its choice finishes."""
         stream = await self.client.open(body.model, request)
-        build = chunks(request.request_id, stream.pool)
+        build = chunks(request.request_id, stream.model)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:

@@ -115,6 +115,7 @@ class IngressConfig(IngressArgs):
     """The ingress's args plus the pools it routes to, highest precision first (resolved by `build_app`)."""
 
     pool_names: list[str] = Field(min_length=1)
+    adapters: dict[str, list[str]] = Field(default_factory=dict)  # adapter -> the pools it is enabled on
 
     @property
     def default_pool(self) -> str:

@@ -40,8 +40,11 @@ class PoolLoad:
 
 
 class Router:
-    def __init__(self, handles: dict, order: list[str], default_model: str, policy: str, poll_interval_s: float = 0.5):
+    def __init__(self, handles: dict, order: list[str], default_model: str, policy: str,
+                 adapters: dict[str, list[str]] | None = None, poll_interval_s: float = 0.5):
+        """`adapters`: adapter name -> the pools it is enabled on, first one first (the app's `adapters:`)."""
         self.handles = handles
+        self.adapters = adapters or {}
         self.order = order  # highest precision first
         self.default_model = default_model
         self.policy = policy
@@ -49,8 +52,30 @@ class Router:
         self.load = {name: PoolLoad() for name in order}
         self._poller: asyncio.Task | None = None
 
+    def target(self, model: str | None) -> tuple[str, str | None]:
+        """(pool, adapter) for a request's `model`: a pool or `auto` (no adapter), an adapter's name (on its first
+        enabled pool) or `<pool>:<adapter>`; 404 for anything else."""
+        if model and model not in self.handles and model != AUTO:
+            pool, _, adapter = model.rpartition(":") if ":" in model else (None, "", model)
+            enabled = self.adapters.get(adapter)
+            if enabled and (pool is None or pool in enabled):
+                return pool or enabled[0], adapter
+            raise APIError("model_not_found", f"The model '{model}' does not exist; available: "
+                           f"{', '.join(self.model_names())}", param="model")
+        return self.resolve(model), None
+
+    def model_names(self) -> list[str]:
+        """Every name a request's `model` may take (GET /v1/models lists them)."""
+        names = list(self.order) + [AUTO]
+        for adapter, pools in self.adapters.items():
+            names += [adapter] + [f"{pool}:{adapter}" for pool in pools]
+        return names
+
     def resolve(self, model: str | None) -> str:
-        """The pool name for a request's `model` field; 404 for a name no pool has."""
+        """The pool name for a request's `model` field (an adapter's name gives its pool); 404 for a name no pool
+        has."""
+        if model and model not in self.handles and model != AUTO and self.adapters:
+            return self.target(model)[0]
         if not model:
             model = AUTO if self.policy == AUTO else self.default_model
         if model == AUTO:

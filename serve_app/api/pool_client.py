@@ -53,8 +53,10 @@ class Stream:
     and `usage` are set by the final delta. The stream is closed when that iteration ends, however it ends, and on
     leaving `async with stream:`, which a caller that may abandon the iteration half-way holds it in."""
 
-    def __init__(self, pool: str, first: TextDelta, rest, router: Router, resend_divisor: int = 0, n: int = 1):
+    def __init__(self, pool: str, first: TextDelta, rest, router: Router, resend_divisor: int = 0, n: int = 1,
+                 model: str | None = None):
         self.pool = pool
+        self.model = model or pool  # what the replies name: the pool, or the adapter as the request named it
         self._resend_divisor = resend_divisor
         self.n = n  # choices: the stream ends when each has had its final delta
         self.finish_reasons: dict[int, str] = {}  # choice index -> finish_reason
@@ -152,6 +154,10 @@ class Answer:
     pool: str
     choices: list[Choice]
     usage: Usage | None
+    model: str = ""  # the pool, or the adapter as the request named it
+
+    def __post_init__(self):
+        self.model = self.model or self.pool
 
     @property
     def text(self) -> str:
@@ -168,8 +174,8 @@ class PoolClient:
         this replica dies mid-stream (server/caller_watch.py)."""
         self.handles, self.caller = handles, caller
         # Cached once: `options(stream=True)` per request would rebuild the handle's state.
-        self.streams = {name: handle.options(stream=True) for name, handle in handles.items()}
-        self.router = Router(handles, config.pool_names, config.default_pool, config.routing)
+        self.streams = {(name, None): handle.options(stream=True) for name, handle in handles.items()}
+        self.router = Router(handles, config.pool_names, config.default_pool, config.routing, config.adapters)
         self.resend_divisor = config.limits.resend_divisor
 
     async def open(self, model: str | None, request: TextRequest) -> Stream:
@@ -177,11 +183,13 @@ class PoolClient:
 
         Routed by the auto policy, a prompt that does not fit the pool's context is sent on to a pool with a longer
         one; when none is left, the 400 names the largest context there is."""
-        pool = self.router.resolve(model)
+        pool, adapter = self.router.target(model)
+        if adapter is not None:
+            request = dataclasses.replace(request, adapter=adapter)
         tried: list[str] = []
         while True:
             try:
-                return await self._open_on(pool, request)
+                return await self._open_on(pool, request, model if adapter is not None else None)
             except APIError as error:
                 if error.code != "context_length_exceeded" or not self.router.routes_by_load(model):
                     raise
@@ -193,11 +201,20 @@ class PoolClient:
                                    f"longest context is {context} tokens ({name}).", param=error.param) from error
                 pool = longer
 
-    async def _open_on(self, pool: str, request: TextRequest) -> Stream:
+    def _stream_handle(self, pool: str, adapter: str | None):
+        """The pool's streaming handle; for an adapter, one that sets Serve's multiplexed model id, so that Serve
+        routes to replicas that hold it (one per configured adapter and pool, made on first use)."""
+        key = (pool, adapter)
+        if key not in self.streams:
+            self.streams[key] = self.handles[pool].options(stream=True, multiplexed_model_id=adapter)
+        return self.streams[key]
+
+    async def _open_on(self, pool: str, request: TextRequest, model: str | None = None) -> Stream:
         rest = None
         self.router.started(pool)
         try:
-            rest = self.streams[pool].generate.remote(dataclasses.replace(request, caller=self.caller))
+            handle = self._stream_handle(pool, request.adapter)
+            rest = handle.generate.remote(dataclasses.replace(request, caller=self.caller))
             first = await rest.__anext__()
         except Exception as exc:
             error = pool_call_error(exc, pool, BEFORE_FIRST_TOKEN)
@@ -210,7 +227,7 @@ class PoolClient:
         if first.error:
             self._release(pool, rest)
             raise APIError.from_info(first.error)
-        return Stream(pool, first, rest, self.router, self.resend_divisor, request.n)
+        return Stream(pool, first, rest, self.router, self.resend_divisor, request.n, model)
 
     def _release(self, pool: str, rest) -> None:
         self.router.finished(pool)
@@ -231,7 +248,7 @@ class PoolClient:
             choice.text, choice.finish_reason = "".join(pieces[index]), stream.finish_reasons.get(index)
             if request.params.logprobs is not None and choice.logprobs is None:
                 choice.logprobs = []
-        return Answer(stream.pool, choices, stream.usage)
+        return Answer(stream.pool, choices, stream.usage, stream.model)
 
     async def tokenize(self, model: str | None, request: TextRequest, special_tokens: bool = True) -> Tokens:
         """The prompt ids the pool would run for `request` (a raw prompt without [gMASK] sop if not

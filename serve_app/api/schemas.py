@@ -168,7 +168,8 @@ class ApiPyRequest(_Strict):
     top_p: TopP | None = None
     temperature: Temperature | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
+    model: Text | None = Field(default=None, description="pool or adapter to use; default: the configured default "
+                               "model")
 
 
 Pairs = list[Annotated[list[str], Field(min_length=2, max_length=2)]]  # History as it is sent back
@@ -193,7 +194,8 @@ class StreamChatRequest(_Strict):
     top_p: TopP | None = None
     temperature: Temperature | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    model: Text | None = Field(default=None, description="pool to use; default: the configured default model")
+    model: Text | None = Field(default=None, description="pool or adapter to use; default: the configured default "
+                               "model")
 
 
 class StreamChatResponse(BaseModel):
@@ -327,7 +329,8 @@ class StreamOptions(_Strict):
 
 
 class _OpenAICommon(_Strict):
-    model: Text | None = Field(default=None, description="a pool name from GET /v1/models, or 'auto'")
+    model: Text | None = Field(default=None, description="a pool name from GET /v1/models, an adapter's name (or "
+                               "<pool>:<adapter>), or 'auto'")
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
@@ -379,6 +382,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = Field(default=None, description="for an adapter: the pool whose base model it adapts")
 
 
 class ModelList(BaseModel):

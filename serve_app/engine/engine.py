@@ -476,9 +476,10 @@ class Engine:
             raise InvalidRequest(f"token id {bad[0]} (logit_bias or stop_token_ids) is not in this model's "
                                  f"vocabulary [0, {vocab})")
         loaded = self._adapter(adapter) if adapter is not None else None
-        # A P-tuning prefix takes positions of the context: it counts against max_seq_len like the prompt.
+        # A P-tuning prefix takes positions of the cache: it shortens the context window (max_seq_len) by its
+        # length, and not max_length, which counts prompt and reply as in the original code.
         offset = loaded.offset if loaded is not None else 0
-        budget = token_budget(len(prompt_ids) + offset, params, self.max_seq_len)  # raises ContextLengthExceeded
+        budget = token_budget(len(prompt_ids), params, self.max_seq_len - offset)  # raises ContextLengthExceeded
         if params.json_schema is not None and self.grammars is None:
             raise InvalidRequest("structured output is not available here: this engine has no vocabulary for it")
         return self._stream(prompt_ids, params, budget, request_id or uuid.uuid4().hex, adapter)
@@ -486,7 +487,7 @@ class Engine:
     def _adapter(self, name: str) -> LoadedAdapter:
         with self._lock:
             loaded = self._adapters.get(name)
-        if loaded is None or loaded.closing or not loaded.ready:
+        if loaded is None or not loaded.ready:
             raise InvalidRequest(f"adapter {name!r} is not loaded on this replica")
         return loaded
 
@@ -543,7 +544,7 @@ class Engine:
                 )
             if adapter is not None:
                 loaded = self._adapters.get(adapter)
-                if loaded is None or loaded.closing or not loaded.ready:
+                if loaded is None or not loaded.ready:
                     raise InvalidRequest(f"adapter {adapter!r} is not loaded on this replica")
                 seq.adapter = loaded
                 loaded.users += 1
@@ -606,8 +607,28 @@ class Engine:
         logger.info("adapter %s (%s) loaded in %.3f s", name, adapter.kind, loaded.load_seconds)
         return loaded
 
+    def hold_adapter(self, name: str) -> None:
+        """Keep an adapter loaded until `release_adapter` (a caller between loading it and generating with it)."""
+        with self._lock:
+            self._adapter_locked(name).users += 1
+
+    def release_adapter(self, name: str) -> None:
+        with self._lock:
+            loaded = self._adapters.get(name)
+            if loaded is not None:
+                loaded.users -= 1
+                if loaded.closing and not loaded.users:
+                    self._drop(loaded)
+
+    def _adapter_locked(self, name: str) -> LoadedAdapter:
+        loaded = self._adapters.get(name)
+        if loaded is None or not loaded.ready:
+            raise InvalidRequest(f"adapter {name!r} is not loaded on this replica")
+        return loaded
+
     def remove_adapter(self, name: str) -> None:
-        """Unload an adapter: now, or when the last request using it ends (new ones are refused meanwhile)."""
+        """Unload an adapter: now, or when the last request using it ends. Until then it still serves the requests
+        given to it (routed here before its unloading was known)."""
         with self._lock:
             loaded = self._adapters.get(name)
             if loaded is None:

@@ -222,6 +222,36 @@ def _read_lora(path: Path, config: ChatGLM2Config) -> LoRAAdapter:
 
 # ---- writing adapters (the CPU demo's; tests write LoRA with peft itself) ------------------------------------------
 
+DEMO_ADAPTERS = ("ptuning", "ptuning-projection", "lora", "lora-all")
+
+
+def write_demo_adapter(path: Path | str, kind: str, checkpoint: Path | str) -> Path:
+    """A random adapter of `kind` (DEMO_ADAPTERS) for the checkpoint in `checkpoint`, written aside and renamed into
+    place (replicas that start together may race; the first wins). Nothing is written when `path` exists."""
+    import shutil
+    import uuid
+
+    from serve_app.model.checkpoint import read_config
+
+    path = Path(path)
+    if path.exists():
+        return path
+    config = read_config(checkpoint)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    seed = int.from_bytes(hashlib.blake2b(path.name.encode(), digest_size=4).digest(), "little")
+    if kind.startswith("ptuning"):
+        raw = json.loads((Path(checkpoint) / "config.json").read_text())
+        write_ptuning(tmp, config, raw, pre_seq_len=32, prefix_projection=kind == "ptuning-projection", seed=seed)
+    else:
+        modules = ("query_key_value", "dense") + (("dense_h_to_4h", "dense_4h_to_h") if kind == "lora-all" else ())
+        write_lora(tmp, config, modules, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
 
 def write_ptuning(path: Path | str, config: ChatGLM2Config, base_config_json: dict, pre_seq_len: int = 16,
                   prefix_projection: bool = False, seed: int = 0, scale: float = 1.0) -> Path:

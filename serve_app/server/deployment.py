@@ -21,6 +21,7 @@ from ray import serve
 
 from serve_app.config import PoolConfig
 from serve_app.engine.errors import EngineError
+from serve_app.model.adapters import AdapterError
 from serve_app.model.tokenizer import TokenizerError
 from serve_app.server.caller_watch import CallerWatch
 from serve_app.server.coalescing import coalesce
@@ -34,6 +35,17 @@ from serve_app.server.reply_text import ReplyText
 logger = logging.getLogger("ray.serve")
 
 TOKENIZER_THREADS = 2  # per replica; tokenizing is bounded by the pool's max_ongoing/max_queued_requests besides
+
+
+class LoadedAdapter:
+    """What the multiplexed loader returns: Serve calls `__del__` when it unloads the adapter (least recently used),
+    and the engine frees it once its requests in flight end."""
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+
+    def __del__(self):
+        self.engine.remove_adapter(self.name)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
@@ -51,6 +63,22 @@ class ChatGLM2Server:
         # Tokenizing a long prompt takes milliseconds to tens of them: it runs on these threads, never on the event
         # loop that streams every other reply and answers Serve's health checks.
         self.tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix=f"{config.name}-tokenize")
+        # Adapters (read and checked at start) are loaded into the engine on first use through Serve's model
+        # multiplexing: at most max_loaded_adapters per replica, the least recently used unloaded, and Serve routes
+        # a request whose handle names an adapter to a replica that holds it.
+        self.adapters = built.adapters
+        if self.adapters:
+            self.use_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loaded_adapters)(
+                self._adapter_loader())
+
+    def _adapter_loader(self):
+        engine, adapters = self.engine, self.adapters
+
+        async def load(name: str) -> LoadedAdapter:
+            await asyncio.to_thread(engine.add_adapter, name, adapters[name])
+            return LoadedAdapter(engine, name)
+
+        return load
 
     def _prompt_ids(self, request: TextRequest, special_tokens: bool = True) -> list[int]:
         """The model input of `request`; `special_tokens=False` leaves the [gMASK] sop prefix off a raw prompt."""
@@ -120,12 +148,31 @@ class ChatGLM2Server:
         if error := self._context_error(request, len(prompt_ids)):
             yield TextDelta(error=error)
             return
-        if request.n == 1:
-            async for delta in self._choice(request, request.params, prompt_ids, 0, trace):
+        if request.adapter is not None:
+            if error := await self._load_adapter(request.adapter):
+                yield TextDelta(error=error)
+                return
+        try:  # held: Serve may unload it for another while this request runs
+            if request.n == 1:
+                async for delta in self._choice(request, request.params, prompt_ids, 0, trace):
+                    yield delta
+                return
+            async for delta in self._choices(request, prompt_ids, trace):
                 yield delta
-            return
-        async for delta in self._choices(request, prompt_ids, trace):
-            yield delta
+        finally:
+            if request.adapter is not None:
+                self.engine.release_adapter(request.adapter)
+
+    async def _load_adapter(self, name: str) -> ErrorInfo | None:
+        if name not in self.adapters:
+            return ErrorInfo("model_not_found", f"The model '{name}' does not exist on pool {self.name}")
+        try:
+            await self.use_adapter(name)
+            self.engine.hold_adapter(name)
+        except (AdapterError, EngineError) as exc:  # no slot free now (every one held by requests in flight)
+            logger.warning("pool %s: adapter %s not loaded: %s", self.name, name, exc)
+            return ErrorInfo("overloaded", f"adapter {name} cannot be loaded on this replica now; retry")
+        return None
 
     async def _choices(self, request: TextRequest, prompt_ids: list[int], trace: RequestTrace):
         """n choices of one prompt, run together: the first computes the prompt's KV blocks and the others share
@@ -163,7 +210,8 @@ class ChatGLM2Server:
         reply = ReplyText(self.tokenizer, request.stop, len(prompt_ids), index)
         request_id = request.request_id if index == 0 else f"{request.request_id}-{index}"
         try:
-            async with aclosing(self.engine.generate(prompt_ids, params, request_id)) as stream:
+            adapter = {"adapter": request.adapter} if request.adapter is not None else {}
+            async with aclosing(self.engine.generate(prompt_ids, params, request_id, **adapter)) as stream:
                 async for delta in stream:
                     trace.tokens(len(delta.token_ids))
                     if (text := reply.push(delta)) is not None:

@@ -46,6 +46,24 @@ class ReplicaEngine:
     engine: PoolEngine
     tokenizer: ChatGLM2Tokenizer
     memory_plan: Any = None  # gpu_share.MemoryPlan
+    adapters: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> model/adapters.py's, read at start
+
+
+def read_adapters(adapters, checkpoint: str, model_config) -> dict[str, Any]:
+    """Every adapter of a pool (config.AdapterArgs) read and checked against its base model (a demo one written
+    first if missing); the first that fails raises AdapterError naming it (a replica that cannot serve its adapters
+    does not start, so the deploy fails)."""
+    from serve_app.model.adapters import AdapterError, read_adapter, write_demo_adapter
+
+    out = {}
+    for adapter in adapters:
+        try:
+            if adapter.demo is not None:
+                write_demo_adapter(adapter.path, adapter.demo, checkpoint)
+            out[adapter.name] = read_adapter(adapter.path, model_config)
+        except AdapterError as exc:
+            raise AdapterError(f"adapter {adapter.name!r}: {exc}") from exc
+    return out
 
 
 def ensure_checkpoint(checkpoint: str, demo_preset: str | None) -> None:
@@ -82,6 +100,10 @@ def build_engine(config: PoolConfig) -> ReplicaEngine:
     loaded = load_model(config.checkpoint, config.precision, config.device, quant_kernel=config.quant.kernel,
                         allow_kernel_fallback=config.quant.allow_fallback)
     engine_config, plan = config.engine, None
+    adapters = read_adapters(config.adapters, config.checkpoint, loaded.config)
+    if adapters:  # one spare slot: an adapter unloaded while its requests finish still holds its own
+        engine_config = dataclasses.replace(engine_config, max_adapters=max(engine_config.max_adapters,
+                                                                            config.max_loaded_adapters + 1))
     if share is not None:
         plan = gpu_share.plan_replica(loaded, share=share, engine=engine_config,
                                       context_bytes=config.cuda_context_bytes)
@@ -89,7 +111,7 @@ def build_engine(config: PoolConfig) -> ReplicaEngine:
     grammars = Grammars(tokenizer, loaded.config.padded_vocab_size)  # response_format and tools
     engine = Engine(loaded, engine_config, grammars)
     _log_ready(config.name, loaded, engine, share, plan)
-    return ReplicaEngine(engine, tokenizer, plan)
+    return ReplicaEngine(engine, tokenizer, plan, adapters)
 
 
 def _log_ready(name: str, loaded, engine, share: float | None, plan) -> None:

@@ -67,6 +67,7 @@ class TextRequest:
     stop: list[str] = field(default_factory=list)
     context_strict: bool = False
     n: int = 1  # choices, sharing the prompt's prefill; with a seed, choice i samples with seed + i
+    adapter: str | None = None  # a fine-tuned adapter of the pool (the app's `adapters:`), loaded by multiplexing
     # The ingress replica's Ray actor name: the pool stops the generation if that actor dies (server/caller_watch.py).
     caller: str | None = None
 
