@@ -39,10 +39,17 @@ def local_config(checkpoint: Path, **arg_overrides) -> dict:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     app = config["applications"][0]
     app["args"].update({"checkpoint": str(checkpoint), "demo_preset": None, **arg_overrides})
+    pools = {pool["model"] for pool in app["args"]["pools"]}
+    adapters = []
     for adapter in app["args"].get("adapters", []):  # demo adapters beside that checkpoint, made for it
         if adapter.get("demo"):
             adapter["path"] = str(Path(checkpoint).parent / f"{Path(checkpoint).name}-adapters" / adapter["name"])
-    pools = {pool["model"] for pool in app["args"]["pools"]}
+        if adapter.get("pools"):  # on the pools the overrides keep
+            adapter["pools"] = [pool for pool in adapter["pools"] if pool in pools]
+        if adapter.get("pools", True):
+            adapters.append(adapter)
+    if "adapters" in app["args"] and "adapters" not in arg_overrides:
+        app["args"]["adapters"] = adapters
     app["deployments"] = [d for d in app["deployments"] if d["name"] == "ChatIngress" or d["name"] in pools]
     return config
 

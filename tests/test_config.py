@@ -68,12 +68,14 @@ def test_each_deployment_gets_its_own_config_with_the_apps_fallbacks_and_absolut
 
 def test_every_yaml_key_is_read_by_exactly_one_deployment_or_resolved_into_one():
     """The app's keys are the ingress's (IngressArgs) plus the pools' (what pool_configs() resolves)."""
-    from serve_app.config import IngressArgs, PoolConfig
+    from serve_app.config import IngressArgs, IngressConfig, PoolConfig
 
     ingress_keys, app_keys = set(IngressArgs.model_fields), set(AppArgs.model_fields)
     pool_side = app_keys - ingress_keys
     assert pool_side == {"checkpoint", "demo_preset", "pools", "device", "torch_threads", "engine", "quant",
-                         "cuda_context_bytes", "stream_coalesce_ms"}
+                         "cuda_context_bytes", "stream_coalesce_ms", "adapters", "max_loaded_adapters"}
+    # `adapters` is resolved into both: each pool gets its own, the ingress every name with its pools.
+    assert "adapters" in IngressConfig.model_fields
     resolved = set(PoolConfig.model_fields) - {"name", "precision"}
     assert pool_side - {"pools"} <= resolved and resolved - pool_side == {"log_prompts"}
 
@@ -82,6 +84,32 @@ def test_pool_names_are_checked():
     assert "unique" in _error(pools=[{"model": "a", "precision": "fp32"}, {"model": "a", "precision": "int8"}])["msg"]
     assert "routing policy" in _error(pools=[{"model": "auto", "precision": "fp32"}])["msg"]
     assert "not one of the pools" in _error(default_model="b", pools=[{"model": "a", "precision": "fp32"}])["msg"]
+
+
+def test_adapter_args_are_checked():
+    pools = [{"model": "a", "precision": "fp32"}, {"model": "b", "precision": "int8"}]
+    one = {"name": "x", "path": "/x"}
+    assert "unique" in _error(pools=pools, adapters=[one, one])["msg"]
+    assert "a pool or the routing policy" in _error(pools=pools, adapters=[dict(one, name="a")])["msg"]
+    assert "no pool is called 'c'" in _error(pools=pools, adapters=[dict(one, pools=["c"])])["msg"]
+    assert _error(pools=pools, adapters=[dict(one, name="a:b")])["loc"][:2] == ("adapters", 0)
+    args = AppArgs.model_validate({"checkpoint": "/ckpt", "pools": pools,
+                                   "adapters": [one, {"name": "y", "path": "/y", "pools": ["b"]}]})
+    first, second = args.pool_configs()
+    assert [a.name for a in first.adapters] == ["x"] and [a.name for a in second.adapters] == ["x", "y"]
+    assert args.ingress_config().adapters == {"x": ["a", "b"], "y": ["b"]}
+
+
+def test_a_bad_adapter_fails_the_deploy_naming_it(tiny_checkpoint, tmp_path):
+    from serve_app.app import build_app
+    from serve_app.model.adapters import AdapterError
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    args = {"checkpoint": str(tiny_checkpoint), "pools": [{"model": "a", "precision": "fp32"}],
+            "adapters": [{"name": "mine", "path": str(tmp_path / "broken")}]}
+    with pytest.raises(AdapterError, match="adapter 'mine'.*adapter_model.safetensors"):
+        build_app(args)
 
 
 def test_build_app_refuses_bad_args_before_anything_deploys():
