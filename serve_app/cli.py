@@ -33,6 +33,37 @@ def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_generator(loaded, path: Path):
+    """generate(loaded, prompt_ids, params, on_token) with the adapter in `path` (P-tuning v2 or LoRA): the batching
+    engine with that one adapter (the one-at-a-time path has none)."""
+    import asyncio
+
+    from serve_app.engine.engine import Engine, EngineConfig
+    from serve_app.engine.sequential import GenerationOutput
+    from serve_app.model.adapters import read_adapter
+
+    adapter = read_adapter(path, loaded.config)
+    rank = adapter.rank if adapter.kind == "lora" else 1
+    engine = Engine(loaded, EngineConfig(max_batch_size=1, max_adapters=1, max_lora_rank=max(rank, 1)))
+    engine.add_adapter(path.name, adapter)
+
+    def generate(_loaded, prompt_ids, params, on_token=None):
+        async def run():
+            ids, reason = [], None
+            async for delta in engine.generate(prompt_ids, params, adapter=path.name):
+                for token in delta.token_ids:
+                    ids.append(token)
+                    if on_token is not None:
+                        on_token(token)
+                reason = delta.finish_reason or reason
+            return ids, reason
+
+        ids, reason = asyncio.run(run())
+        return GenerationOutput(list(prompt_ids), ids, reason)
+
+    return generate
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from serve_app.engine.params import SamplingParams
     from serve_app.engine.sequential import generate
@@ -52,6 +83,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )
     loaded = load_model(args.checkpoint, args.precision, args.device)
+    if args.adapter is not None:
+        generate = _adapter_generator(loaded, args.adapter)
     detok = IncrementalDetokenizer(tokenizer)
 
     def show(token: int) -> None:
@@ -259,6 +292,8 @@ def _chat_in_process(args: argparse.Namespace):
     read_config(args.checkpoint)
     tokenizer = ChatGLM2Tokenizer(args.checkpoint)
     loaded = load_model(args.checkpoint, args.precision, args.device)
+    if args.adapter is not None:
+        generate = _adapter_generator(loaded, args.adapter)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_new_tokens=args.max_new_tokens, max_length=args.max_length)
 
@@ -325,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--history", default=None, help="JSON list of [query, response] pairs")
     _add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--adapter", type=Path, default=None, help="a P-tuning v2 checkpoint or peft LoRA directory")
     gen.set_defaults(func=cmd_generate)
 
     quantize = commands.add_parser("quantize", help="write an official pre-quantized int8/int4 checkpoint")
@@ -380,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000 (OpenAI streaming)")
     chat.add_argument("--model", default=None, help="pool name with --url; default: the server's default")
     chat.add_argument("--checkpoint", type=Path, default=None, help="chat in this process with this checkpoint")
+    chat.add_argument("--adapter", type=Path, default=None, help="with --checkpoint: a P-tuning v2 or LoRA adapter")
     chat.add_argument("--precision", default="auto", help="with --checkpoint: auto | fp32 | bf16 | fp16 | int8 | int4")
     chat.add_argument("--device", default="auto", help="with --checkpoint: auto | cpu | cuda[:N]")
     _add_sampling_args(chat)

@@ -55,3 +55,38 @@ def test_bench_precision_with_random_weights():
     assert run.returncode == 0, run.stderr
     results = json.loads(run.stdout.strip().splitlines()[-1])
     assert [r["precision"] for r in results] == ["fp32", "int8"] and results[0]["roofline_step_ms"] is None
+
+
+def test_generate_with_an_adapter_gives_the_engines_ids(tmp_path, tiny_checkpoint):
+    """`generate --adapter` for a P-tuning and a LoRA demo adapter: the ids of the engine run with it here, not the
+    base model's."""
+    import asyncio
+    import json
+
+    from serve_app.engine.engine import Engine, EngineConfig
+    from serve_app.engine.params import SamplingParams
+    from serve_app.model.adapters import read_adapter, write_demo_adapter
+    from serve_app.model.loader import load_model
+    from serve_app.model.tokenizer import ChatGLM2Tokenizer
+
+    def cli(*extra):
+        run = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "你好", "--precision", "fp32",
+                      "--max-new-tokens", "6", "--json", *extra)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout.strip().splitlines()[-1])["token_ids"]
+
+    base = cli()
+    loaded = load_model(tiny_checkpoint, "fp32", "cpu")
+    prompt = ChatGLM2Tokenizer(tiny_checkpoint).build_chat_input("你好", [])
+    for kind in ("ptuning", "lora"):
+        path = write_demo_adapter(tmp_path / kind, kind, tiny_checkpoint)
+        engine = Engine(loaded, EngineConfig(max_batch_size=1, max_adapters=1))
+        engine.add_adapter(kind, read_adapter(path, loaded.config))
+
+        async def run():
+            params = SamplingParams(max_new_tokens=6)
+            return [t async for d in engine.generate(prompt, params, adapter=kind) for t in d.token_ids]
+
+        expected = asyncio.run(run())
+        asyncio.run(engine.shutdown())
+        assert cli("--adapter", str(path)) == expected != base
