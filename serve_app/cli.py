@@ -151,6 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
     if min(concurrency) < 1 or args.requests < 1 or args.max_new_tokens < 1:
         raise ValueError("--concurrency levels, --requests and --max-new-tokens must be >= 1")
+    if args.adapter_mix:
+        return _bench_adapters(args)
     if args.url and args.checkpoint:
         return _bench_compare(args, concurrency)
     if args.url:
@@ -180,6 +182,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def _bench_adapters(args: argparse.Namespace) -> int:
+    import torch
+
+    from serve_app.bench.adapters import format_adapter_report, run_adapter_bench
+
+    if args.checkpoint is None:
+        raise ValueError("bench --adapter-mix needs --checkpoint DIR (its demo adapters are made for that checkpoint)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_adapter_bench(args.checkpoint, adapters=args.adapter_mix, requests=args.requests,
+                               prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                               rounds=args.rounds, max_batch_size=args.max_batch_size, seed=args.seed,
+                               log=lambda line: print(line, file=sys.stderr))
+    print(format_adapter_report(result))
     return 0
 
 
@@ -383,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request (ignore_eos)")
     bench.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="engine slots")
     bench.add_argument("--compare-sequential", action="store_true", help="also run the requests one at a time")
+    bench.add_argument("--adapter-mix", type=int, default=0, metavar="N",
+                       help="with --checkpoint: --requests at once over N demo adapters (P-tuning v2 and LoRA) and "
+                       "the base model, against the base model alone (serve_app/bench/adapters.py)")
     bench.add_argument("--prefix-turns", action="store_true", help="turn-2 TTFT with and without prefix caching")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
