@@ -41,7 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from serve_app.server.messages import ChatPrompt, TextRequest
 
@@ -92,8 +92,12 @@ def chat_turn(pending_request: PendingRequest | None) -> Turn | None:
     return None
 
 
-class ConversationAffinityRouter(RequestRouter):
-    """Routes a conversation's turns to one replica while it has headroom; the least loaded replica otherwise."""
+class ConversationAffinityRouter(MultiplexMixin, RequestRouter):
+    """Routes a conversation's turns to one replica while it has headroom; the least loaded replica otherwise.
+
+    A request for an adapter (its handle sets `multiplexed_model_id`) first goes among the replicas that hold that
+    adapter, as Serve's default router does (MultiplexMixin: those that hold it, else those that hold the fewest,
+    for a short while, then all), with conversation affinity inside that set."""
 
     def initialize_state(self, **kwargs) -> None:
         self.args = AffinityArgs(**kwargs)
@@ -124,6 +128,16 @@ class ConversationAffinityRouter(RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         """Ranks for Serve: [[preferred], [the others]] when affinity holds, else [[all]] (least loaded wins)."""
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            holding = self.apply_multiplex_routing(pending_request)
+            first = [r for r in candidate_replicas if r.replica_id in holding]
+            rest = [r for r in candidate_replicas if r.replica_id not in holding]
+            if first and rest:
+                return self._by_affinity(first, pending_request) + [rest]
+        return self._by_affinity(candidate_replicas, pending_request)
+
+    def _by_affinity(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
         turn = chat_turn(pending_request)
         if turn is None or len(candidate_replicas) < 2:
             return [list(candidate_replicas)]

@@ -163,3 +163,31 @@ def test_unknown_router_arguments_are_refused():
         make_router(max_imbalanse=3)
     with pytest.raises(ValidationError):
         make_router(max_imbalance=-1)
+
+
+@dataclass(eq=False)
+class HoldingReplica(FakeReplica):
+    """A replica that holds some adapters (Serve's multiplexed model ids)."""
+
+    multiplexed_model_ids: frozenset = frozenset()
+    node_id: str = "node"
+    availability_zone: str | None = None
+
+
+def test_an_adapter_request_goes_to_a_replica_that_holds_it_then_to_its_conversation():
+    router = make_router()
+    replicas = [HoldingReplica(ReplicaID(f"r{i}", POOL), multiplexed_model_ids=frozenset(ids))
+                for i, ids in enumerate([(), ("lora-a",), ("lora-a", "pt"), ()])]
+    router._update_multiplexed_model_ids_with_replicas(replicas)  # what Serve's update_replicas calls
+
+    async def ranks(model_id, *args):
+        req = PendingRequest(args=list(args), kwargs={}, metadata=RequestMetadata("id", "internal",
+                                                                                  multiplexed_model_id=model_id))
+        return [[r.replica_id.unique_id for r in rank] for rank in await router.choose_replicas(replicas, req)]
+
+    first = asyncio.run(ranks("pt", request("hi")))
+    assert first[0] == ["r2"] and sorted(first[-1]) == ["r0", "r1", "r3"]
+    held = asyncio.run(ranks("lora-a", request("hi")))
+    # Among the two holders, the conversation's rendezvous choice comes first; the others last.
+    assert sorted(sum(held[:-1], [])) == ["r1", "r2"] and sorted(held[-1]) == ["r0", "r3"]
+    assert len(asyncio.run(ranks("", request("hi")))[0]) == 1  # no adapter: affinity over all four
