@@ -71,7 +71,12 @@ def greedy(page, max_tokens: int) -> None:
 
 
 def test_models_fill_the_pool_select(page):
-    assert page.eval_on_selector_all("#model option", "options => options.map(o => o.value)") == POOLS
+    values = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
+    assert values[:3] == POOLS
+    # then the demo adapters, by name and per pool, labelled with their pool
+    assert "demo-ptuning" in values and "chatglm2-6b-int4:demo-lora" in values
+    labels = page.eval_on_selector_all("#model option", "options => options.map(o => o.textContent)")
+    assert labels[values.index("demo-lora")] == "demo-lora (adapter of chatglm2-6b)"
 
 
 def test_answer_streams_in_and_matches_the_api(page, base_url):
