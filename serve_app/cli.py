@@ -44,7 +44,7 @@ def _adapter_generator(loaded, path: Path):
 
     adapter = read_adapter(path, loaded.config)
     rank = adapter.rank if adapter.kind == "lora" else 1
-    engine = Engine(loaded, EngineConfig(max_batch_size=1, max_adapters=1, max_lora_rank=max(rank, 1)))
+    engine = Engine(loaded, EngineConfig(max_batch_size=1, max_adapters=1, max_lora_rank=rank))
     engine.add_adapter(path.name, adapter)
 
     def generate(_loaded, prompt_ids, params, on_token=None):

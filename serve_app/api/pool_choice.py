@@ -53,16 +53,26 @@ class Router:
         self._poller: asyncio.Task | None = None
 
     def target(self, model: str | None) -> tuple[str, str | None]:
-        """(pool, adapter) for a request's `model`: a pool or `auto` (no adapter), an adapter's name (on its first
-        enabled pool) or `<pool>:<adapter>`; 404 for anything else."""
-        if model and model not in self.handles and model != AUTO:
-            pool, _, adapter = model.rpartition(":") if ":" in model else (None, "", model)
-            enabled = self.adapters.get(adapter)
-            if enabled and (pool is None or pool in enabled):
-                return pool or enabled[0], adapter
-            raise APIError("model_not_found", f"The model '{model}' does not exist; available: "
-                           f"{', '.join(self.model_names())}", param="model")
-        return self.resolve(model), None
+        """(pool, adapter) for a request's `model`: a pool, `auto` or nothing (no adapter; the policy or the default
+        picks the pool), an adapter's name (on its first enabled pool) or `<pool>:<adapter>`; 404 for anything
+        else."""
+        if not model:
+            model = AUTO if self.policy == AUTO else self.default_model
+        if model == AUTO:
+            self._ensure_polling()
+            return self.pick_auto(), None
+        if model in self.handles:
+            return model, None
+        pool, colon, adapter = model.rpartition(":")
+        enabled = self.adapters.get(adapter)
+        if enabled and (not colon or pool in enabled):
+            return pool or enabled[0], adapter
+        raise APIError("model_not_found", f"The model '{model}' does not exist; available: "
+                       f"{', '.join(self.model_names())}", param="model")
+
+    def resolve(self, model: str | None) -> str:
+        """The pool that serves a request's `model` (an adapter's name gives its pool); 404 for an unknown name."""
+        return self.target(model)[0]
 
     def model_names(self) -> list[str]:
         """Every name a request's `model` may take (GET /v1/models lists them)."""
@@ -70,22 +80,6 @@ class Router:
         for adapter, pools in self.adapters.items():
             names += [adapter] + [f"{pool}:{adapter}" for pool in pools]
         return names
-
-    def resolve(self, model: str | None) -> str:
-        """The pool name for a request's `model` field (an adapter's name gives its pool); 404 for a name no pool
-        has."""
-        if model and model not in self.handles and model != AUTO and self.adapters:
-            return self.target(model)[0]
-        if not model:
-            model = AUTO if self.policy == AUTO else self.default_model
-        if model == AUTO:
-            self._ensure_polling()
-            return self.pick_auto()
-        if model not in self.handles:
-            raise APIError("model_not_found",
-                           f"The model '{model}' does not exist; available: {', '.join(self.order)}, auto",
-                           param="model")
-        return model
 
     def routes_by_load(self, model: str | None) -> bool:
         """Whether a request's `model` leaves the pool to the auto policy (a named pool is never changed)."""

@@ -92,11 +92,6 @@ class LoadedAdapter:
     users: int = 0  # sequences waiting or running with it
     ready: bool = False  # its KV or weights are in place
     closing: bool = False  # unloaded while in use: freed when its last sequence ends
-    load_seconds: float = 0.0
-
-    @property
-    def kind(self) -> str:
-        return self.adapter.kind
 
 
 
@@ -486,10 +481,7 @@ class Engine:
 
     def _adapter(self, name: str) -> LoadedAdapter:
         with self._lock:
-            loaded = self._adapters.get(name)
-        if loaded is None or not loaded.ready:
-            raise InvalidRequest(f"adapter {name!r} is not loaded on this replica")
-        return loaded
+            return self._adapter_locked(name)
 
     async def _stream(
         self, prompt_ids: list[int], params: SamplingParams, budget: int, request_id: str, adapter: str | None = None
@@ -543,11 +535,8 @@ class Engine:
                     "retry later"
                 )
             if adapter is not None:
-                loaded = self._adapters.get(adapter)
-                if loaded is None or not loaded.ready:
-                    raise InvalidRequest(f"adapter {adapter!r} is not loaded on this replica")
-                seq.adapter = loaded
-                loaded.users += 1
+                seq.adapter = self._adapter_locked(adapter)
+                seq.adapter.users += 1
             self._requests[seq.request_id] = seq
             self.scheduler.waiting.append(seq)
             self._total_requests += 1
@@ -603,8 +592,7 @@ class Engine:
             raise
         with self._lock:
             loaded.ready = True
-        loaded.load_seconds = time.perf_counter() - start
-        logger.info("adapter %s (%s) loaded in %.3f s", name, adapter.kind, loaded.load_seconds)
+        logger.info("adapter %s (%s) loaded in %.3f s", name, adapter.kind, time.perf_counter() - start)
         return loaded
 
     def hold_adapter(self, name: str) -> None:
@@ -616,9 +604,7 @@ class Engine:
         with self._lock:
             loaded = self._adapters.get(name)
             if loaded is not None:
-                loaded.users -= 1
-                if loaded.closing and not loaded.users:
-                    self._drop(loaded)
+                self._unuse(loaded)
 
     def _adapter_locked(self, name: str) -> LoadedAdapter:
         loaded = self._adapters.get(name)
@@ -638,8 +624,12 @@ class Engine:
                 self._drop(loaded)
 
     def adapters(self) -> dict[str, str]:
+        """The loaded adapters' kinds by name (those being unloaded left out)."""
         with self._lock:
-            return {name: a.kind for name, a in self._adapters.items() if a.ready and not a.closing}
+            return self._listed_adapters()
+
+    def _listed_adapters(self) -> dict[str, str]:
+        return {name: a.adapter.kind for name, a in self._adapters.items() if a.ready and not a.closing}
 
     def _drop(self, loaded: LoadedAdapter) -> None:
         """Lock held. Its blocks and slot go back (a LoRA slot's old weights stay until the next load overwrites
@@ -653,13 +643,11 @@ class Engine:
             self._free_lora.append(loaded.lora)
             loaded.lora = 0
 
-    def _release_adapter(self, seq: Sequence) -> None:
-        """Lock held: seq ended."""
-        loaded = seq.adapter
-        if loaded is not None:
-            loaded.users -= 1
-            if loaded.closing and not loaded.users:
-                self._drop(loaded)
+    def _unuse(self, loaded: LoadedAdapter) -> None:
+        """Lock held: one user of it is done (a sequence ended, or a hold was released)."""
+        loaded.users -= 1
+        if loaded.closing and not loaded.users:
+            self._drop(loaded)
 
     def abort(self, request_id: str) -> None:
         """Stop a request: it gets a final delta with finish_reason "abort" and leaves the batch within one step."""
@@ -703,7 +691,7 @@ class Engine:
                 kernels=dict(self.loaded.kernels),
                 dense_kernels=dict(self.loaded.dense_kernels),
                 memory_bytes=memory,
-                adapters={name: a.kind for name, a in self._adapters.items() if a.ready and not a.closing},
+                adapters=self._listed_adapters(),
             )
 
     def healthy(self) -> bool:
@@ -881,7 +869,8 @@ class Engine:
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, keep_kv=True)
-        self._release_adapter(seq)
+        if seq.adapter is not None:
+            self._unuse(seq.adapter)
         self._requests.pop(seq.request_id, None)
         self._finished[reason] += 1
         seq.emit(TokenDelta(token_ids or [], reason, seq.stats(), logprobs))
@@ -891,7 +880,8 @@ class Engine:
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, keep_kv=False)
-        self._release_adapter(seq)
+        if seq.adapter is not None:
+            self._unuse(seq.adapter)
         self._requests.pop(seq.request_id, None)
         self._finished["error"] += 1
         seq.emit(error)

@@ -44,6 +44,14 @@ _UNSUPPORTED_LORA = {"fan_in_fan_out": False, "use_dora": False, "bias": "none",
                      "trainable_token_indices": None, "alora_invocation_tokens": None}
 
 
+def lora_shapes(config: ChatGLM2Config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each module of LORA_MODULES on a model of `config`."""
+    return {"self_attention.query_key_value": (config.hidden_size, config.qkv_rows),
+            "self_attention.dense": (config.num_attention_heads * config.kv_channels, config.hidden_size),
+            "mlp.dense_h_to_4h": (config.hidden_size, 2 * config.ffn_hidden_size),
+            "mlp.dense_4h_to_h": (config.ffn_hidden_size, config.hidden_size)}
+
+
 class AdapterError(ValueError):
     """An adapter that cannot be served on this base model (unreadable, of an unknown kind, or mismatched)."""
 
@@ -196,10 +204,7 @@ def _read_lora(path: Path, config: ChatGLM2Config) -> LoRAAdapter:
         pairs.setdefault((layer, module), {})[part] = tensor.float()
     if not pairs:
         raise AdapterError(f"adapter {path}: no LoRA weights in it")
-    sizes = {"self_attention.query_key_value": (config.hidden_size, config.qkv_rows),
-             "self_attention.dense": (config.num_attention_heads * config.kv_channels, config.hidden_size),
-             "mlp.dense_h_to_4h": (config.hidden_size, 2 * config.ffn_hidden_size),
-             "mlp.dense_4h_to_h": (config.ffn_hidden_size, config.hidden_size)}
+    sizes = lora_shapes(config)
     weights = {}
     for (layer, module), parts in sorted(pairs.items()):
         name = f"transformer.encoder.layers.{layer}.{module}"
@@ -285,15 +290,12 @@ def write_lora(path: Path | str, config: ChatGLM2Config, modules: tuple[str, ...
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    sizes = {"query_key_value": (config.hidden_size, config.qkv_rows),
-             "dense": (config.num_attention_heads * config.kv_channels, config.hidden_size),
-             "dense_h_to_4h": (config.hidden_size, 2 * config.ffn_hidden_size),
-             "dense_4h_to_h": (config.ffn_hidden_size, config.hidden_size)}
+    sizes = lora_shapes(config)
     full = {m.rsplit(".", 1)[1]: m for m in LORA_MODULES}
     state = {}
     for layer in range(config.num_layers):
         for module in modules:
-            fan_in, fan_out = sizes[module]
+            fan_in, fan_out = sizes[full[module]]
             key = f"base_model.model.transformer.encoder.layers.{layer}.{full[module]}"
             state[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=generator) / math.sqrt(fan_in)
             state[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=generator) * scale

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from serve_app.model.adapters import LORA_MODULES, LoRAAdapter
+from serve_app.model.adapters import LORA_MODULES, LoRAAdapter, lora_shapes
 
 
 class LoRAState:
@@ -104,11 +104,7 @@ class LoRALinear(nn.Module):
 def install_lora(model: nn.Module, slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> LoRAState:
     """Wrap every LoRA-targetable linear of a ChatGLM2 model; returns the slots' shared state. One engine with
     adapters per model: installing again (a new engine on the same model) replaces the earlier slots."""
-    config = model.config
-    sizes = {"self_attention.query_key_value": (config.hidden_size, config.qkv_rows),
-             "self_attention.dense": (config.num_attention_heads * config.kv_channels, config.hidden_size),
-             "mlp.dense_h_to_4h": (config.hidden_size, 2 * config.ffn_hidden_size),
-             "mlp.dense_4h_to_h": (config.ffn_hidden_size, config.hidden_size)}
+    sizes = lora_shapes(model.config)
     state = LoRAState(slots, rank, dtype, device)
     for index, layer in enumerate(model.transformer.encoder.layers):
         for module in LORA_MODULES:

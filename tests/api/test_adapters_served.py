@@ -10,7 +10,6 @@ import json
 
 import grpc
 import httpx
-import openai
 import pytest
 
 from serve_app.api.protos import chatglm2_pb2 as pb
@@ -20,16 +19,6 @@ from tests import serving
 pytestmark = pytest.mark.slow
 POOL = "chatglm2-6b"
 METADATA = (("application", "chatglm2"),)
-
-
-@pytest.fixture(scope="module")
-def base_url(demo):
-    return demo[0]
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
 
 
 def messages(text="你好"):
@@ -113,7 +102,7 @@ def test_api_py_chat_stream_websocket_and_grpc_take_the_adapter(base_url, demo, 
     body = {"prompt": "你好", "history": [], "max_length": 2048, "temperature": 0.01, "top_p": 0.01,
             "model": "demo-ptuning"}
     official = httpx.post(f"{base_url}/", json=body, timeout=60).json()
-    assert official["status"] == 200 and official["response"]
+    assert official["status"] == 200 and official["response"].startswith(want[:3])  # near-greedy: the same start
     greedy = {"query": "你好", "model": "demo-ptuning", "temperature": 0, "max_length": 64}
     chat = httpx.post(f"{base_url}/chat", json=greedy, timeout=60)
     assert chat.status_code == 200, chat.text

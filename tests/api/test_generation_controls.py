@@ -21,16 +21,6 @@ pytestmark = pytest.mark.slow
 POOL = "chatglm2-6b"
 
 
-@pytest.fixture(scope="module")
-def base_url(demo):
-    return demo[0]
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-
-
 def messages(text="你好"):
     return [{"role": "user", "content": text}]
 

@@ -21,16 +21,6 @@ POOLS = ["chatglm2-6b", "chatglm2-6b-int8", "chatglm2-6b-int4"]
 GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
-@pytest.fixture(scope="module")
-def base_url(demo):
-    return demo[0]
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-
-
 def messages(text="你好"):
     return [{"role": "user", "content": text}]
 

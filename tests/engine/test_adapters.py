@@ -161,17 +161,21 @@ def test_a_batch_mixing_adapters_and_the_base_gives_each_row_its_own(engine, ref
         assert ids == references[name, PROMPTS.index(prompt)], name
 
 
-def test_prefix_blocks_are_shared_and_cached_per_adapter(engine, references):
-    """A second request of an adapter finds its prompt's blocks cached under that adapter, not another's."""
-    prompt = PROMPTS[2]
-    before = engine.pool.hits
-    assert run_all(engine, [(prompt, "pt")])[0] == references["pt", 2]
-    assert engine.pool.hits > before  # this adapter's earlier runs of the prompt are found
+def test_prefix_blocks_are_shared_and_cached_per_adapter(engine):
+    """A prompt's blocks are found again under the adapter that computed them, never under another or the base."""
+    prompt = [1001, 1003] + list(range(400, 450))  # 52 tokens: 3 full blocks of 16, seen by no other test
     hits = engine.pool.hits
-    assert run_all(engine, [(prompt, "lora-attn")])[0] == references["lora-attn", 2]
-    # The same tokens under another adapter: only that adapter's own earlier blocks can match.
+    first = run_all(engine, [(prompt, "pt")])[0]
+    assert engine.pool.hits == hits  # nothing cached yet for it (the prefix's own blocks are shared, not hits)
+    assert run_all(engine, [(prompt, "pt")])[0] == first
+    assert engine.pool.hits > hits  # its own earlier blocks
+    # The base model first: then each LoRA adapter meets the same tokens at the same positions, cached under another
+    # salt, and must find none of them.
+    for other in (None, "lora-attn", "lora-all"):
+        hits = engine.pool.hits
+        run_all(engine, [(prompt, other)])
+        assert engine.pool.hits == hits, other
     assert engine.stats().adapters == {"pt": "ptuning", "pt-proj": "ptuning", "lora-attn": "lora", "lora-all": "lora"}
-    assert hits <= engine.pool.hits
 
 
 def test_base_output_is_unchanged_by_adapters_loaded_beside_it(engine, references):
